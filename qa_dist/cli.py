@@ -1,0 +1,103 @@
+"""The ``qa-dist`` command line. User errors print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import yaml
+
+EXIT_USAGE = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="run config YAML (see configs/runs/)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides of config keys, e.g. data.max_length=256 train.lr=3e-5",
+    )
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from qa_dist.config import load_config, write_resolved_config
+    from qa_dist.dist import current_context
+    from qa_dist.models import load_tokenizer
+    from qa_dist.prepare import prepare_features
+
+    config = load_config(args.config, args.overrides)
+    dist = current_context(init=True)
+    tokenizer = load_tokenizer(config.model)
+    main = dist.rank == 0
+    started = time.perf_counter()
+    prepared = prepare_features(config, tokenizer, dist, progress=main and not args.quiet)
+    if main:
+        write_resolved_config(config)
+        for split in prepared.values():
+            m = split.entry.manifest
+            state = "built" if split.entry.built_here else "verified (warm)"
+            print(f"{split.role:5s} {state}: {split.source}")
+            print(f"      key      {split.entry.key}")
+            print(f"      path     {split.entry.path}")
+            print(
+                f"      examples {split.num_examples:,}   windows {split.num_features:,}   "
+                f"time {split.seconds:.2f} s"
+            )
+            print(f"      data     {m.get('validation', '')}")
+        print(
+            f"resolved config: {config.run_dir}/config.yaml   total {time.perf_counter() - started:.2f} s"
+        )
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from qa_dist.config import config_to_dict, load_config, valid_keys
+
+    if args.keys:
+        print("\n".join(valid_keys()))
+        return 0
+    print(
+        yaml.safe_dump(config_to_dict(load_config(args.config, args.overrides)), sort_keys=False),
+        end="",
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qa-dist", description="Distributed extractive QA training."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="build (or verify) the shared feature cache of a run config")
+    _add_config_args(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("config", help="print the resolved run config (or every valid key)")
+    _add_config_args(p)
+    p.add_argument("--keys", action="store_true", help="list every valid dotted key")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qa_dist.errors import QaDistError
+
+    logging.basicConfig(level=logging.WARNING, format="qa-dist: %(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except QaDistError as e:
+        print(f"qa-dist: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qa-dist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Data layer: SQuAD-format readers and validation."""
+
+from qa_dist.data.loading import LoadedData, load_examples, load_source, sample_path
+from qa_dist.data.validate import ValidationReport
+
+__all__ = ["LoadedData", "ValidationReport", "load_examples", "load_source", "sample_path"]

@@ -1,0 +1,277 @@
+"""Readers for the SQuAD family of formats, all producing flat validated examples.
+
+Supported sources:
+- nested SQuAD JSON (v1.1, v2.0 with ``is_impossible``; CMRC2018 and DRCD use it too), ``.json`` or ``.json.gz``;
+- flat JSON (a list of records, or ``{"data": [records]}`` as ``run_qa.py`` writes) and JSONL;
+- Hugging Face dataset names (``squad``, ``squad_v2``, ``cmrc2018``...) through ``datasets.load_dataset``;
+- ``sample:en-train``, ``sample:en-dev``, ``sample:zh-train``, ``sample:zh-dev``: the small samples
+  shipped with the package (see ``qa_dist/samples/LICENSE.md``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import zlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from qa_dist.data.validate import ValidationReport, check_unique_ids, validate_record
+from qa_dist.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SAMPLES = {
+    "en-train": "squad_v2_sample_train.json",
+    "en-dev": "squad_v2_sample_dev.json",
+    "zh-train": "cmrc2018_sample_train.json",
+    "zh-dev": "cmrc2018_sample_dev.json",
+    "zh-char-tokenizer": "zh-char-tokenizer",
+}
+_FILE_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
+
+
+@dataclass
+class LoadedData:
+    """Examples of one source plus what identifies their content (for the feature cache key)."""
+
+    examples: list[dict]
+    report: ValidationReport
+    fingerprint: str
+    """Hash of the source's content: sha256 of the file bytes, or the dataset's own fingerprint."""
+    description: str
+
+
+def sample_path(name: str) -> Path:
+    """Path of a sample shipped with the package (``en-train``, ``en-dev``, ``zh-train``, ...)."""
+    if name not in SAMPLES:
+        raise DataError(
+            f"sample:{name}: no such sample; available: "
+            + ", ".join(f"sample:{k}" for k in SAMPLES)
+        )
+    return Path(str(resources.files("qa_dist") / "samples" / SAMPLES[name]))
+
+
+def _read_text(path: Path) -> tuple[str, bytes]:
+    """The decoded text of a (possibly gzipped) UTF-8 file, and its raw bytes."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(
+            f"{path}: is a directory, expected a .json, .json.gz or .jsonl file"
+        ) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    data = raw
+    if path.name.endswith(".gz"):
+        try:
+            data = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: not a valid gzip file ({e})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: not UTF-8 (invalid byte 0x{data[e.start]:02x} at line {line})"
+        ) from None
+    return text, raw
+
+
+def _parse_json(text: str, path: Path, line_offset: int = 0) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: malformed JSON at line {e.lineno + line_offset}, column {e.colno}: {e.msg}"
+        ) from None
+
+
+def _nested_records(data: list, path: Path):
+    """Yield (record, location) from SQuAD's data[].paragraphs[].qas[] nesting."""
+    for a, article in enumerate(data):
+        if not isinstance(article, dict):
+            raise DataError(f"{path}: data[{a}] must be an object")
+        if "paragraphs" not in article:
+            raise DataError(f"{path}: data[{a}] is missing key 'paragraphs'")
+        title = article.get("title", "")
+        paragraphs = article["paragraphs"]
+        if not isinstance(paragraphs, list):
+            raise DataError(f"{path}: data[{a}].paragraphs must be a list")
+        for p, paragraph in enumerate(paragraphs):
+            where = f"data[{a}].paragraphs[{p}]"
+            if not isinstance(paragraph, dict):
+                raise DataError(f"{path}: {where} must be an object")
+            for key in ("context", "qas"):
+                if key not in paragraph:
+                    raise DataError(f"{path}: {where} is missing key {key!r}")
+            if not isinstance(paragraph["qas"], list):
+                raise DataError(f"{path}: {where}.qas must be a list")
+            for q, qa in enumerate(paragraph["qas"]):
+                if not isinstance(qa, dict):
+                    raise DataError(f"{path}: {where}.qas[{q}] must be an object")
+                record = dict(qa)
+                record["context"] = paragraph["context"]
+                record.setdefault("title", title)
+                yield record, f"{where}.qas[{q}]"
+
+
+def _validate_all(
+    records, *, source: str, default_impossible, strict: bool
+) -> tuple[list[dict], ValidationReport]:
+    report = ValidationReport(source=source)
+    examples = [
+        validate_record(
+            record,
+            source=source,
+            location=location,
+            default_impossible=default_impossible,
+            strict=strict,
+            report=report,
+        )
+        for record, location in records
+    ]
+    if not examples:
+        raise DataError(f"{source}: contains no questions")
+    check_unique_ids(examples, source)
+    return examples, report
+
+
+def _records_from_flat(items: list, path: Path, locate):
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise DataError(
+                f"{path}: {locate(i)}: a record must be an object, got {type(item).__name__}"
+            )
+        yield item, locate(i)
+
+
+def load_file(path: str | Path, *, strict: bool = False) -> LoadedData:
+    """Read and validate one local file in any supported layout."""
+    path = Path(path).expanduser()
+    text, raw = _read_text(path)
+    fingerprint = "sha256:" + hashlib.sha256(raw).hexdigest()
+    source = str(path)
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        items, lines = [], []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                items.append(_parse_json(line, path, line_offset=n - 1))
+                lines.append(n)
+        records = _records_from_flat(items, path, lambda i: f"line {lines[i]}")
+        examples, report = _validate_all(
+            records, source=source, default_impossible=None, strict=strict
+        )
+        return LoadedData(examples, report, fingerprint, source)
+
+    parsed = _parse_json(text, path)
+    if isinstance(parsed, dict) and "data" in parsed:
+        data_list = parsed["data"]
+        if not isinstance(data_list, list):
+            raise DataError(f"{path}: 'data' must be a list")
+        if data_list and isinstance(data_list[0], dict) and "paragraphs" in data_list[0]:
+            records = _nested_records(data_list, path)
+            default = False
+        else:
+            records = _records_from_flat(data_list, path, lambda i: f"data[{i}]")
+            default = None
+    elif isinstance(parsed, list):
+        records = _records_from_flat(parsed, path, lambda i: f"record {i}")
+        default = None
+    else:
+        raise DataError(
+            f"{path}: not a SQuAD-format file: expected {{'data': [...]}} (nested or flat records) "
+            "or a list of records"
+        )
+    examples, report = _validate_all(
+        records, source=source, default_impossible=default, strict=strict
+    )
+    return LoadedData(examples, report, fingerprint, source)
+
+
+def load_hub_dataset(name: str, split: str, *, strict: bool = False) -> LoadedData:
+    """Read a Hugging Face dataset (``squad``, ``squad_v2``, ``cmrc2018``...) with ``datasets``."""
+    import datasets
+
+    config_name = None
+    if ":" in name:  # "dataset:config" selects a configuration
+        name, config_name = name.split(":", 1)
+    try:
+        dataset = datasets.load_dataset(name, config_name, split=split)
+    except FileNotFoundError as e:
+        raise DataError(f"{name}: no such local file or Hugging Face dataset ({e})") from None
+    except ValueError as e:
+        raise DataError(f"{name}: cannot load split {split!r}: {e}") from None
+    missing = {"id", "question", "context", "answers"} - set(dataset.column_names)
+    if missing:
+        raise DataError(
+            f"{name} [{split}]: not a SQuAD-format dataset, missing columns {sorted(missing)}"
+        )
+    source = f"{name} [{split}]"
+    records = ((row, f"row {i}") for i, row in enumerate(dataset))
+    examples, report = _validate_all(records, source=source, default_impossible=None, strict=strict)
+    return LoadedData(examples, report, f"datasets:{dataset._fingerprint}", source)
+
+
+def source_fingerprint(source: str, split: str | None = None) -> str:
+    """What identifies a source's content, without parsing it: the same as ``LoadedData.fingerprint``."""
+    if source.startswith("sample:"):
+        source = str(sample_path(source.split(":", 1)[1]))
+    if looks_like_path(source):
+        path = Path(source).expanduser()
+        try:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+            return "sha256:" + h.hexdigest()
+        except FileNotFoundError:
+            raise DataError(f"{path}: file not found") from None
+        except IsADirectoryError:
+            raise DataError(
+                f"{path}: is a directory, expected a .json, .json.gz or .jsonl file"
+            ) from None
+    return load_hub_dataset(source, split or "train").fingerprint
+
+
+def looks_like_path(source: str) -> bool:
+    return (
+        source.lower().endswith(_FILE_SUFFIXES)
+        or "/" in source
+        or "\\" in source
+        or Path(source).exists()
+    )
+
+
+def load_source(source: str, split: str | None = None, *, strict: bool = False) -> LoadedData:
+    """Load examples from a file, a shipped sample or a Hugging Face dataset name."""
+    if not isinstance(source, str) or not source.strip():
+        raise DataError("data source is empty: give a file path, a dataset name or sample:en-train")
+    if source.startswith("sample:"):
+        return load_file(sample_path(source.split(":", 1)[1]), strict=strict)
+    if looks_like_path(source):
+        return load_file(source, strict=strict)
+    return load_hub_dataset(source, split or "train", strict=strict)
+
+
+def load_examples(
+    source: str | Path, split: str | None = None, *, strict: bool = False
+) -> list[dict]:
+    """Read SQuAD-format question answering data into flat, validated examples.
+
+    Every example has ``id``, ``title``, ``context``, ``question``, ``answers``
+    (``{"text": [...], "answer_start": [...]}``) and ``is_impossible``. Raises :class:`DataError`
+    naming the file and the question on bad input. Misplaced ``answer_start`` values are moved to
+    the nearest exact occurrence of the answer text (an error when ``strict``).
+    """
+    loaded = load_source(str(source), split, strict=strict)
+    if loaded.report.relocations:
+        log.warning(loaded.report.summary())
+    return loaded.examples

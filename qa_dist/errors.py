@@ -1,0 +1,15 @@
+"""Errors that the CLI turns into one clear message and exit code 2 (no traceback)."""
+
+from __future__ import annotations
+
+
+class QaDistError(Exception):
+    """Base class for user-facing errors: bad input, bad configuration."""
+
+
+class DataError(QaDistError, ValueError):
+    """A data file (or record in it) is malformed; the message names the file and the record."""
+
+
+class ConfigError(QaDistError, ValueError):
+    """A run configuration is invalid; the message names the key and lists the valid ones."""

@@ -1,0 +1,318 @@
+"""Windowed features for extractive QA: pure functions, no distributed code.
+
+The windows are exactly those of the fast tokenizer's own overflow handling::
+
+    tokenizer(question.lstrip(), context, truncation="only_second", max_length=L, stride=S,
+              return_overflowing_tokens=True)
+
+(question and context swapped with ``only_first`` for tokenizers that pad on the left), but each
+distinct context is tokenized once and its windows are cut from that one encoding: a paragraph of
+SQuAD carries about 4.6 questions, and tokenizing every question+context pair repeats the costly
+part. Labels are computed for all examples at once with array operations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qa_dist.errors import DataError
+
+FEATURE_BUILDER_VERSION = "1"
+"""Bump when the features built for the same inputs change; it is part of the cache key."""
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """Where a tokenizer puts special tokens and type ids around a (first, second) sequence pair."""
+
+    context_first: bool
+    """True for tokenizers that pad on the left: the context is then the first sequence."""
+    pre: tuple[int, ...]
+    mid: tuple[int, ...]
+    post: tuple[int, ...]
+    pre_types: tuple[int, ...]
+    mid_types: tuple[int, ...]
+    post_types: tuple[int, ...]
+    first_type: int
+    second_type: int
+    cls_token_id: int | None
+
+    @property
+    def num_special(self) -> int:
+        return len(self.pre) + len(self.mid) + len(self.post)
+
+
+def pair_layout(tokenizer) -> PairLayout:
+    """Read the special-token template of ``tokenizer`` from one real pair encoding."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer; "
+            "qa-dist needs offset mappings, which only fast tokenizers provide"
+        )
+    if getattr(tokenizer, "truncation_side", "right") != "right":
+        raise DataError(
+            "tokenizers that truncate on the left are not supported (truncation_side='left')"
+        )
+    context_first = getattr(tokenizer, "padding_side", "right") == "left"
+    enc = tokenizer("first words", "second words", return_token_type_ids=True)
+    ids, types, seq = enc["input_ids"], enc["token_type_ids"], enc.sequence_ids(0)
+    runs: list[tuple[object, list[int], list[int]]] = []  # (sequence id or None, ids, types)
+    for token, type_id, s in zip(ids, types, seq, strict=True):
+        if runs and runs[-1][0] == s:
+            runs[-1][1].append(token)
+            runs[-1][2].append(type_id)
+        else:
+            runs.append((s, [token], [type_id]))
+    kinds = [r[0] for r in runs]
+    specials = {0: ([], []), 1: ([], []), 2: ([], [])}
+    position = 0  # 0: before the first sequence, 1: between, 2: after the second
+    for s, run_ids, run_types in runs:
+        if s is None:
+            specials[position][0].extend(run_ids)
+            specials[position][1].extend(run_types)
+        else:
+            position = s + 1
+    if [k for k in kinds if k is not None] != [0, 1]:
+        raise DataError(f"{type(tokenizer).__name__}: unexpected pair layout {kinds}")
+    first_types = next(r[2] for r in runs if r[0] == 0)
+    second_types = next(r[2] for r in runs if r[0] == 1)
+    return PairLayout(
+        context_first=context_first,
+        pre=tuple(specials[0][0]),
+        mid=tuple(specials[1][0]),
+        post=tuple(specials[2][0]),
+        pre_types=tuple(specials[0][1]),
+        mid_types=tuple(specials[1][1]),
+        post_types=tuple(specials[2][1]),
+        first_type=first_types[0],
+        second_type=second_types[0],
+        cls_token_id=tokenizer.cls_token_id,
+    )
+
+
+def _tokenize(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    enc = tokenizer(
+        texts,
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        verbose=False,  # whole contexts exceed model_max_length on purpose; windows come later
+    )
+    return enc["input_ids"], enc["offset_mapping"]
+
+
+def window_spans(n_context: int, budget: int, stride: int) -> list[tuple[int, int]]:
+    """Context-token windows ``[start, stop)`` as the tokenizers library cuts overflowing tokens.
+
+    ``budget`` is the number of context tokens a window holds. Consecutive windows share ``stride``
+    tokens; the last window ends at the last token.
+    """
+    if n_context <= budget:
+        return [(0, n_context)]
+    step = budget - stride
+    spans, start = [], 0
+    while True:
+        stop = min(start + budget, n_context)
+        spans.append((start, stop))
+        if stop == n_context:
+            return spans
+        start += step
+
+
+def _answer_token_spans(
+    example_ctx: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    ctx_token_base: np.ndarray,
+    ctx_char_base: np.ndarray,
+    token_starts: np.ndarray,
+    token_ends: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """First and last context token overlapping each answer ``[start, end)``, or -1 where none does.
+
+    Token offsets of all contexts are laid end to end on one character axis (each context shifted
+    by ``ctx_char_base``), so one ``searchsorted`` labels every example at once.
+    """
+    g_start = starts + ctx_char_base[example_ctx]
+    g_end = ends + ctx_char_base[example_ctx]
+    if np.all(np.diff(token_starts) >= 0) and np.all(np.diff(token_ends) >= 0):
+        first = np.searchsorted(token_ends, g_start, side="right")  # first token ending after start
+        last = (
+            np.searchsorted(token_starts, g_end, side="left") - 1
+        )  # last token starting before end
+    else:  # offsets that are not monotone: a slower exact scan per example
+        first = np.empty(len(g_start), dtype=np.int64)
+        last = np.empty(len(g_start), dtype=np.int64)
+        for i, (c, s, e) in enumerate(zip(example_ctx, g_start, g_end, strict=True)):
+            lo, hi = ctx_token_base[c], ctx_token_base[c + 1]
+            hit = np.nonzero((token_starts[lo:hi] < e) & (token_ends[lo:hi] > s))[0]
+            first[i], last[i] = (lo + hit[0], lo + hit[-1]) if len(hit) else (0, -1)
+    base = ctx_token_base[example_ctx]
+    limit = ctx_token_base[example_ctx + 1]
+    ok = (first <= last) & (first >= base) & (last < limit)
+    return np.where(ok, first - base, -1), np.where(ok, last - base, -1)
+
+
+def _build(
+    examples: list[dict],
+    tokenizer,
+    max_length: int,
+    doc_stride: int,
+    train: bool,
+    progress: bool = False,
+) -> dict[str, list]:
+    layout = pair_layout(tokenizer)
+    with_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ["token_type_ids"])
+
+    # Tokenize each distinct context once, and every question.
+    context_index: dict[str, int] = {}
+    example_ctx = np.empty(len(examples), dtype=np.int64)
+    for i, ex in enumerate(examples):
+        example_ctx[i] = context_index.setdefault(ex["context"], len(context_index))
+    contexts = list(context_index)
+    ctx_ids, ctx_offsets = _tokenize(tokenizer, contexts)
+    q_ids, _ = _tokenize(tokenizer, [ex["question"].lstrip() for ex in examples])
+
+    ctx_lengths = np.fromiter((len(t) for t in ctx_ids), dtype=np.int64, count=len(ctx_ids))
+    ctx_token_base = np.concatenate([[0], np.cumsum(ctx_lengths)])
+    ctx_char_base = np.concatenate([[0], np.cumsum([len(c) + 1 for c in contexts])])[:-1]
+
+    if train:
+        flat = np.array([o for offs in ctx_offsets for o in offs], dtype=np.int64).reshape(-1, 2)
+        shift = np.repeat(ctx_char_base, ctx_lengths)
+        answerable = np.array([not ex["is_impossible"] for ex in examples], dtype=bool)
+        a_start = np.array(
+            [
+                ex["answers"]["answer_start"][0] if ok else 0
+                for ex, ok in zip(examples, answerable, strict=True)
+            ],
+            dtype=np.int64,
+        )
+        a_end = a_start + np.array(
+            [
+                len(ex["answers"]["text"][0]) if ok else 0
+                for ex, ok in zip(examples, answerable, strict=True)
+            ],
+            dtype=np.int64,
+        )
+        tok_first, tok_last = _answer_token_spans(
+            example_ctx,
+            a_start,
+            a_end,
+            ctx_token_base,
+            ctx_char_base,
+            flat[:, 0] + shift,
+            flat[:, 1] + shift,
+        )
+        tok_first = np.where(answerable, tok_first, -1)
+        tok_last = np.where(answerable, tok_last, -1)
+
+    pre, mid, post = list(layout.pre), list(layout.mid), list(layout.post)
+    pre_t, mid_t, post_t = list(layout.pre_types), list(layout.mid_types), list(layout.post_types)
+    cols: dict[str, list] = {"input_ids": [], "attention_mask": []}
+    if with_types:
+        cols["token_type_ids"] = []
+    if train:
+        cols["start_positions"], cols["end_positions"] = [], []
+    else:
+        cols["offset_mapping"], cols["example_id"] = [], []
+    cols["example_index"] = []
+
+    rows = enumerate(examples)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, total=len(examples), desc="windows", unit="ex", mininterval=0.5)
+    for i, ex in rows:
+        c = int(example_ctx[i])
+        question, context_ids = q_ids[i], ctx_ids[c]
+        budget = max_length - len(question) - layout.num_special
+        if (
+            len(question) + len(context_ids) + layout.num_special > max_length
+            and budget <= doc_stride
+        ):
+            raise DataError(
+                f"question {ex['id']!r}: the question takes {len(question)} tokens, leaving "
+                f"{max(budget, 0)} context tokens per window, not more than doc_stride={doc_stride}; "
+                "raise data.max_length or lower data.doc_stride"
+            )
+        for w0, w1 in window_spans(len(context_ids), budget, doc_stride):
+            window = context_ids[w0:w1]
+            if layout.context_first:
+                first, second, ctx_at = window, question, len(pre)
+            else:
+                first, second, ctx_at = question, window, len(pre) + len(question) + len(mid)
+            first_t, second_t = layout.first_type, layout.second_type
+            ids = pre + first + mid + second + post
+            cols["input_ids"].append(ids)
+            cols["attention_mask"].append([1] * len(ids))
+            if with_types:
+                cols["token_type_ids"].append(
+                    pre_t + [first_t] * len(first) + mid_t + [second_t] * len(second) + post_t
+                )
+            cols["example_index"].append(i)
+            if train:
+                cls_index = _cls_index(layout, len(first), len(second))
+                s, e = int(tok_first[i]), int(tok_last[i])
+                if s >= 0 and s >= w0 and e < w1:
+                    cols["start_positions"].append(ctx_at + s - w0)
+                    cols["end_positions"].append(ctx_at + e - w0)
+                else:
+                    cols["start_positions"].append(cls_index)
+                    cols["end_positions"].append(cls_index)
+            else:
+                offsets = [tuple(o) for o in ctx_offsets[c][w0:w1]]
+                before = ctx_at
+                after = len(ids) - ctx_at - len(window)
+                cols["offset_mapping"].append([None] * before + offsets + [None] * after)
+                cols["example_id"].append(ex["id"])
+    return cols
+
+
+def _cls_index(layout: PairLayout, n_first: int, n_second: int) -> int:
+    """Position of the CLS token (where unanswerable windows point), wherever the template puts it."""
+    cls = layout.cls_token_id
+    if cls is not None:
+        if cls in layout.pre:
+            return layout.pre.index(cls)
+        if cls in layout.mid:
+            return len(layout.pre) + n_first + layout.mid.index(cls)
+        if cls in layout.post:
+            return len(layout.pre) + n_first + len(layout.mid) + n_second + layout.post.index(cls)
+    return 0
+
+
+def build_train_features(
+    examples: list[dict],
+    tokenizer,
+    max_length: int = 384,
+    doc_stride: int = 128,
+    *,
+    progress: bool = False,
+) -> dict[str, list]:
+    """Training windows with labels.
+
+    Columns: ``input_ids``, ``attention_mask``, ``token_type_ids`` (where the tokenizer makes
+    them), ``start_positions``, ``end_positions``, ``example_index``. Labels follow each example's
+    first answer: the first and last tokens that overlap its characters. A window that does not
+    hold the whole answer, and every window of an unanswerable question, points at the CLS token.
+    Features are unpadded.
+    """
+    return _build(examples, tokenizer, max_length, doc_stride, train=True, progress=progress)
+
+
+def build_eval_features(
+    examples: list[dict],
+    tokenizer,
+    max_length: int = 384,
+    doc_stride: int = 128,
+    *,
+    progress: bool = False,
+) -> dict[str, list]:
+    """Evaluation windows: ``input_ids``, ``attention_mask``, ``token_type_ids`` (where made),
+    ``offset_mapping`` (character spans of context tokens, None elsewhere), ``example_index``,
+    ``example_id``. Unpadded."""
+    return _build(examples, tokenizer, max_length, doc_stride, train=False, progress=progress)

@@ -1,0 +1,95 @@
+"""Regenerate the samples shipped in this folder from the data sets in ``../shared/data``.
+
+    python -m qa_dist.samples.make_samples /path/to/shared/data
+
+English: SQuAD v2.0 dev (reconstructed; answer texts exact), the first paragraph of each article;
+articles 0-23 form ``en-train``, articles 24-34 ``en-dev`` (answerable and unanswerable questions).
+Chinese: CMRC2018 dev, paragraphs 0-79 form ``zh-train`` and 80-119 ``zh-dev``.
+The Chinese character tokenizer's vocabulary is every character of CMRC2018 dev and DRCD dev.
+Both data sets are CC BY-SA (see LICENSE.md here).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _read(path: Path) -> dict:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _dump(obj: dict, name: str) -> None:
+    (HERE / name).write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+def english(shared: Path) -> None:
+    squad = _read(shared / "squad-v2.0-reconstructed" / "dev-v2.0.reconstructed.json.gz")
+    articles = [{"title": a["title"], "paragraphs": a["paragraphs"][:1]} for a in squad["data"]]
+    _dump({"version": "v2.0", "data": articles[:24]}, "squad_v2_sample_train.json")
+    _dump({"version": "v2.0", "data": articles[24:35]}, "squad_v2_sample_dev.json")
+
+
+def chinese(shared: Path) -> None:
+    cmrc = _read(shared / "cmrc2018" / "cmrc2018_dev.json.gz")
+    paragraphs = [a for a in cmrc["data"]]
+    _dump({"version": "v1.0", "data": paragraphs[:80]}, "cmrc2018_sample_train.json")
+    _dump({"version": "v1.0", "data": paragraphs[80:120]}, "cmrc2018_sample_dev.json")
+
+
+def chinese_tokenizer(shared: Path) -> None:
+    """A character-level WordPiece vocabulary (BERT-Chinese style) for offline Chinese runs."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars: set[str] = set()
+    for path in (
+        shared / "cmrc2018" / "cmrc2018_dev.json.gz",
+        shared / "drcd" / "DRCD_dev.json.gz",
+    ):
+        for article in _read(path)["data"]:
+            for paragraph in article["paragraphs"]:
+                chars.update(paragraph["context"].lower())
+                for qa in paragraph["qas"]:
+                    chars.update(qa["question"].lower())
+    chars = {c for c in chars if not c.isspace() and c.isprintable()}
+    ascii_pieces = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = (
+        specials
+        + sorted(chars | set(ascii_pieces))
+        + ["##" + c for c in ascii_pieces if c.isalnum()]
+    )
+    ids = {token: i for i, token in enumerate(vocab)}
+    tok = Tokenizer(models.WordPiece(vocab=ids, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
+    )
+    tok.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+    tokenizer.save_pretrained(str(HERE / "zh-char-tokenizer"))
+
+
+if __name__ == "__main__":
+    shared_dir = Path(sys.argv[1] if len(sys.argv) > 1 else HERE.parents[2] / "shared" / "data")
+    english(shared_dir)
+    chinese(shared_dir)
+    chinese_tokenizer(shared_dir)
