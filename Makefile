@@ -1,0 +1,47 @@
+# Common targets. `make demo` and `make test` set themselves up on a fresh machine:
+# a virtual environment in .venv, the CPU build of torch, and qa-dist with its dev extras.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# On CPU machines torch must be the CPU wheel, installed before anything that depends on torch;
+# an unpinned torch resolves to the CUDA build (gigabytes). On GPU machines: make TORCH=torch
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.qa-dist-installed
+
+.PHONY: setup demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job. Until `qa-dist demo` exists it builds the feature cache of both shipped samples.
+demo: $(STAMP)
+	$(BIN)/qa-dist prepare --config configs/runs/cpu_sample_en.yaml
+	$(BIN)/qa-dist prepare --config configs/runs/cpu_sample_zh.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check qa_dist tests bench
+	$(BIN)/ruff format --check qa_dist tests bench
+	$(BIN)/pytest -q -ra
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow and not multiprocess"
+
+lint: $(STAMP)
+	$(BIN)/ruff check qa_dist tests bench
+	$(BIN)/ruff format --check qa_dist tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix qa_dist tests bench
+	$(BIN)/ruff format qa_dist tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/cache_open.py
+
+clean:
+	rm -rf .qa-dist-cache runs .pytest_cache .ruff_cache
