@@ -256,7 +256,10 @@ class FeatureCache:
 
     @contextlib.contextmanager
     def _lock(self, key: str):
-        lock_path = self.root / f".lock-{key}"
+        lock_path = self.root / ".locks" / key
+        lock_path.parent.mkdir(exist_ok=True)
+        # Serialises builders of one key across jobs; correctness never depends on it (publishing
+        # is an atomic rename), so a filesystem without working flock only costs duplicate work.
         with open(lock_path, "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:

@@ -3,7 +3,8 @@
 Supported sources:
 - nested SQuAD JSON (v1.1, v2.0 with ``is_impossible``; CMRC2018 and DRCD use it too), ``.json`` or ``.json.gz``;
 - flat JSON (a list of records, or ``{"data": [records]}`` as ``run_qa.py`` writes) and JSONL;
-- Hugging Face dataset names (``squad``, ``squad_v2``, ``cmrc2018``...) through ``datasets.load_dataset``;
+- Hugging Face dataset names (``squad``, ``squad_v2``, ``cmrc2018``...) and local dataset folders
+  through ``datasets.load_dataset`` (``load_from_disk`` for ``save_to_disk`` folders);
 - ``sample:en-train``, ``sample:en-dev``, ``sample:zh-train``, ``sample:zh-dev``: the small samples
   shipped with the package (see ``qa_dist/samples/LICENSE.md``).
 """
@@ -196,35 +197,44 @@ def load_file(path: str | Path, *, strict: bool = False) -> LoadedData:
     return LoadedData(examples, report, fingerprint, source)
 
 
-def load_hub_dataset(name: str, split: str, *, strict: bool = False) -> LoadedData:
-    """Read a Hugging Face dataset (``squad``, ``squad_v2``, ``cmrc2018``...) with ``datasets``."""
-    import datasets
-
-    config_name = None
-    if ":" in name:  # "dataset:config" selects a configuration
-        name, config_name = name.split(":", 1)
-    try:
-        dataset = datasets.load_dataset(name, config_name, split=split)
-    except FileNotFoundError as e:
-        raise DataError(f"{name}: no such local file or Hugging Face dataset ({e})") from None
-    except ValueError as e:
-        raise DataError(f"{name}: cannot load split {split!r}: {e}") from None
+def _from_dataset(dataset, source: str, strict: bool) -> LoadedData:
     missing = {"id", "question", "context", "answers"} - set(dataset.column_names)
     if missing:
-        raise DataError(
-            f"{name} [{split}]: not a SQuAD-format dataset, missing columns {sorted(missing)}"
-        )
-    source = f"{name} [{split}]"
+        raise DataError(f"{source}: not a SQuAD-format dataset, missing columns {sorted(missing)}")
     records = ((row, f"row {i}") for i, row in enumerate(dataset))
     examples, report = _validate_all(records, source=source, default_impossible=None, strict=strict)
     return LoadedData(examples, report, f"datasets:{dataset._fingerprint}", source)
+
+
+def load_hub_dataset(name: str, split: str, *, strict: bool = False) -> LoadedData:
+    """Read a Hugging Face dataset (``squad``, ``squad_v2``, ``cmrc2018``, ``name:config``, or a
+    local dataset folder) with ``datasets.load_dataset``; a ``save_to_disk`` folder with
+    ``load_from_disk``."""
+    import datasets
+
+    config_name = None
+    if ":" in name and not Path(name).exists():  # "dataset:config" selects a configuration
+        name, config_name = name.split(":", 1)
+    source = f"{name} [{split}]"
+    try:
+        if Path(name).is_dir() and any((Path(name) / f).exists() for f in ("state.json", "dataset_dict.json")):
+            dataset = datasets.load_from_disk(name)
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset[split]
+        else:
+            dataset = datasets.load_dataset(name, config_name, split=split)
+    except FileNotFoundError as e:
+        raise DataError(f"{name}: no such local file or Hugging Face dataset ({e})") from None
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{source}: cannot load this split: {e}") from None
+    return _from_dataset(dataset, source, strict)
 
 
 def source_fingerprint(source: str, split: str | None = None) -> str:
     """What identifies a source's content, without parsing it: the same as ``LoadedData.fingerprint``."""
     if source.startswith("sample:"):
         source = str(sample_path(source.split(":", 1)[1]))
-    if looks_like_path(source):
+    if looks_like_path(source) and not Path(source).expanduser().is_dir():
         path = Path(source).expanduser()
         try:
             h = hashlib.sha256()
@@ -256,6 +266,8 @@ def load_source(source: str, split: str | None = None, *, strict: bool = False) 
         raise DataError("data source is empty: give a file path, a dataset name or sample:en-train")
     if source.startswith("sample:"):
         return load_file(sample_path(source.split(":", 1)[1]), strict=strict)
+    if Path(source).expanduser().is_dir():
+        return load_hub_dataset(str(Path(source).expanduser()), split or "train", strict=strict)
     if looks_like_path(source):
         return load_file(source, strict=strict)
     return load_hub_dataset(source, split or "train", strict=strict)

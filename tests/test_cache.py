@@ -1,0 +1,248 @@
+"""The shared feature cache: content-addressed keys, atomic publishing, damage detection."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import SQUAD11_DEV, SQUAD20_DEV, save_tokenizer, subset_nested
+
+import qa_dist.prepare
+from qa_dist import DataError, build_eval_features, build_train_features, load_config, load_examples
+from qa_dist.cache import check_entry
+from qa_dist.models import load_tokenizer
+from qa_dist.prepare import prepare_features
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def squad_file(tmp_path):
+    path = tmp_path / "data" / "squad2-small.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(subset_nested(SQUAD20_DEV, 40)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory, minilm_tokenizer):
+    return save_tokenizer(minilm_tokenizer, tmp_path_factory.mktemp("minilm-tok"))
+
+
+def _config(tmp_path, train, tokenizer_dir, **data):
+    overrides = [f"data.train={train}", f"data.eval={train}", f"model.name_or_path={tokenizer_dir}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "data.max_length=128", "data.doc_stride=32",
+                 f"run_dir={tmp_path / 'run'}"]
+    overrides += [f"data.{k}={v}" for k, v in data.items()]
+    return load_config(None, overrides)
+
+
+def _prepare(config):
+    return prepare_features(config, load_tokenizer(config.model))
+
+
+def _keys(config):
+    return {role: split.entry.key for role, split in _prepare(config).items()}
+
+
+def test_warm_cache_is_memory_mapped_and_equals_direct_features(tmp_path, squad_file, minilm_dir, minilm_tokenizer):
+    from datasets.table import MemoryMappedTable
+
+    config = _config(tmp_path, squad_file, minilm_dir)
+    cold = _prepare(config)
+    assert cold["train"].entry.built_here and cold["eval"].entry.built_here
+    warm = _prepare(config)
+    assert not warm["train"].entry.built_here and not warm["eval"].entry.built_here
+    examples = load_examples(squad_file)
+    expected = build_train_features(examples, minilm_tokenizer, 128, 32)
+    features = warm["train"].entry.table("features")
+    assert isinstance(features.data, MemoryMappedTable)
+    assert features.to_dict() == expected
+    expected_eval = build_eval_features(examples, minilm_tokenizer, 128, 32)
+    got_eval = warm["eval"].entry.table("features").to_dict()
+    got_eval["offset_mapping"] = [[tuple(o) if o is not None else None for o in row] for row in got_eval["offset_mapping"]]
+    assert got_eval == expected_eval
+    cached_examples = warm["eval"].entry.table("examples").to_list()
+    assert cached_examples == examples
+    manifest = warm["train"].entry.manifest
+    assert manifest["num_examples"] == len(examples) and manifest["num_features"] == len(expected["input_ids"])
+
+
+def test_key_changes_with_each_input_and_with_nothing_else(tmp_path, squad_file, minilm_dir, wordpiece_tokenizer, monkeypatch):
+    base = _keys(_config(tmp_path, squad_file, minilm_dir))
+    # Same content elsewhere, a touched file, a re-saved tokenizer, unrelated settings: same key.
+    moved = tmp_path / "elsewhere" / "renamed.json"
+    moved.parent.mkdir()
+    shutil.copy(squad_file, moved)
+    os.utime(moved, (1, 1))
+    copy_dir = shutil.copytree(minilm_dir, tmp_path / "tokenizer-copy")
+    assert _keys(_config(tmp_path, moved, copy_dir)) == base
+    same = load_config(None, [f"data.train={squad_file}", f"data.eval={squad_file}", f"model.name_or_path={minilm_dir}",
+                              f"data.cache_dir={tmp_path / 'cache'}", "data.max_length=128", "data.doc_stride=32",
+                              "train.lr=1e-3", "data.strict=true", "eval.n_best_size=5", f"run_dir={tmp_path / 'other'}"])
+    assert _keys(same) == base
+    # Each input the features depend on: a new key.
+    edited = tmp_path / "edited.json"
+    edited.write_text(squad_file.read_text().replace("Normandy", "Normandie", 1))
+    changed = [
+        _keys(_config(tmp_path, edited, minilm_dir)),
+        _keys(_config(tmp_path, squad_file, minilm_dir, max_length=96)),
+        _keys(_config(tmp_path, squad_file, minilm_dir, doc_stride=16)),
+        _keys(_config(tmp_path, squad_file, save_tokenizer(wordpiece_tokenizer, tmp_path / "wp"))),
+    ]
+    monkeypatch.setattr(qa_dist.prepare, "FEATURE_BUILDER_VERSION", "test-next")
+    changed.append(_keys(_config(tmp_path, squad_file, minilm_dir)))
+    for keys in changed:
+        assert keys["train"] != base["train"] and keys["eval"] != base["eval"]
+    assert len({k["train"] for k in changed}) == len(changed)
+    assert base["train"] != base["eval"]  # training and evaluation features are different entries
+
+
+@pytest.mark.parametrize("damage", ["flip-byte", "truncate", "no-manifest", "bad-manifest"])
+def test_damaged_entry_is_detected_and_rebuilt_with_a_warning(tmp_path, squad_file, minilm_dir, damage, caplog):
+    config = _config(tmp_path, squad_file, minilm_dir)
+    entry = _prepare(config)["train"].entry
+    before = entry.table("features").to_dict()
+    arrow = entry.path / "features.arrow"
+    if damage == "flip-byte":
+        data = bytearray(arrow.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        arrow.write_bytes(bytes(data))
+    elif damage == "truncate":
+        arrow.write_bytes(arrow.read_bytes()[:-100])
+    elif damage == "no-manifest":
+        (entry.path / "manifest.json").unlink()
+    else:
+        (entry.path / "manifest.json").write_text("{not json")
+    assert check_entry(entry.path, entry.key, full=True) is not None
+    with caplog.at_level(logging.WARNING, logger="qa_dist.cache"):
+        again = _prepare(config)["train"].entry
+    assert again.built_here
+    assert any("damaged" in r.getMessage() and "rebuilt" in r.getMessage() for r in caplog.records)
+    assert again.table("features").to_dict() == before
+    assert check_entry(again.path, again.key, full=True) is None
+
+
+def _entries(cache: Path) -> list[Path]:
+    return [p for p in cache.iterdir() if not p.name.startswith(".")] if cache.exists() else []
+
+
+def test_bad_data_writes_nothing_to_the_cache(tmp_path, minilm_dir):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x", "question": "q?", "context": "ctx", "answers": {"text": ["nowhere"], "answer_start": [0]}}]))
+    config = _config(tmp_path, bad, minilm_dir)
+    with pytest.raises(DataError, match="bad.json: question 'x'"):
+        _prepare(config)
+    cache = tmp_path / "cache"
+    assert _entries(cache) == []
+    assert not list(cache.glob(".tmp-*"))
+
+
+def _write_config(tmp_path, data_path, tokenizer_dir, cache, **extra) -> Path:
+    config = {"run_dir": str(tmp_path / "run"),
+              "data": {"train": str(data_path), "max_length": 64, "doc_stride": 16, "cache_dir": str(cache), **extra},
+              "model": {"name_or_path": str(tokenizer_dir)}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_kill_during_build_leaves_nothing_valid(tmp_path, minilm_dir):
+    data = tmp_path / "squad-dev.json.gz"
+    shutil.copy(SQUAD11_DEV, data)
+    cache = tmp_path / "cache"
+    config = _write_config(tmp_path, data, minilm_dir, cache)
+    cmd = [sys.executable, "-m", "qa_dist", "prepare", "-q", "--config", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob(".tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(cache.glob(".tmp-*")), "killed while writing the entry"
+    assert _entries(cache) == []  # nothing under a key: a later run cannot take it as valid
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "train built" in done.stdout
+    (entry,) = _entries(cache)
+    assert check_entry(entry, entry.name, full=True) is None
+    assert not list(cache.glob(".tmp-*"))  # the killed build's leftovers are cleaned up
+
+
+# -- several processes (torchrun, gloo) -------------------------------------------------------
+
+
+def _torchrun(tmp_path, config, *extra, timeout=300):
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "mp_prepare.py"), "--config", str(config), "--out", str(out), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2) if (out / f"rank{r}.json").exists()]
+    return done, reports
+
+
+@pytest.mark.multiprocess
+def test_two_processes_one_tokenizes_both_see_identical_features(tmp_path, minilm_dir):
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps(subset_nested(SQUAD20_DEV, 200)))
+    config = _write_config(tmp_path, data, minilm_dir, tmp_path / "cache")
+    # The builder takes longer than the process group's timeout; the other rank waits on a
+    # file, not in a collective, so the job still succeeds.
+    done, reports = _torchrun(tmp_path, config, "--pg-timeout", "4", "--slow-build", "6")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(r["tokenize_calls"] > 0 for r in reports) == [False, True]
+    assert [r["train"]["built_here"] for r in reports] == [True, False]
+    assert reports[0]["train"]["sha256"] == reports[1]["train"]["sha256"]
+    assert reports[0]["train"]["rows"] > 200
+    assert max(r["seconds"] for r in reports) > 6
+
+    # Warm: nobody tokenizes.
+    done, reports = _torchrun(tmp_path, config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["tokenize_calls"] for r in reports] == [0, 0]
+
+
+@pytest.mark.multiprocess
+def test_node_local_caches_build_once_per_node(tmp_path, minilm_dir):
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps(subset_nested(SQUAD20_DEV, 20)))
+    config = _write_config(tmp_path, data, minilm_dir, tmp_path / "unused")
+    # Two simulated nodes with their own disks: auto detects that the directory is not shared.
+    done, reports = _torchrun(tmp_path, config, "--simulate-nodes", "--per-rank-cache")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["train"]["built_here"] for r in reports] == [True, True]
+    assert reports[0]["train"]["sha256"] == reports[1]["train"]["sha256"]
+    # Two simulated nodes on one shared directory: only global rank 0 builds.
+    shutil.rmtree(tmp_path / "out")
+    done, reports = _torchrun(tmp_path, config, "--simulate-nodes", f"data.cache_dir={tmp_path / 'shared'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["train"]["built_here"] for r in reports] == [True, False]
+
+
+@pytest.mark.multiprocess
+def test_bad_data_fails_every_rank_with_the_same_clear_error(tmp_path, minilm_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "q7", "question": "", "context": "c", "answers": []}) + "\n")
+    config = _write_config(tmp_path, bad, minilm_dir, tmp_path / "cache")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "qa_dist", "prepare", "-q", "--config", str(config)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.count("qa-dist: error: ") == 2  # both ranks, neither hangs
+    assert "bad.jsonl: question 'q7' (line 1): question is empty" in done.stderr
+    assert f'File "{REPO / "qa_dist"}' not in done.stderr  # no traceback from our processes
+    assert "exitcode  : 2" in done.stderr  # torchrun's failure report: our exit code for bad input
+    assert _entries(tmp_path / "cache") == []
