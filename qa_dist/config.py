@@ -197,7 +197,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}; valid keys: "
+            f"unknown config key {prefix + unknown[0]!r}; valid keys: "
             + ", ".join(_valid_keys(cls, prefix))
         )
     kwargs = {}

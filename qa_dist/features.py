@@ -13,6 +13,7 @@ part. Labels are computed for all examples at once with array operations.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,16 +93,25 @@ def pair_layout(tokenizer) -> PairLayout:
     )
 
 
-def _tokenize(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    enc = tokenizer(
-        texts,
-        add_special_tokens=False,
-        return_offsets_mapping=True,
-        return_attention_mask=False,
-        return_token_type_ids=False,
-        verbose=False,  # whole contexts exceed model_max_length on purpose; windows come later
-    )
-    return enc["input_ids"], enc["offset_mapping"]
+def _backend(tokenizer):
+    """A copy of the Rust tokenizer with truncation and padding off (a tokenizer.json may carry
+    them). Called directly: the transformers wrapper spends as long converting each encoding into
+    a dict as the tokenizer spends tokenizing."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
+def _tokenize(
+    backend, texts: list[str], offsets: bool = True
+) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
+    if not offsets:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)], None
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    return [e.ids for e in encodings], [e.offsets for e in encodings]
 
 
 def window_spans(n_context: int, budget: int, stride: int) -> list[tuple[int, int]]:
@@ -156,6 +166,50 @@ def _answer_token_spans(
     return np.where(ok, first - base, -1), np.where(ok, last - base, -1)
 
 
+def _first_answer_tokens(
+    examples, example_ctx, ctx_offsets, contexts
+) -> tuple[list[int], list[int]]:
+    """First and last context token of each example's first answer (-1 when unanswerable)."""
+    lengths = np.fromiter((len(o) for o in ctx_offsets), dtype=np.int64, count=len(ctx_offsets))
+    token_base = np.concatenate([[0], np.cumsum(lengths)])
+    char_base = np.concatenate([[0], np.cumsum([len(c) + 1 for c in contexts])])[:-1]
+    flat = np.fromiter(
+        itertools.chain.from_iterable(itertools.chain.from_iterable(ctx_offsets)),
+        dtype=np.int64,
+        count=2 * int(token_base[-1]),
+    ).reshape(-1, 2)
+    shift = np.repeat(char_base, lengths)
+    answerable = np.fromiter(
+        (not ex["is_impossible"] for ex in examples), dtype=bool, count=len(examples)
+    )
+    starts = np.fromiter(
+        (
+            ex["answers"]["answer_start"][0] if ok else 0
+            for ex, ok in zip(examples, answerable, strict=True)
+        ),
+        dtype=np.int64,
+        count=len(examples),
+    )
+    lengths_chars = np.fromiter(
+        (
+            len(ex["answers"]["text"][0]) if ok else 0
+            for ex, ok in zip(examples, answerable, strict=True)
+        ),
+        dtype=np.int64,
+        count=len(examples),
+    )
+    first, last = _answer_token_spans(
+        example_ctx,
+        starts,
+        starts + lengths_chars,
+        token_base,
+        char_base,
+        flat[:, 0] + shift,
+        flat[:, 1] + shift,
+    )
+    return np.where(answerable, first, -1).tolist(), np.where(answerable, last, -1).tolist()
+
+
 def _build(
     examples: list[dict],
     tokenizer,
@@ -169,57 +223,23 @@ def _build(
 
     # Tokenize each distinct context once, and every question.
     context_index: dict[str, int] = {}
-    example_ctx = np.empty(len(examples), dtype=np.int64)
-    for i, ex in enumerate(examples):
-        example_ctx[i] = context_index.setdefault(ex["context"], len(context_index))
+    example_ctx_list = [
+        context_index.setdefault(ex["context"], len(context_index)) for ex in examples
+    ]
     contexts = list(context_index)
-    ctx_ids, ctx_offsets = _tokenize(tokenizer, contexts)
-    q_ids, _ = _tokenize(tokenizer, [ex["question"].lstrip() for ex in examples])
-
-    ctx_lengths = np.fromiter((len(t) for t in ctx_ids), dtype=np.int64, count=len(ctx_ids))
-    ctx_token_base = np.concatenate([[0], np.cumsum(ctx_lengths)])
-    ctx_char_base = np.concatenate([[0], np.cumsum([len(c) + 1 for c in contexts])])[:-1]
-
+    backend = _backend(tokenizer)
+    ctx_ids, ctx_offsets = _tokenize(backend, contexts)
+    q_ids, _ = _tokenize(backend, [ex["question"].lstrip() for ex in examples], offsets=False)
     if train:
-        flat = np.array([o for offs in ctx_offsets for o in offs], dtype=np.int64).reshape(-1, 2)
-        shift = np.repeat(ctx_char_base, ctx_lengths)
-        answerable = np.array([not ex["is_impossible"] for ex in examples], dtype=bool)
-        a_start = np.array(
-            [
-                ex["answers"]["answer_start"][0] if ok else 0
-                for ex, ok in zip(examples, answerable, strict=True)
-            ],
-            dtype=np.int64,
-        )
-        a_end = a_start + np.array(
-            [
-                len(ex["answers"]["text"][0]) if ok else 0
-                for ex, ok in zip(examples, answerable, strict=True)
-            ],
-            dtype=np.int64,
-        )
-        tok_first, tok_last = _answer_token_spans(
-            example_ctx,
-            a_start,
-            a_end,
-            ctx_token_base,
-            ctx_char_base,
-            flat[:, 0] + shift,
-            flat[:, 1] + shift,
-        )
-        tok_first = np.where(answerable, tok_first, -1)
-        tok_last = np.where(answerable, tok_last, -1)
+        example_ctx = np.asarray(example_ctx_list, dtype=np.int64)
+        tok_first, tok_last = _first_answer_tokens(examples, example_ctx, ctx_offsets, contexts)
 
     pre, mid, post = list(layout.pre), list(layout.mid), list(layout.post)
     pre_t, mid_t, post_t = list(layout.pre_types), list(layout.mid_types), list(layout.post_types)
-    cols: dict[str, list] = {"input_ids": [], "attention_mask": []}
-    if with_types:
-        cols["token_type_ids"] = []
-    if train:
-        cols["start_positions"], cols["end_positions"] = [], []
-    else:
-        cols["offset_mapping"], cols["example_id"] = [], []
-    cols["example_index"] = []
+    first_t, second_t = layout.first_type, layout.second_type
+    n_special = layout.num_special
+    input_ids, attention_mask, token_type_ids, example_index = [], [], [], []
+    start_positions, end_positions, offset_mapping, example_id = [], [], [], []
 
     rows = enumerate(examples)
     if progress:
@@ -227,13 +247,10 @@ def _build(
 
         rows = tqdm(rows, total=len(examples), desc="windows", unit="ex", mininterval=0.5)
     for i, ex in rows:
-        c = int(example_ctx[i])
+        c = example_ctx_list[i]
         question, context_ids = q_ids[i], ctx_ids[c]
-        budget = max_length - len(question) - layout.num_special
-        if (
-            len(question) + len(context_ids) + layout.num_special > max_length
-            and budget <= doc_stride
-        ):
+        budget = max_length - len(question) - n_special
+        if len(question) + len(context_ids) + n_special > max_length and budget <= doc_stride:
             raise DataError(
                 f"question {ex['id']!r}: the question takes {len(question)} tokens, leaving "
                 f"{max(budget, 0)} context tokens per window, not more than doc_stride={doc_stride}; "
@@ -245,30 +262,36 @@ def _build(
                 first, second, ctx_at = window, question, len(pre)
             else:
                 first, second, ctx_at = question, window, len(pre) + len(question) + len(mid)
-            first_t, second_t = layout.first_type, layout.second_type
             ids = pre + first + mid + second + post
-            cols["input_ids"].append(ids)
-            cols["attention_mask"].append([1] * len(ids))
+            input_ids.append(ids)
+            attention_mask.append([1] * len(ids))
             if with_types:
-                cols["token_type_ids"].append(
+                token_type_ids.append(
                     pre_t + [first_t] * len(first) + mid_t + [second_t] * len(second) + post_t
                 )
-            cols["example_index"].append(i)
+            example_index.append(i)
             if train:
-                cls_index = _cls_index(layout, len(first), len(second))
-                s, e = int(tok_first[i]), int(tok_last[i])
-                if s >= 0 and s >= w0 and e < w1:
-                    cols["start_positions"].append(ctx_at + s - w0)
-                    cols["end_positions"].append(ctx_at + e - w0)
+                s, e = tok_first[i], tok_last[i]
+                if s >= w0 and e < w1 and s >= 0:
+                    start_positions.append(ctx_at + s - w0)
+                    end_positions.append(ctx_at + e - w0)
                 else:
-                    cols["start_positions"].append(cls_index)
-                    cols["end_positions"].append(cls_index)
+                    cls_index = _cls_index(layout, len(first), len(second))
+                    start_positions.append(cls_index)
+                    end_positions.append(cls_index)
             else:
-                offsets = [tuple(o) for o in ctx_offsets[c][w0:w1]]
-                before = ctx_at
                 after = len(ids) - ctx_at - len(window)
-                cols["offset_mapping"].append([None] * before + offsets + [None] * after)
-                cols["example_id"].append(ex["id"])
+                offset_mapping.append([None] * ctx_at + ctx_offsets[c][w0:w1] + [None] * after)
+                example_id.append(ex["id"])
+
+    cols: dict[str, list] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if with_types:
+        cols["token_type_ids"] = token_type_ids
+    if train:
+        cols["start_positions"], cols["end_positions"] = start_positions, end_positions
+    else:
+        cols["offset_mapping"], cols["example_id"] = offset_mapping, example_id
+    cols["example_index"] = example_index
     return cols
 
 

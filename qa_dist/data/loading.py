@@ -217,7 +217,9 @@ def load_hub_dataset(name: str, split: str, *, strict: bool = False) -> LoadedDa
         name, config_name = name.split(":", 1)
     source = f"{name} [{split}]"
     try:
-        if Path(name).is_dir() and any((Path(name) / f).exists() for f in ("state.json", "dataset_dict.json")):
+        if Path(name).is_dir() and any(
+            (Path(name) / f).exists() for f in ("state.json", "dataset_dict.json")
+        ):
             dataset = datasets.load_from_disk(name)
             if isinstance(dataset, datasets.DatasetDict):
                 dataset = dataset[split]
