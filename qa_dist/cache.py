@@ -83,8 +83,13 @@ class CacheEntry:
     built_here: bool
     """True in the one process that built the entry during this call."""
 
-    def table(self, name: str):
-        """A memory-mapped ``datasets.Dataset`` over ``<name>.arrow`` (no copy into memory)."""
+    def table(self, name: str) -> pa.Table:
+        """``<name>.arrow`` as an Arrow table over a memory map: no copy, pages read on demand."""
+        source = pa.memory_map(str(self.path / f"{name}.arrow"), "r")
+        return pa.ipc.open_stream(source).read_all()
+
+    def dataset(self, name: str):
+        """``<name>.arrow`` as a memory-mapped ``datasets.Dataset`` (imports ``datasets``)."""
         import datasets
 
         return datasets.Dataset.from_file(str(self.path / f"{name}.arrow"), in_memory=False)

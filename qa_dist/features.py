@@ -13,6 +13,8 @@ part. Labels are computed for all examples at once with array operations.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 from dataclasses import dataclass
 
@@ -210,6 +212,19 @@ def _first_answer_tokens(
     return np.where(answerable, first, -1).tolist(), np.where(answerable, last, -1).tolist()
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause the cyclic garbage collector: building a million small lists of ints (which cannot
+    form cycles) triggers it over and over, and it rescans them each time (25-30% of the build)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _build(
     examples: list[dict],
     tokenizer,
@@ -324,7 +339,8 @@ def build_train_features(
     hold the whole answer, and every window of an unanswerable question, points at the CLS token.
     Features are unpadded.
     """
-    return _build(examples, tokenizer, max_length, doc_stride, train=True, progress=progress)
+    with _gc_paused():
+        return _build(examples, tokenizer, max_length, doc_stride, train=True, progress=progress)
 
 
 def build_eval_features(
@@ -338,4 +354,5 @@ def build_eval_features(
     """Evaluation windows: ``input_ids``, ``attention_mask``, ``token_type_ids`` (where made),
     ``offset_mapping`` (character spans of context tokens, None elsewhere), ``example_index``,
     ``example_id``. Unpadded."""
-    return _build(examples, tokenizer, max_length, doc_stride, train=False, progress=progress)
+    with _gc_paused():
+        return _build(examples, tokenizer, max_length, doc_stride, train=False, progress=progress)

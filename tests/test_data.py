@@ -6,7 +6,15 @@ import gzip
 import json
 
 import pytest
-from conftest import CMRC_DEV, CMRC_TRIAL, DRCD_DEV, DRCD_TEST, SQUAD11_DEV, SQUAD11_TRAIN, SQUAD20_DEV
+from conftest import (
+    CMRC_DEV,
+    CMRC_TRIAL,
+    DRCD_DEV,
+    DRCD_TEST,
+    SQUAD11_DEV,
+    SQUAD11_TRAIN,
+    SQUAD20_DEV,
+)
 
 from qa_dist import DataError, load_examples
 from qa_dist.data import load_source
@@ -46,12 +54,17 @@ def test_cmrc_dev_misplaced_starts_are_relocated_and_counted():
     fix = loaded.report.relocations[0]
     example = by_id[fix.example_id]
     assert fix.new_start in example["answers"]["answer_start"]
-    with pytest.raises(DataError, match=r"cmrc2018_dev.json.gz: question 'DEV_6_QUERY_2' .*answer 1 text .* does not occur"):
+    with pytest.raises(
+        DataError,
+        match=r"cmrc2018_dev.json.gz: question 'DEV_6_QUERY_2' .*answer 1 text .* does not occur",
+    ):
         load_source(str(CMRC_DEV), strict=True)
 
 
 def test_cmrc_trial_has_an_empty_question_and_says_which():
-    with pytest.raises(DataError, match=r"cmrc2018_trial.json.gz: question 'TRIAL_776_QUERY_4'.*question is empty"):
+    with pytest.raises(
+        DataError, match=r"cmrc2018_trial.json.gz: question 'TRIAL_776_QUERY_4'.*question is empty"
+    ):
         load_examples(CMRC_TRIAL)
 
 
@@ -65,12 +78,25 @@ def test_drcd_answers_with_extra_id_are_read():
 def _flat_records():
     context = "The cat sat on the mat. The dog did not."
     return [
-        {"id": "a", "title": "Pets", "question": "Where did the cat sit?", "context": context,
-         "answers": {"text": ["on the mat"], "answer_start": [12]}},
-        {"id": "b", "question": "What did the bird do?", "context": context,
-         "answers": {"text": [], "answer_start": []}},
-        {"id": "c", "question": "Who did not?", "context": context,
-         "answers": [{"text": "The dog", "answer_start": 24}]},
+        {
+            "id": "a",
+            "title": "Pets",
+            "question": "Where did the cat sit?",
+            "context": context,
+            "answers": {"text": ["on the mat"], "answer_start": [12]},
+        },
+        {
+            "id": "b",
+            "question": "What did the bird do?",
+            "context": context,
+            "answers": {"text": [], "answer_start": []},
+        },
+        {
+            "id": "c",
+            "question": "Who did not?",
+            "context": context,
+            "answers": [{"text": "The dog", "answer_start": 24}],
+        },
     ]
 
 
@@ -81,14 +107,44 @@ def test_flat_json_jsonl_nested_and_gzip_read_the_same(tmp_path):
     (tmp_path / "lines.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
     with gzip.open(tmp_path / "lines.jsonl.gz", "wt") as f:
         f.write("\n".join(json.dumps(r) for r in records))
-    nested = {"version": "v2.0", "data": [{"title": "Pets", "paragraphs": [{"context": records[0]["context"], "qas": [
-        {"id": "a", "question": records[0]["question"], "answers": [{"text": "on the mat", "answer_start": 12}], "is_impossible": False},
-        {"id": "b", "question": records[1]["question"], "answers": [], "is_impossible": True},
-        {"id": "c", "question": records[2]["question"], "answers": [{"text": "The dog", "answer_start": 24}]},
-    ]}]}]}
+    nested = {
+        "version": "v2.0",
+        "data": [
+            {
+                "title": "Pets",
+                "paragraphs": [
+                    {
+                        "context": records[0]["context"],
+                        "qas": [
+                            {
+                                "id": "a",
+                                "question": records[0]["question"],
+                                "answers": [{"text": "on the mat", "answer_start": 12}],
+                                "is_impossible": False,
+                            },
+                            {
+                                "id": "b",
+                                "question": records[1]["question"],
+                                "answers": [],
+                                "is_impossible": True,
+                            },
+                            {
+                                "id": "c",
+                                "question": records[2]["question"],
+                                "answers": [{"text": "The dog", "answer_start": 24}],
+                            },
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
     with gzip.open(tmp_path / "nested.json.gz", "wt") as f:
         json.dump(nested, f)
-    results = [load_examples(tmp_path / name) for name in ("list.json", "wrapped.json", "lines.jsonl", "lines.jsonl.gz")]
+    results = [
+        load_examples(tmp_path / name)
+        for name in ("list.json", "wrapped.json", "lines.jsonl", "lines.jsonl.gz")
+    ]
     for other in results[1:]:
         assert other == results[0]
     flat = results[0]
@@ -106,7 +162,22 @@ def test_local_dataset_folder_goes_through_datasets(tmp_path):
     folder = tmp_path / "my_squad"
     folder.mkdir()
     records = _flat_records()
-    (folder / "train.jsonl").write_text("\n".join(json.dumps({**r, "answers": r["answers"] if isinstance(r["answers"], dict) else {"text": [a["text"] for a in r["answers"]], "answer_start": [a["answer_start"] for a in r["answers"]]}}) for r in records))
+    (folder / "train.jsonl").write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    **r,
+                    "answers": r["answers"]
+                    if isinstance(r["answers"], dict)
+                    else {
+                        "text": [a["text"] for a in r["answers"]],
+                        "answer_start": [a["answer_start"] for a in r["answers"]],
+                    },
+                }
+            )
+            for r in records
+        )
+    )
     (folder / "validation.jsonl").write_text(json.dumps({**records[0], "id": "v"}))
     train = load_examples(folder, split="train")
     assert [e["id"] for e in train] == ["a", "b", "c"]
@@ -114,7 +185,9 @@ def test_local_dataset_folder_goes_through_datasets(tmp_path):
     assert [e["id"] for e in load_examples(folder, split="validation")] == ["v"]
 
     saved = tmp_path / "saved"
-    datasets.Dataset.from_list([{**r, "title": r.get("title", "")} for r in load_examples(folder)]).save_to_disk(str(saved))
+    datasets.Dataset.from_list(
+        [{**r, "title": r.get("title", "")} for r in load_examples(folder)]
+    ).save_to_disk(str(saved))
     assert [e["id"] for e in load_examples(saved)] == ["a", "b", "c"]
 
 
@@ -141,15 +214,33 @@ def _with(record_changes=None, drop=None, extra=None):
         (_with({"question": 7}), r"question 'a'.*question must be a string, got int"),
         (_with({"id": 1.5}), r"id must be a string, got float"),
         (_with({"answers": "on the mat"}), r"question 'a'.*answers must be a list or a mapping"),
-        (_with({"answers": {"text": ["on the mat"], "answer_start": ["12"]}}), r"question 'a'.*answer_start must be an integer, got str"),
-        (_with({"answers": {"text": ["x", "y"], "answer_start": [1]}}), r"question 'a'.*2 texts but 1 answer_start"),
+        (
+            _with({"answers": {"text": ["on the mat"], "answer_start": ["12"]}}),
+            r"question 'a'.*answer_start must be an integer, got str",
+        ),
+        (
+            _with({"answers": {"text": ["x", "y"], "answer_start": [1]}}),
+            r"question 'a'.*2 texts but 1 answer_start",
+        ),
         (_with({"context": "   "}), r"question 'a'.*context is empty"),
         (_with({"question": ""}), r"question 'a'.*question is empty"),
-        (_with({"is_impossible": False, "answers": []}), r"question 'a'.*answerable question has no answer"),
-        (_with({"is_impossible": True}), r"question 'a'.*unanswerable \(is_impossible\) but has answers"),
+        (
+            _with({"is_impossible": False, "answers": []}),
+            r"question 'a'.*answerable question has no answer",
+        ),
+        (
+            _with({"is_impossible": True}),
+            r"question 'a'.*unanswerable \(is_impossible\) but has answers",
+        ),
         (_with({"is_impossible": "no"}), r"question 'a'.*is_impossible must be true or false"),
-        (_with({"answers": {"text": ["a unicorn"], "answer_start": [3]}}), r"question 'a'.*'a unicorn' does not occur in the context"),
-        (_with(extra=[{**_flat_records()[0]}]), r"question 'a': duplicate id \(questions 0 and 3\)"),
+        (
+            _with({"answers": {"text": ["a unicorn"], "answer_start": [3]}}),
+            r"question 'a'.*'a unicorn' does not occur in the context",
+        ),
+        (
+            _with(extra=[{**_flat_records()[0]}]),
+            r"question 'a': duplicate id \(questions 0 and 3\)",
+        ),
         ([], r"contains no questions"),
         ({"version": "1"}, r"not a SQuAD-format file"),
     ],
@@ -162,8 +253,23 @@ def test_bad_records_name_the_file_and_the_question(tmp_path, records, message):
 
 
 def test_nested_v1_without_answers_is_an_error(tmp_path):
-    nested = {"data": [{"title": "T", "paragraphs": [{"context": "Some text.", "qas": [{"id": "q1", "question": "What?", "answers": []}]}]}]}
-    with pytest.raises(DataError, match=r"question 'q1' \(data\[0\].paragraphs\[0\].qas\[0\]\): answerable question has no answer"):
+    nested = {
+        "data": [
+            {
+                "title": "T",
+                "paragraphs": [
+                    {
+                        "context": "Some text.",
+                        "qas": [{"id": "q1", "question": "What?", "answers": []}],
+                    }
+                ],
+            }
+        ]
+    }
+    with pytest.raises(
+        DataError,
+        match=r"question 'q1' \(data\[0\].paragraphs\[0\].qas\[0\]\): answerable question has no answer",
+    ):
         load_examples(_write(tmp_path, nested))
     with pytest.raises(DataError, match=r"data\[0\].paragraphs\[0\] is missing key 'qas'"):
         load_examples(_write(tmp_path, {"data": [{"paragraphs": [{"context": "x"}]}]}))
@@ -193,12 +299,20 @@ def test_not_utf8_and_missing_and_bad_gzip(tmp_path):
 
 def test_relocation_to_nearest_occurrence_and_strict_mode(tmp_path):
     context = "red apple, green apple, blue apple"  # 'apple' at 4, 17 and 29
-    record = {"id": "r", "question": "Which apple?", "context": context,
-              "answers": {"text": ["apple"], "answer_start": [19]}}
+    record = {
+        "id": "r",
+        "question": "Which apple?",
+        "context": context,
+        "answers": {"text": ["apple"], "answer_start": [19]},
+    }
     path = _write(tmp_path, [record])
     loaded = load_source(str(path))
     assert loaded.examples[0]["answers"]["answer_start"] == [17]
-    assert [(r.example_id, r.given_start, r.new_start) for r in loaded.report.relocations] == [("r", 19, 17)]
+    assert [(r.example_id, r.given_start, r.new_start) for r in loaded.report.relocations] == [
+        ("r", 19, 17)
+    ]
     assert "relocated 1 answer_start" in loaded.report.summary()
-    with pytest.raises(DataError, match=r"question 'r'.*not at answer_start 19 \(nearest occurrence at 17; strict"):
+    with pytest.raises(
+        DataError, match=r"question 'r'.*not at answer_start 19 \(nearest occurrence at 17; strict"
+    ):
         load_source(str(path), strict=True)

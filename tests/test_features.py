@@ -24,15 +24,33 @@ def _reference(tokenizer, examples, max_length, stride):
     questions = [e["question"].lstrip() for e in examples]
     contexts = [e["context"] for e in examples]
     if tokenizer.padding_side == "left":
-        return tokenizer(contexts, questions, truncation="only_first", max_length=max_length,
-                         stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
-    return tokenizer(questions, contexts, truncation="only_second", max_length=max_length,
-                     stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+        return tokenizer(
+            contexts,
+            questions,
+            truncation="only_first",
+            max_length=max_length,
+            stride=stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+        )
+    return tokenizer(
+        questions,
+        contexts,
+        truncation="only_second",
+        max_length=max_length,
+        stride=stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+    )
 
 
-@pytest.mark.parametrize("tokenizer_name", ["minilm_tokenizer", "wordpiece_tokenizer", "bpe_left_tokenizer"])
+@pytest.mark.parametrize(
+    "tokenizer_name", ["minilm_tokenizer", "wordpiece_tokenizer", "bpe_left_tokenizer"]
+)
 @pytest.mark.parametrize(("max_length", "stride"), [(384, 128), (96, 32)])
-def test_windows_identical_to_tokenizer_overflow(request, tmp_path, tokenizer_name, max_length, stride):
+def test_windows_identical_to_tokenizer_overflow(
+    request, tmp_path, tokenizer_name, max_length, stride
+):
     tokenizer = request.getfixturevalue(tokenizer_name)
     examples = _examples(SQUAD20_DEV, 60, tmp_path)
     ref = _reference(tokenizer, examples, max_length, stride)
@@ -51,14 +69,22 @@ def test_windows_identical_to_tokenizer_overflow(request, tmp_path, tokenizer_na
     for i, offsets in enumerate(evalf["offset_mapping"]):
         seq = ref.sequence_ids(i)
         context = examples[ref["overflow_to_sample_mapping"][i]]["context"]
-        expected = [tuple(o) if s == context_seq else None for o, s in zip(ref["offset_mapping"][i], seq, strict=True)]
+        expected = [
+            tuple(o) if s == context_seq else None
+            for o, s in zip(ref["offset_mapping"][i], seq, strict=True)
+        ]
         for ours, theirs in zip(offsets, expected, strict=True):
             # Byte-level BPE: tokenizers leaves the leading space in the offsets of the first token
             # of an overflow window (and trims it everywhere else); ours are trimmed throughout.
             if ours != theirs:
-                assert context[ours[0] : ours[1]] == context[theirs[0] : theirs[1]].strip(), (ours, theirs)
+                assert context[ours[0] : ours[1]] == context[theirs[0] : theirs[1]].strip(), (
+                    ours,
+                    theirs,
+                )
                 assert abs(ours[0] - theirs[0]) <= max(1, theirs[1] - theirs[0])
-    assert len(train["input_ids"]) > len(examples)  # some examples really overflow into several windows
+    assert len(train["input_ids"]) > len(
+        examples
+    )  # some examples really overflow into several windows
 
 
 def _check_labels(examples, tokenizer, features, evalf):
@@ -82,7 +108,7 @@ def _check_labels(examples, tokenizer, features, evalf):
         if overlapping and len(overlapping) == all_overlapping:
             inside += 1
             assert (start, end) == (overlapping[0], overlapping[-1]), ex["id"]
-            covered = ex["context"][offsets[start][0]:offsets[end][1]]
+            covered = ex["context"][offsets[start][0] : offsets[end][1]]
             assert ex["answers"]["text"][0].strip() in covered
         else:  # the window does not hold the whole answer
             assert (start, end) == (cls, cls), ex["id"]
@@ -95,7 +121,9 @@ _overlap_cache: dict = {}
 def _all_overlapping_tokens(ex, tokenizer, s, e) -> int:
     key = (id(tokenizer), ex["context"], s, e)
     if key not in _overlap_cache:
-        offsets = tokenizer(ex["context"], add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+        offsets = tokenizer(
+            ex["context"], add_special_tokens=False, return_offsets_mapping=True, verbose=False
+        )["offset_mapping"]
         _overlap_cache[key] = sum(1 for a, b in offsets if a < e and b > s)
     return _overlap_cache[key]
 
@@ -126,8 +154,16 @@ def test_label_property_on_real_data(request, tmp_path, path, paragraphs, tokeni
 
 def _tutorial_labels(tokenizer, question, context, answer_start, answer_text, max_length, stride):
     """The label loop of the Hugging Face question-answering notebook, verbatim in substance."""
-    enc = tokenizer(question, context, truncation="only_second", max_length=max_length, stride=stride,
-                    return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
+    enc = tokenizer(
+        question,
+        context,
+        truncation="only_second",
+        max_length=max_length,
+        stride=stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding="max_length",
+    )
     labels = []
     for i, offsets in enumerate(enc["offset_mapping"]):
         input_ids = enc["input_ids"][i]
@@ -140,7 +176,9 @@ def _tutorial_labels(tokenizer, question, context, answer_start, answer_text, ma
         token_end_index = len(input_ids) - 1
         while seq[token_end_index] != 1:
             token_end_index -= 1
-        if not (offsets[token_start_index][0] <= start_char and offsets[token_end_index][1] >= end_char):
+        if not (
+            offsets[token_start_index][0] <= start_char and offsets[token_end_index][1] >= end_char
+        ):
             labels.append((cls_index, cls_index))
             continue
         while token_start_index < len(offsets) and offsets[token_start_index][0] <= start_char:
@@ -158,17 +196,28 @@ def test_answer_on_last_context_token_of_a_window(minilm_tokenizer):
     context = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
     question = "which?"
     n_question = len(minilm_tokenizer(question, add_special_tokens=False)["input_ids"])
-    max_length, stride = n_question + 3 + 8, 2  # 8 context tokens per window: the first ends at "eight"
+    max_length, stride = (
+        n_question + 3 + 8,
+        2,
+    )  # 8 context tokens per window: the first ends at "eight"
     start = context.index("eight")
-    example = {"id": "q", "title": "", "context": context, "question": question,
-               "answers": {"text": ["eight"], "answer_start": [start]}, "is_impossible": False}
+    example = {
+        "id": "q",
+        "title": "",
+        "context": context,
+        "question": question,
+        "answers": {"text": ["eight"], "answer_start": [start]},
+        "is_impossible": False,
+    }
     features = build_train_features([example], minilm_tokenizer, max_length, stride)
     first_window = features["input_ids"][0]
     position = first_window.index(minilm_tokenizer.convert_tokens_to_ids("eight"))
     assert position == len(first_window) - 2  # last context token, right before [SEP]
     assert (features["start_positions"][0], features["end_positions"][0]) == (position, position)
 
-    tutorial = _tutorial_labels(minilm_tokenizer, question, context, start, "eight", max_length, stride)
+    tutorial = _tutorial_labels(
+        minilm_tokenizer, question, context, start, "eight", max_length, stride
+    )
     assert tutorial[0] != (position, position)
 
 
@@ -177,15 +226,31 @@ def test_unanswerable_and_cut_answers_point_at_cls(bpe_left_tokenizer, minilm_to
     answer = "word50 word51 word52 word53 word54 word55"
     start = context.index(answer)
     examples = [
-        {"id": "a", "title": "", "context": context, "question": "q?",
-         "answers": {"text": [answer], "answer_start": [start]}, "is_impossible": False},
-        {"id": "b", "title": "", "context": context, "question": "q?",
-         "answers": {"text": [], "answer_start": []}, "is_impossible": True},
+        {
+            "id": "a",
+            "title": "",
+            "context": context,
+            "question": "q?",
+            "answers": {"text": [answer], "answer_start": [start]},
+            "is_impossible": False,
+        },
+        {
+            "id": "b",
+            "title": "",
+            "context": context,
+            "question": "q?",
+            "answers": {"text": [], "answer_start": []},
+            "is_impossible": True,
+        },
     ]
     for tok in (minilm_tokenizer, bpe_left_tokenizer):
         f = build_train_features(examples, tok, 64, 16)
         cls_positions = [ids.index(tok.cls_token_id) for ids in f["input_ids"]]
-        labelled = [i for i, ex in enumerate(f["example_index"]) if ex == 0 and f["start_positions"][i] != cls_positions[i]]
+        labelled = [
+            i
+            for i, ex in enumerate(f["example_index"])
+            if ex == 0 and f["start_positions"][i] != cls_positions[i]
+        ]
         assert labelled, "some window holds the whole answer"
         for i, ex in enumerate(f["example_index"]):
             if ex == 1:
@@ -197,26 +262,50 @@ def test_cls_at_the_end_for_xlnet_style_templates(wordpiece_tokenizer):
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    backend = wordpiece_tokenizer.backend_tokenizer.__class__.from_str(wordpiece_tokenizer.backend_tokenizer.to_str())
+    backend = wordpiece_tokenizer.backend_tokenizer.__class__.from_str(
+        wordpiece_tokenizer.backend_tokenizer.to_str()
+    )
     cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
-        single="$A [SEP] [CLS]", pair="$A:0 [SEP]:0 $B:1 [SEP]:1 [CLS]:2",
+        single="$A [SEP] [CLS]",
+        pair="$A:0 [SEP]:0 $B:1 [SEP]:1 [CLS]:2",
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
     )
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
-                                  model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
     layout = pair_layout(tok)
     assert layout.post == (sep, cls) and layout.post_types == (1, 2)
-    ex = {"id": "x", "title": "", "context": "alpha beta gamma", "question": "what?",
-          "answers": {"text": [], "answer_start": []}, "is_impossible": True}
+    ex = {
+        "id": "x",
+        "title": "",
+        "context": "alpha beta gamma",
+        "question": "what?",
+        "answers": {"text": [], "answer_start": []},
+        "is_impossible": True,
+    }
     f = build_train_features([ex], tok, 64, 16)
     assert f["start_positions"] == [len(f["input_ids"][0]) - 1]
-    assert f["token_type_ids"][0] == tok("what?", "alpha beta gamma", return_token_type_ids=True)["token_type_ids"]
+    assert (
+        f["token_type_ids"][0]
+        == tok("what?", "alpha beta gamma", return_token_type_ids=True)["token_type_ids"]
+    )
 
 
 def test_question_too_long_for_the_window_is_a_clear_error(minilm_tokenizer):
-    ex = {"id": "long-q", "title": "", "context": "short context " * 50, "question": "why " * 60,
-          "answers": {"text": [], "answer_start": []}, "is_impossible": True}
+    ex = {
+        "id": "long-q",
+        "title": "",
+        "context": "short context " * 50,
+        "question": "why " * 60,
+        "answers": {"text": [], "answer_start": []},
+        "is_impossible": True,
+    }
     with pytest.raises(DataError, match="long-q.*doc_stride"):
         build_train_features([ex], minilm_tokenizer, 64, 16)
 
@@ -227,11 +316,17 @@ def test_window_spans_match_tokenizers_overflow(minilm_tokenizer, n, budget, dat
     stride = data.draw(st.integers(0, budget - 1))
     spans = window_spans(n, budget, stride)
     assert spans[0][0] == 0 and spans[-1][1] == n
-    for (a0, a1), (b0, b1) in zip(spans, spans[1:], strict=False):
+    for (a0, a1), (b0, _) in zip(spans, spans[1:], strict=False):
         assert a1 - a0 == budget and a1 - b0 == stride  # full windows overlapping by the stride
     # Same windows as the tokenizer gives for a context of n one-token words.
     context = " ".join(["a"] * n)
     q = "q"
-    enc = minilm_tokenizer(q, context, truncation="only_second", max_length=budget + 4, stride=stride,
-                           return_overflowing_tokens=True)
+    enc = minilm_tokenizer(
+        q,
+        context,
+        truncation="only_second",
+        max_length=budget + 4,
+        stride=stride,
+        return_overflowing_tokens=True,
+    )
     assert [len(ids) - 4 for ids in enc["input_ids"]] == [b - a for a, b in spans]

@@ -24,25 +24,24 @@ def _read(path: Path) -> dict:
         return json.load(f)
 
 
-def _dump(obj: dict, name: str) -> None:
-    (HERE / name).write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+def _dump(obj: dict, out: Path, name: str) -> None:
+    (out / name).write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
-def english(shared: Path) -> None:
+def english(shared: Path, out: Path = HERE) -> None:
     squad = _read(shared / "squad-v2.0-reconstructed" / "dev-v2.0.reconstructed.json.gz")
     articles = [{"title": a["title"], "paragraphs": a["paragraphs"][:1]} for a in squad["data"]]
-    _dump({"version": "v2.0", "data": articles[:24]}, "squad_v2_sample_train.json")
-    _dump({"version": "v2.0", "data": articles[24:35]}, "squad_v2_sample_dev.json")
+    _dump({"version": "v2.0", "data": articles[:24]}, out, "squad_v2_sample_train.json")
+    _dump({"version": "v2.0", "data": articles[24:35]}, out, "squad_v2_sample_dev.json")
 
 
-def chinese(shared: Path) -> None:
-    cmrc = _read(shared / "cmrc2018" / "cmrc2018_dev.json.gz")
-    paragraphs = [a for a in cmrc["data"]]
-    _dump({"version": "v1.0", "data": paragraphs[:80]}, "cmrc2018_sample_train.json")
-    _dump({"version": "v1.0", "data": paragraphs[80:120]}, "cmrc2018_sample_dev.json")
+def chinese(shared: Path, out: Path = HERE) -> None:
+    articles = _read(shared / "cmrc2018" / "cmrc2018_dev.json.gz")["data"]
+    _dump({"version": "v1.0", "data": articles[:80]}, out, "cmrc2018_sample_train.json")
+    _dump({"version": "v1.0", "data": articles[80:120]}, out, "cmrc2018_sample_dev.json")
 
 
-def chinese_tokenizer(shared: Path) -> None:
+def chinese_tokenizer(shared: Path, out: Path = HERE) -> None:
     """A character-level WordPiece vocabulary (BERT-Chinese style) for offline Chinese runs."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -85,11 +84,10 @@ def chinese_tokenizer(shared: Path) -> None:
         model_max_length=512,
         model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
-    tokenizer.save_pretrained(str(HERE / "zh-char-tokenizer"))
+    tokenizer.save_pretrained(str(out / "zh-char-tokenizer"))
 
 
 if __name__ == "__main__":
     shared_dir = Path(sys.argv[1] if len(sys.argv) > 1 else HERE.parents[2] / "shared" / "data")
-    english(shared_dir)
-    chinese(shared_dir)
-    chinese_tokenizer(shared_dir)
+    for make in (english, chinese, chinese_tokenizer):
+        make(shared_dir)
