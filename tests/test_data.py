@@ -18,6 +18,7 @@ from conftest import (
 
 from qa_dist import DataError, load_examples
 from qa_dist.data import load_source
+from qa_dist.data.loading import source_fingerprint
 
 KEYS = {"id", "title", "context", "question", "answers", "is_impossible"}
 
@@ -183,6 +184,10 @@ def test_local_dataset_folder_goes_through_datasets(tmp_path):
     assert [e["id"] for e in train] == ["a", "b", "c"]
     assert [e["is_impossible"] for e in train] == [False, True, False]
     assert [e["id"] for e in load_examples(folder, split="validation")] == ["v"]
+    # The cache key reads the dataset's fingerprint without validating every row.
+    assert source_fingerprint(str(folder), "train") == load_source(str(folder), "train").fingerprint
+    assert source_fingerprint(str(folder), "train") == source_fingerprint(str(folder), "train")
+    assert source_fingerprint(str(folder), "train") != source_fingerprint(str(folder), "validation")
 
     saved = tmp_path / "saved"
     datasets.Dataset.from_list(

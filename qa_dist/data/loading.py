@@ -203,13 +203,15 @@ def _from_dataset(dataset, source: str, strict: bool) -> LoadedData:
         raise DataError(f"{source}: not a SQuAD-format dataset, missing columns {sorted(missing)}")
     records = ((row, f"row {i}") for i, row in enumerate(dataset))
     examples, report = _validate_all(records, source=source, default_impossible=None, strict=strict)
-    return LoadedData(examples, report, f"datasets:{dataset._fingerprint}", source)
+    return LoadedData(
+        examples, report, f"datasets:{dataset._fingerprint}", source
+    )  # as source_fingerprint
 
 
-def load_hub_dataset(name: str, split: str, *, strict: bool = False) -> LoadedData:
-    """Read a Hugging Face dataset (``squad``, ``squad_v2``, ``cmrc2018``, ``name:config``, or a
-    local dataset folder) with ``datasets.load_dataset``; a ``save_to_disk`` folder with
-    ``load_from_disk``."""
+def _open_hf_dataset(name: str, split: str):
+    """A Hugging Face dataset (``squad``, ``squad_v2``, ``cmrc2018``, ``name:config``, or a local
+    dataset folder) through ``datasets.load_dataset``; a ``save_to_disk`` folder through
+    ``load_from_disk``. Returns the dataset and a description of the source."""
     import datasets
 
     config_name = None
@@ -227,8 +229,19 @@ def load_hub_dataset(name: str, split: str, *, strict: bool = False) -> LoadedDa
             dataset = datasets.load_dataset(name, config_name, split=split)
     except FileNotFoundError as e:
         raise DataError(f"{name}: no such local file or Hugging Face dataset ({e})") from None
+    except (ConnectionError, OSError) as e:
+        raise DataError(
+            f"{name}: cannot load this Hugging Face dataset ({e}); without network access, give a "
+            "local file or folder, or set HF_DATASETS_CACHE to a cache that holds it"
+        ) from None
     except (ValueError, KeyError) as e:
         raise DataError(f"{source}: cannot load this split: {e}") from None
+    return dataset, source
+
+
+def load_hub_dataset(name: str, split: str, *, strict: bool = False) -> LoadedData:
+    """Read and validate a Hugging Face dataset (see ``_open_hf_dataset``)."""
+    dataset, source = _open_hf_dataset(name, split)
     return _from_dataset(dataset, source, strict)
 
 
@@ -250,7 +263,8 @@ def source_fingerprint(source: str, split: str | None = None) -> str:
             raise DataError(
                 f"{path}: is a directory, expected a .json, .json.gz or .jsonl file"
             ) from None
-    return load_hub_dataset(source, split or "train").fingerprint
+    dataset, _ = _open_hf_dataset(source, split or "train")
+    return f"datasets:{dataset._fingerprint}"
 
 
 def looks_like_path(source: str) -> bool:
