@@ -236,23 +236,21 @@ def test_kill_during_build_leaves_nothing_valid(tmp_path, minilm_dir):
 # -- several processes (torchrun, gloo) -------------------------------------------------------
 
 
+TORCHRUN_2 = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node",
+    "2",
+]
+
+
 def _torchrun(tmp_path, config, *extra, timeout=300):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(REPO / "tests" / "mp_prepare.py"),
-        "--config",
-        str(config),
-        "--out",
-        str(out),
-        *extra,
-    ]
+    script = str(REPO / "tests" / "mp_prepare.py")
+    cmd = [*TORCHRUN_2, script, "--config", str(config), "--out", str(out), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
     reports = [
         json.loads((out / f"rank{r}.json").read_text())
@@ -307,20 +305,7 @@ def test_bad_data_fails_every_rank_with_the_same_clear_error(tmp_path, minilm_di
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "q7", "question": "", "context": "c", "answers": []}) + "\n")
     config = _write_config(tmp_path, bad, minilm_dir, tmp_path / "cache")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "qa_dist",
-        "prepare",
-        "-q",
-        "--config",
-        str(config),
-    ]
+    cmd = [*TORCHRUN_2, "-m", "qa_dist", "prepare", "-q", "--config", str(config)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode != 0
     assert done.stderr.count("qa-dist: error: ") == 2  # both ranks, neither hangs

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 from conftest import CMRC_DEV, DRCD_DEV, SQUAD11_TRAIN, SQUAD20_DEV, subset_nested
 from hypothesis import given, settings
@@ -153,41 +156,17 @@ def test_label_property_on_real_data(request, tmp_path, path, paragraphs, tokeni
 
 
 def _tutorial_labels(tokenizer, question, context, answer_start, answer_text, max_length, stride):
-    """The label loop of the Hugging Face question-answering notebook, verbatim in substance."""
-    enc = tokenizer(
-        question,
-        context,
-        truncation="only_second",
-        max_length=max_length,
-        stride=stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        padding="max_length",
-    )
-    labels = []
-    for i, offsets in enumerate(enc["offset_mapping"]):
-        input_ids = enc["input_ids"][i]
-        cls_index = input_ids.index(tokenizer.cls_token_id)
-        seq = enc.sequence_ids(i)
-        start_char, end_char = answer_start, answer_start + len(answer_text)
-        token_start_index = 0
-        while seq[token_start_index] != 1:
-            token_start_index += 1
-        token_end_index = len(input_ids) - 1
-        while seq[token_end_index] != 1:
-            token_end_index -= 1
-        if not (
-            offsets[token_start_index][0] <= start_char and offsets[token_end_index][1] >= end_char
-        ):
-            labels.append((cls_index, cls_index))
-            continue
-        while token_start_index < len(offsets) and offsets[token_start_index][0] <= start_char:
-            token_start_index += 1
-        start = token_start_index - 1
-        while offsets[token_end_index][1] >= end_char:
-            token_end_index -= 1
-        labels.append((start, token_end_index + 1))
-    return labels
+    """Labels of the Hugging Face notebook's ``prepare_train_features`` (as in bench/preprocess.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from preprocess import tutorial_prepare_train_features
+
+    columns = {
+        "question": [question],
+        "context": [context],
+        "answers": [{"text": [answer_text], "answer_start": [answer_start]}],
+    }
+    result = tutorial_prepare_train_features(columns, tokenizer, max_length, stride)
+    return list(zip(result["start_positions"], result["end_positions"], strict=True))
 
 
 def test_answer_on_last_context_token_of_a_window(minilm_tokenizer):

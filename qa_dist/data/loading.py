@@ -57,10 +57,9 @@ def sample_path(name: str) -> Path:
     return Path(str(resources.files("qa_dist") / "samples" / SAMPLES[name]))
 
 
-def _read_text(path: Path) -> tuple[str, bytes]:
-    """The decoded text of a (possibly gzipped) UTF-8 file, and its raw bytes."""
+def _read_bytes(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -69,6 +68,11 @@ def _read_text(path: Path) -> tuple[str, bytes]:
         ) from None
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _read_text(path: Path) -> tuple[str, bytes]:
+    """The decoded text of a (possibly gzipped) UTF-8 file, and its raw bytes."""
+    raw = _read_bytes(path)
     data = raw
     if path.name.endswith(".gz"):
         try:
@@ -250,19 +254,7 @@ def source_fingerprint(source: str, split: str | None = None) -> str:
     if source.startswith("sample:"):
         source = str(sample_path(source.split(":", 1)[1]))
     if looks_like_path(source) and not Path(source).expanduser().is_dir():
-        path = Path(source).expanduser()
-        try:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
-            return "sha256:" + h.hexdigest()
-        except FileNotFoundError:
-            raise DataError(f"{path}: file not found") from None
-        except IsADirectoryError:
-            raise DataError(
-                f"{path}: is a directory, expected a .json, .json.gz or .jsonl file"
-            ) from None
+        return "sha256:" + hashlib.sha256(_read_bytes(Path(source).expanduser())).hexdigest()
     dataset, _ = _open_hf_dataset(source, split or "train")
     return f"datasets:{dataset._fingerprint}"
 

@@ -41,10 +41,44 @@ def chinese(shared: Path, out: Path = HERE) -> None:
     _dump({"version": "v1.0", "data": articles[80:120]}, out, "cmrc2018_sample_dev.json")
 
 
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def bert_style_tokenizer(model, train_texts=None, vocab_size: int = 30522):
+    """A BERT-style fast tokenizer (lower-casing normalizer that splits CJK characters, BERT
+    pre-tokenizer, ``[CLS] A [SEP] B [SEP]``) around a ``tokenizers`` WordPiece model, trained on
+    ``train_texts`` when given. Also used by the tests to train tokenizers on the fly."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    if train_texts is not None:
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+        tok.train_from_iterator(train_texts, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+
+
 def chinese_tokenizer(shared: Path, out: Path = HERE) -> None:
     """A character-level WordPiece vocabulary (BERT-Chinese style) for offline Chinese runs."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import models
 
     chars: set[str] = set()
     for path in (
@@ -58,32 +92,13 @@ def chinese_tokenizer(shared: Path, out: Path = HERE) -> None:
                     chars.update(qa["question"].lower())
     chars = {c for c in chars if not c.isspace() and c.isprintable()}
     ascii_pieces = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab = (
-        specials
+        SPECIAL_TOKENS
         + sorted(chars | set(ascii_pieces))
         + ["##" + c for c in ascii_pieces if c.isalnum()]
     )
     ids = {token: i for i, token in enumerate(vocab)}
-    tok = Tokenizer(models.WordPiece(vocab=ids, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
-    )
-    tok.decoder = decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=512,
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-    )
+    tokenizer = bert_style_tokenizer(models.WordPiece(vocab=ids, unk_token="[UNK]"))
     tokenizer.save_pretrained(str(out / "zh-char-tokenizer"))
 
 
