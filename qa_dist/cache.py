@@ -315,7 +315,9 @@ class FeatureCache:
             if time.monotonic() > deadline:
                 raise CacheError(
                     f"{self.root}: waited {self.wait_timeout:.0f} s for another process to build "
-                    f"cache entry {key}; raise data.cache_wait_timeout or run `qa-dist prepare` first"
+                    f"cache entry {key}. If data.cache_dir is not one filesystem for all nodes, set "
+                    "data.cache_shared=local; otherwise raise data.cache_wait_timeout or run "
+                    "`qa-dist prepare` before the job"
                 )
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -98,6 +99,11 @@ def prepare_features(
     )
     tok_fp = tokenizer_fingerprint(tokenizer)
     prepared = {}
+
+    def say(message: str) -> None:
+        if progress:
+            print(message, file=sys.stderr, flush=True)
+
     for role in roles:
         source, split = _split_spec(config, role)
         if source is None:
@@ -114,7 +120,9 @@ def prepare_features(
         key = cache_key(parts)
 
         def build(source=source, split=split, role=role, parts=parts) -> Built:
+            say(f"{role}: reading and validating {source}")
             loaded = load_source(source, split, strict=data.strict)
+            say(f"{role}: tokenizing {len(loaded.examples):,} questions and their contexts")
             builder = build_train_features if role == "train" else build_eval_features
             columns = builder(
                 loaded.examples, tokenizer, data.max_length, data.doc_stride, progress=progress
