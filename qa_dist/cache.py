@@ -97,7 +97,7 @@ class CacheEntry:
 
 def _write_table(table: pa.Table, path: Path) -> None:
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=10_000)
+        writer.write_table(table)  # one record batch: numpy views over a column need no copy
 
 
 def _fsync_dir(path: Path) -> None:

@@ -53,6 +53,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from qa_dist.config import load_config
+    from qa_dist.train import EXIT_PREEMPTED, train
+
+    result = train(load_config(args.config, args.overrides))
+    if result.preempted:
+        print(
+            f"qa-dist: preempted at step {result.steps}: checkpoint written; continue with resume=auto "
+            f"(exit code {EXIT_PREEMPTED})",
+            file=sys.stderr,
+        )
+        return EXIT_PREEMPTED
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from qa_dist.config import config_to_dict, load_config, valid_keys
 
@@ -76,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "train",
+        help="train in whatever process group launched this (accelerate launch, torchrun, srun)",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config", help="print the resolved run config (or every valid key)")
     _add_config_args(p)

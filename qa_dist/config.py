@@ -77,10 +77,22 @@ class TrainConfig:
     """Mixed precision mode passed to Accelerate."""
     seed: int = 42
     """Seed for model init, data order and dropout."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: train for ``epochs``)."""
+    group_by_length: bool = True
+    """Batch windows of similar length together (padding is per batch either way)."""
+    checkpoint_every: int = 500
+    """Optimizer steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are deleted."""
+    collective_timeout: float = 1800.0
+    """Seconds a collective may wait before the job fails (the process group timeout)."""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
+    every: int = 0
+    """Optimizer steps between evaluations during training (0: only at the end)."""
     per_device_batch_size: int = 64
     """Windows per evaluation batch on each process."""
     n_best_size: int = 20
@@ -117,6 +129,8 @@ class LaunchConfig:
 class RunConfig:
     run_dir: str = "runs/qa"
     """Directory for this run's outputs: resolved config, checkpoints, predictions, exported model."""
+    resume: str = "never"
+    """``auto``: continue from the newest complete checkpoint in run_dir (if any); a path: that checkpoint; ``never``."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data sources, windowing and the feature cache."""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -72,3 +72,88 @@ def current_context(init: bool = False) -> DistContext:
     return DistContext(
         rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world
     )
+
+
+def make_accelerator(
+    *,
+    gradient_accumulation_steps: int,
+    mixed_precision: str,
+    timeout_seconds: float,
+    log_with=None,
+    project_dir: str | None = None,
+):
+    """An Accelerator that really spans every process the launcher started.
+
+    On a machine without GPUs a plain ``Accelerator()`` under torchrun reports one process on every
+    rank and each trains alone, silently; ``cpu=True`` gives gloo multi-process. Under DeepSpeed on
+    CPU, Accelerate's own state is wrong unless the process group is made with gloo explicitly.
+    Both were seen on this kind of machine (see PLATFORM-NOTES); the world size is checked here.
+    """
+    from datetime import timedelta
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from qa_dist.errors import QaDistError
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    gpu = torch.cuda.is_available()
+    launched = _env_int("WORLD_SIZE", default=1)
+    pg_kwargs = {"timeout": timedelta(seconds=timeout_seconds)}
+    if not gpu and launched > 1:
+        pg_kwargs["backend"] = (
+            "gloo"  # (in one plain process it would make Accelerate expect a group)
+        )
+    accelerator = Accelerator(
+        cpu=not gpu and not deepspeed and not fsdp,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        kwargs_handlers=[InitProcessGroupKwargs(**pg_kwargs)],
+        log_with=log_with,
+        project_dir=project_dir,
+    )
+    import torch.distributed as dist
+
+    actual = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if accelerator.num_processes != launched or actual != launched:
+        raise QaDistError(
+            f"the launcher started {launched} processes but Accelerate sees {accelerator.num_processes} "
+            f"(process group: {actual}); each would train alone. Check the accelerate config."
+        )
+    return accelerator
+
+
+def any_rank(flag: bool, device=None) -> bool:
+    """True on every rank if ``flag`` is true on any rank. Every rank calls this."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def context_of(accelerator) -> DistContext:
+    """The DistContext of an Accelerator's processes."""
+    return DistContext(
+        rank=accelerator.process_index,
+        local_rank=accelerator.local_process_index,
+        world_size=accelerator.num_processes,
+        local_world_size=_env_int("LOCAL_WORLD_SIZE", default=accelerator.num_processes),
+    )
+
+
+def mean_over_ranks(value: float, device=None) -> float:
+    """The mean of ``value`` over all ranks. Every rank calls this."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()

@@ -1,0 +1,103 @@
+"""Batches for training and evaluation: pure functions over the memory-mapped feature columns.
+
+Windows are stored unpadded; each batch is padded to its own longest window. For training, windows
+of similar length are grouped into the same step (a 384-token window of SQuAD holds about 150 real
+tokens on average, so padding every window to 384 would spend most of the compute on padding).
+The epoch plan depends only on (seed, epoch), so a resumed run replays exactly the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+_PAD_VALUES = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0}
+
+
+@dataclass(frozen=True)
+class FeatureColumns:
+    """Numpy views (no copy) of a features table: flat token values plus per-window offsets."""
+
+    offsets: np.ndarray
+    values: dict[str, np.ndarray]
+    scalars: dict[str, np.ndarray]
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> FeatureColumns:
+        values, scalars, offsets = {}, {}, None
+        for name in table.column_names:
+            column = table.column(name)
+            array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+            if name in _PAD_VALUES:
+                values[name] = array.values.to_numpy(zero_copy_only=False)
+                if offsets is None:
+                    offsets = array.offsets.to_numpy()
+            elif pa.types.is_integer(array.type):
+                scalars[name] = array.to_numpy()
+        if offsets is None:
+            raise ValueError("features table has no input_ids column")
+        return cls(offsets=offsets, values=values, scalars=scalars)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def batch(
+        self, indices: np.ndarray, pad_token_id: int, pad_to: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Padded tensors for the windows ``indices`` (padded to the longest, or to ``pad_to``)."""
+        lengths = self.lengths[indices]
+        width = int(pad_to or lengths.max())
+        batch = {}
+        for name, flat in self.values.items():
+            pad = pad_token_id if name == "input_ids" else _PAD_VALUES[name]
+            out = np.full((len(indices), width), pad, dtype=np.int64)
+            for row, (i, n) in enumerate(zip(indices, lengths, strict=True)):
+                start = self.offsets[i]
+                out[row, :n] = flat[start : start + n]
+            batch[name] = torch.from_numpy(out)
+        for name, column in self.scalars.items():
+            if name in ("start_positions", "end_positions"):
+                batch[name] = torch.from_numpy(column[indices].astype(np.int64))
+        return batch
+
+
+def epoch_plan(
+    lengths: np.ndarray,
+    *,
+    batch_size: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool = True,
+    chunk_steps: int = 50,
+) -> np.ndarray:
+    """Window indices of one epoch, shaped ``[steps, world_size, batch_size]``.
+
+    Step ``s`` gives rank ``r`` the micro-batch ``plan[s, r]``. The windows are shuffled with
+    (seed, epoch); with ``group_by_length`` each run of ``chunk_steps`` steps is sorted by length,
+    so the micro-batches of one step, which run side by side on the ranks, are of similar length
+    too, and the steps are shuffled again, the longest step first (an out-of-memory shows at once).
+    Windows that do not fill a whole last step are left out of this epoch.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    per_step = batch_size * world_size
+    steps = len(lengths) // per_step
+    order = rng.permutation(len(lengths))[: steps * per_step]
+    if not group_by_length:
+        return order.reshape(steps, world_size, batch_size)
+    chunk = per_step * chunk_steps
+    for lo in range(0, len(order), chunk):
+        part = order[lo : lo + chunk]
+        order[lo : lo + chunk] = part[np.argsort(-lengths[part], kind="stable")]
+    plan = order.reshape(steps, world_size, batch_size)
+    plan = plan[rng.permutation(steps)]
+    longest = int(np.argmax(lengths[plan].max(axis=(1, 2)))) if steps else 0
+    plan[[0, longest]] = plan[[longest, 0]]
+    return plan

@@ -1,0 +1,89 @@
+"""Export a Hugging Face model directory, and check it against the model as trained."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+
+def export_model(accelerator, model, tokenizer, out_dir: Path) -> None:
+    """Config, safetensors weights and tokenizer files that ``from_pretrained`` and
+    ``pipeline("question-answering")`` load. Every rank calls this: under ZeRO-3 the full weights
+    are gathered collectively (stage3_gather_16bit_weights_on_model_save), or the export is empty."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        empty = [name for name, tensor in state_dict.items() if tensor.numel() == 0]
+        if empty:
+            raise RuntimeError(
+                f"export would hold empty tensors ({empty[:3]}...): enable "
+                "stage3_gather_16bit_weights_on_model_save in the DeepSpeed config"
+            )
+        accelerator.unwrap_model(model).save_pretrained(
+            str(out_dir),
+            state_dict=state_dict,
+            safe_serialization=True,
+            is_main_process=True,
+        )
+        tokenizer.save_pretrained(str(out_dir))
+    accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Under ZeRO-3, transformers builds every model inside deepspeed.zero.Init, whose collectives
+    rank zero cannot run alone. Accelerate's zero3_init_context_manager(enable=False) leaves
+    transformers' registered config in place (1.15), so unregister it for this one load."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    registered = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
+@torch.no_grad()
+def check_export(accelerator, model, batch: dict, out_dir: Path, tolerance: float) -> dict:
+    """Logits of the trained model (inside its wrapper) against the exported directory's, on one
+    batch. Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank zero loads the
+    export and compares. Writes ``export_check.json`` and raises on a mismatch."""
+    from transformers import AutoModelForQuestionAnswering
+
+    was_training = model.training
+    model.eval()
+    inputs = {
+        k: v.to(accelerator.device)
+        for k, v in batch.items()
+        if k not in ("start_positions", "end_positions")
+    }
+    with accelerator.autocast():
+        out = model(**inputs)
+    trained = torch.stack([out.start_logits, out.end_logits]).float().cpu()
+    model.train(was_training)
+    report = {}
+    if accelerator.is_main_process:
+        with _without_zero3_init():
+            exported = AutoModelForQuestionAnswering.from_pretrained(str(out_dir)).eval()
+        again = exported(**{k: v.cpu() for k, v in inputs.items()})
+        loaded = torch.stack([again.start_logits, again.end_logits]).float()
+        torch.save(
+            {"inputs": {k: v.cpu() for k, v in inputs.items()}, "logits": trained},
+            out_dir.parent / "final_batch_logits.pt",
+        )
+        report = {
+            "max_abs_diff": float((loaded - trained).abs().max()),
+            "tolerance": tolerance,
+            "windows": int(trained.shape[1]),
+        }
+        (out_dir.parent / "export_check.json").write_text(json.dumps(report, indent=2))
+        if report["max_abs_diff"] > tolerance:
+            raise RuntimeError(f"exported model disagrees with the trained one: {report}")
+    accelerator.wait_for_everyone()
+    return report

@@ -1,0 +1,240 @@
+"""``qa-dist train``: one training run in whatever process group launched it."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from qa_dist.config import RunConfig, config_to_dict, write_resolved_config
+from qa_dist.dist import any_rank, context_of, make_accelerator
+from qa_dist.models import load_tokenizer, resolve_model_path
+from qa_dist.prepare import prepare_features
+from qa_dist.train.batches import FeatureColumns, epoch_plan
+from qa_dist.train.checkpoint import Checkpointer, TrainState
+from qa_dist.train.export import check_export, export_model
+from qa_dist.train.optim import make_optimizer, make_scheduler
+from qa_dist.train.preemption import PreemptionFlag
+from qa_dist.train.tracking import make_tracker, wandb_wanted
+
+
+class Evaluator(Protocol):
+    """The evaluation hook: the loop calls it; it owns its own schedule."""
+
+    def maybe_run(self, step: int, model) -> dict | None: ...
+
+    def run(self, step: int, model) -> dict | None: ...
+
+
+class NullEvaluator:
+    def maybe_run(self, step: int, model) -> dict | None:
+        return None
+
+    def run(self, step: int, model) -> dict | None:
+        return None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    preempted: bool
+    export_dir: Path | None
+
+
+class Meter:
+    """Samples, real tokens and time since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.samples = self.tokens = 0
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.started = time.perf_counter()
+
+    def add(self, batch: dict, loss: float) -> None:
+        self.samples += int(batch["input_ids"].shape[0])
+        self.tokens += int(batch["attention_mask"].sum())
+        self.loss_sum += loss
+        self.loss_count += 1
+
+    def metrics(self, world_size: int) -> dict:
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        return {
+            "loss": self.loss_sum / max(self.loss_count, 1),
+            # Every rank runs batches of the same shape: the job's rate is world_size times this one's.
+            "samples_per_s": world_size * self.samples / seconds,
+            "tokens_per_s": world_size * self.tokens / seconds,
+        }
+
+
+def _load_model(config: RunConfig):
+    from transformers import AutoModelForQuestionAnswering
+
+    return AutoModelForQuestionAnswering.from_pretrained(
+        resolve_model_path(config.model.name_or_path),
+        revision=config.model.revision,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+
+
+def _fill_deepspeed_config(accelerator, config: RunConfig) -> None:
+    """Values Accelerate would take from a prepared dataloader (ours is not) or fill with defaults."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = config.train.per_device_batch_size
+    ds["gradient_accumulation_steps"] = config.train.gradient_accumulation_steps
+    ds["train_batch_size"] = (
+        config.train.per_device_batch_size
+        * config.train.gradient_accumulation_steps
+        * accelerator.num_processes
+    )
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = config.train.max_grad_norm
+
+
+def micro_batches(
+    columns: FeatureColumns, config: RunConfig, rank: int, world: int, state: TrainState
+):
+    """(epoch, micro_step, window indices) for this rank from the data position in ``state`` on."""
+    t = config.train
+    epoch, start = state.epoch, state.micro_step
+    while True:
+        plan = epoch_plan(
+            columns.lengths,
+            batch_size=t.per_device_batch_size,
+            world_size=world,
+            seed=t.seed,
+            epoch=epoch,
+            group_by_length=t.group_by_length,
+        )
+        usable = len(plan) // t.gradient_accumulation_steps * t.gradient_accumulation_steps
+        if usable == 0:
+            from qa_dist.errors import ConfigError
+
+            raise ConfigError(
+                f"{len(columns)} training windows do not fill one optimizer step of "
+                f"{world} x {t.per_device_batch_size} x {t.gradient_accumulation_steps}"
+            )
+        for m in range(start, usable):
+            yield epoch, m, plan[m, rank]
+        epoch, start = epoch + 1, 0
+
+
+def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
+    t = config.train
+    run_dir = Path(config.run_dir)
+    acc = make_accelerator(
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        mixed_precision=t.mixed_precision,
+        timeout_seconds=t.collective_timeout,
+        log_with="wandb" if wandb_wanted(config.logging) else None,
+        project_dir=str(run_dir),
+    )
+    from accelerate.utils import set_seed
+
+    set_seed(t.seed)
+    if acc.is_main_process:
+        write_resolved_config(config)
+    tokenizer = load_tokenizer(config.model)
+    prepared = prepare_features(
+        config, tokenizer, context_of(acc), roles=("train",), progress=acc.is_main_process
+    )
+    columns = FeatureColumns.from_table(prepared["train"].entry.table("features"))
+    steps_per_epoch = (
+        len(columns)
+        // (t.per_device_batch_size * acc.num_processes)
+        // t.gradient_accumulation_steps
+    )
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+
+    model = _load_model(config)
+    optimizer = make_optimizer(model, t)
+    scheduler = make_scheduler(optimizer, t, total_steps)
+    _fill_deepspeed_config(acc, config)
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)
+
+    if acc.is_main_process:
+        print(
+            f"training on {acc.num_processes} process(es) ({acc.distributed_type.value}, {acc.device.type}): "
+            f"{len(columns):,} windows, {steps_per_epoch:,} optimizer steps per epoch, {total_steps:,} in all",
+            file=sys.stderr,
+            flush=True,
+        )
+    checkpointer = Checkpointer(acc, run_dir, t.checkpoint_every, t.keep_checkpoints)
+    state = checkpointer.restore(config.resume) or TrainState()
+    tracker = make_tracker(acc, config, state.wandb_run_id, config_to_dict(config))
+    state.wandb_run_id = tracker.run_id
+    evaluator = evaluator or NullEvaluator()
+    preemption = PreemptionFlag()
+    meter, pad_id = Meter(), tokenizer.pad_token_id or 0
+    saved_at = state.step if config.resume != "never" else -1
+    model.train()
+    try:
+        for epoch, micro, indices in micro_batches(
+            columns, config, acc.process_index, acc.num_processes, state
+        ):
+            if state.step >= total_steps:
+                break
+            batch = {k: v.to(acc.device) for k, v in columns.batch(indices, pad_id).items()}
+            with acc.accumulate(model):
+                loss = model(**batch).loss
+                acc.backward(loss)
+                grad_norm = (
+                    acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    if acc.sync_gradients and t.max_grad_norm
+                    else None
+                )
+                optimizer.step()
+                optimizer.zero_grad()
+            meter.add(batch, loss.item())
+            state.epoch, state.micro_step = epoch, micro + 1
+            if not acc.sync_gradients:
+                continue
+            scheduler.step()
+            state.step += 1
+            if state.step % config.logging.log_every == 0 or state.step == total_steps:
+                metrics = {
+                    **meter.metrics(acc.num_processes),
+                    "lr": scheduler.get_last_lr()[0],
+                    "epoch": epoch,
+                }
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                tracker.log(metrics, state.step)
+                meter.reset()
+            if (metrics := evaluator.maybe_run(state.step, model)) is not None:
+                tracker.log(metrics, state.step)
+            # Every rank learns whether any rank was signalled, so all save and stop together.
+            if any_rank(preemption.requested, acc.device):
+                checkpointer.save(state)
+                tracker.finish()
+                return TrainResult(state.step, preempted=True, export_dir=None)
+            if checkpointer.maybe_save(state):
+                saved_at = state.step
+        if saved_at != state.step:
+            checkpointer.save(state)
+        if (metrics := evaluator.run(state.step, model)) is not None:
+            tracker.log(metrics, state.step)
+        export_dir = run_dir / "model"
+        export_model(acc, model, tokenizer, export_dir)
+        sample = columns.batch(np.arange(min(8, len(columns))), pad_id)
+        check_export(
+            acc, model, sample, export_dir, tolerance=1e-4 if t.mixed_precision == "no" else 5e-2
+        )
+        tracker.log({"train/steps": state.step}, state.step)
+        tracker.finish()
+        return TrainResult(state.step, preempted=False, export_dir=export_dir)
+    finally:
+        preemption.restore()
+
+
+__all__ = ["Evaluator", "NullEvaluator", "TrainResult", "train"]

@@ -1,0 +1,44 @@
+"""AdamW with the usual weight-decay exemptions, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import torch
+from transformers import get_scheduler
+
+from qa_dist.config import TrainConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights; none on biases and normalisation weights (LayerNorm, RMSNorm)."""
+    no_decay: set[int] = set()
+    for module in model.modules():
+        is_norm = (
+            isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm))
+            or "norm" in type(module).__name__.lower()
+        )
+        for name, param in module.named_parameters(recurse=False):
+            if name == "bias" or is_norm:
+                no_decay.add(id(param))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    """Stepped once per optimizer step by the loop: not passed to Accelerate, whose wrapper steps a
+    scheduler once per process for every optimizer step."""
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[
+        config.scheduler
+    ]
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=int(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )

@@ -1,0 +1,101 @@
+"""Metrics: console and wandb (through Accelerate's tracker) on rank zero; a no-op elsewhere."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+
+from qa_dist.config import LoggingConfig
+
+
+def wandb_wanted(config: LoggingConfig) -> bool:
+    if not config.wandb_project or config.wandb_mode == "disabled":
+        return False
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        from qa_dist.errors import ConfigError
+
+        raise ConfigError(
+            "logging.wandb_project is set but wandb is not installed: pip install 'qa-dist[wandb]'"
+        ) from None
+    return True
+
+
+def wandb_mode(config: LoggingConfig) -> str:
+    """auto: online with an API key, offline without one."""
+    if config.wandb_mode != "auto":
+        return config.wandb_mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class NoopTracker:
+    """What every rank but zero gets: rank-zero-only side effects need no ``if rank == 0``."""
+
+    run_id: str | None = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class MainTracker(NoopTracker):
+    """Console lines, and wandb when configured (offline without an API key)."""
+
+    def __init__(self, accelerator, config, run_id: str | None, resolved: dict) -> None:
+        self.accelerator = accelerator
+        self.use_wandb = wandb_wanted(config.logging)
+        self.run_id = run_id or uuid.uuid4().hex[:8]
+        self.mode = wandb_mode(config.logging)
+        self.run_dir = config.run_dir
+        if self.use_wandb:
+            os.environ["WANDB_MODE"] = self.mode
+            accelerator.init_trackers(
+                config.logging.wandb_project,
+                config=resolved,
+                init_kwargs={
+                    "wandb": {
+                        "id": self.run_id,
+                        "resume": "allow",
+                        "dir": config.run_dir,
+                        "name": os.path.basename(os.path.abspath(config.run_dir)),
+                    }
+                },
+            )
+
+    def log(self, metrics: dict, step: int) -> None:
+        shown = "  ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+        )
+        print(f"step {step}: {shown}", file=sys.stderr, flush=True)
+        if self.use_wandb:
+            self.accelerator.log(metrics, step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        if self.use_wandb:
+            import wandb
+
+            self.accelerator.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def finish(self) -> None:
+        if self.use_wandb:
+            self.accelerator.end_training()
+            if self.mode == "offline":
+                print(
+                    f"wandb ran offline; upload with: wandb sync {self.run_dir}/wandb/offline-run-*",
+                    file=sys.stderr,
+                )
+
+
+def make_tracker(accelerator, config, run_id: str | None, resolved: dict):
+    return (
+        MainTracker(accelerator, config, run_id, resolved)
+        if accelerator.is_main_process
+        else NoopTracker()
+    )
