@@ -125,16 +125,16 @@ def make_accelerator(
     return accelerator
 
 
-def any_rank(flag: bool, device=None) -> bool:
-    """True on every rank if ``flag`` is true on any rank. Every rank calls this."""
+def max_over_ranks(value: int, device=None) -> int:
+    """The largest ``value`` over all ranks. Every rank calls this."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def context_of(accelerator) -> DistContext:

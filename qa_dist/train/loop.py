@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -12,14 +14,14 @@ from typing import Protocol
 import numpy as np
 
 from qa_dist.config import RunConfig, config_to_dict, write_resolved_config
-from qa_dist.dist import any_rank, context_of, make_accelerator
+from qa_dist.dist import context_of, make_accelerator, max_over_ranks, mean_over_ranks
 from qa_dist.models import load_tokenizer, resolve_model_path
 from qa_dist.prepare import prepare_features
 from qa_dist.train.batches import FeatureColumns, epoch_plan
 from qa_dist.train.checkpoint import Checkpointer, TrainState
 from qa_dist.train.export import check_export, export_model
 from qa_dist.train.optim import make_optimizer, make_scheduler
-from qa_dist.train.preemption import PreemptionFlag
+from qa_dist.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
 from qa_dist.train.tracking import make_tracker, wandb_wanted
 
 
@@ -143,6 +145,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
     set_seed(t.seed)
     if acc.is_main_process:
         write_resolved_config(config)
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     tokenizer = load_tokenizer(config.model)
     prepared = prepare_features(
         config, tokenizer, context_of(acc), roles=("train",), progress=acc.is_main_process
@@ -207,6 +210,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
                     "lr": scheduler.get_last_lr()[0],
                     "epoch": epoch,
                 }
+                metrics["loss"] = mean_over_ranks(metrics["loss"], acc.device)  # all ranks log here
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
                 tracker.log(metrics, state.step)
@@ -214,8 +218,20 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
             if (metrics := evaluator.maybe_run(state.step, model)) is not None:
                 tracker.log(metrics, state.step)
             # Every rank learns whether any rank was signalled, so all save and stop together.
-            if any_rank(preemption.requested, acc.device):
+            if signum := max_over_ranks(preemption.signum, acc.device):
                 checkpointer.save(state)
+                if acc.is_main_process:
+                    # Launchers (torchrun) report a worker's exit code only in their log: the marker
+                    # tells a batch script that this run stopped on purpose and wants a requeue.
+                    (run_dir / PREEMPTED_MARKER).write_text(
+                        json.dumps(
+                            {
+                                "step": state.step,
+                                "signal": signal.Signals(signum).name,
+                                "exit_code": EXIT_PREEMPTED,
+                            }
+                        )
+                    )
                 tracker.finish()
                 return TrainResult(state.step, preempted=True, export_dir=None)
             if checkpointer.maybe_save(state):
