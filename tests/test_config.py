@@ -61,7 +61,7 @@ def test_overrides_and_yaml_scalars(tmp_path):
             ["train.learning_rate=1e-5"],
             r"unknown config key 'train.learning_rate'; valid keys: train.lr, train.epochs",
         ),
-        (["dat.max_length=3"], r"unknown config key 'dat'; valid keys: run_dir, data.train"),
+        (["dat.max_length=3"], r"unknown config key 'dat'; valid keys: run_dir, resume, data.train"),
         (["data.max_length=long"], r"data.max_length: expected int, got 'long'"),
         (["data.max_length=3.5"], r"data.max_length: expected int"),
         (["data.strict=maybe"], r"data.strict: expected bool"),
