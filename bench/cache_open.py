@@ -22,13 +22,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-DATA = (
-    HERE.parents[2]
-    / "shared"
-    / "data"
-    / "squad-v1.1-reconstructed"
-    / "train-v1.1.reconstructed.json.gz"
-)
+DATA = HERE.parents[2] / "shared" / "data" / "squad-v1.1-reconstructed" / "train-v1.1.reconstructed.json.gz"
 
 
 def _config(args):
@@ -88,9 +82,7 @@ def main() -> None:
 
     config = _config(args)
     started = time.perf_counter()
-    split = prepare_features(config, load_tokenizer(config.model), roles=("train",), progress=True)[
-        "train"
-    ]
+    split = prepare_features(config, load_tokenizer(config.model), roles=("train",), progress=True)["train"]
     build_seconds = time.perf_counter() - started
     state = "built" if split.entry.built_here else "already warm"
     size = sum(f.stat().st_size for f in split.entry.path.iterdir()) / 2**20
@@ -116,9 +108,7 @@ def main() -> None:
                 "--cache-dir",
                 args.cache_dir,
             ]
-            done = subprocess.run(
-                cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-            )
+            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if done.returncode != 0:
                 raise SystemExit(done.stderr[-3000:])
             reports = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
@@ -126,9 +116,7 @@ def main() -> None:
         slowest = max(r["seconds"] for r in reports)
         per_rank = ", ".join(f"rank {r['rank']} {r['seconds']:.3f} s" for r in reports)
         verdict = "meets" if slowest < 1.0 else "MISSES"
-        print(
-            f"warm open with {procs} process(es): slowest {slowest:.3f} s ({per_rank}); {verdict} the < 1 s target"
-        )
+        print(f"warm open with {procs} process(es): slowest {slowest:.3f} s ({per_rank}); {verdict} the < 1 s target")
         if split.entry.built_here:
             print(f"  RATIO cold build / warm open: {build_seconds / slowest:.0f}x")
 

@@ -32,9 +32,7 @@ DATA = (
 )
 
 
-def tutorial_prepare_train_features(
-    examples: dict, tokenizer, max_length: int, doc_stride: int
-) -> dict:
+def tutorial_prepare_train_features(examples: dict, tokenizer, max_length: int, doc_stride: int) -> dict:
     """The notebook's function, unchanged in substance (it pads to max_length)."""
     examples["question"] = [q.lstrip() for q in examples["question"]]
     tokenized = tokenizer(
@@ -68,9 +66,7 @@ def tutorial_prepare_train_features(
         token_end_index = len(input_ids) - 1
         while sequence_ids[token_end_index] != 1:
             token_end_index -= 1
-        if not (
-            offsets[token_start_index][0] <= start_char and offsets[token_end_index][1] >= end_char
-        ):
+        if not (offsets[token_start_index][0] <= start_char and offsets[token_end_index][1] >= end_char):
             tokenized["start_positions"].append(cls_index)
             tokenized["end_positions"].append(cls_index)
         else:
@@ -84,9 +80,7 @@ def tutorial_prepare_train_features(
     return tokenized
 
 
-def run_baseline(
-    examples: list[dict], tokenizer, max_length: int, doc_stride: int, batch: int = 1000
-) -> dict:
+def run_baseline(examples: list[dict], tokenizer, max_length: int, doc_stride: int, batch: int = 1000) -> dict:
     out = {
         "input_ids": [],
         "attention_mask": [],
@@ -148,29 +142,21 @@ def main() -> None:
         if (base["start_positions"][i], base["end_positions"][i])
         != (ours["start_positions"][i], ours["end_positions"][i])
     ]
-    offsets = build_eval_features(examples, tokenizer, args.max_length, args.doc_stride)[
-        "offset_mapping"
-    ]
+    offsets = build_eval_features(examples, tokenizer, args.max_length, args.doc_stride)["offset_mapping"]
     into_padding = ours_right = 0
     for i in label_diff:
         ex = examples[ours["example_index"][i]]
         s = ex["answers"]["answer_start"][0]
         e = s + len(ex["answers"]["text"][0])
-        overlapping = [
-            t for t, o in enumerate(offsets[i]) if o is not None and o[0] < e and o[1] > s
-        ]
+        overlapping = [t for t, o in enumerate(offsets[i]) if o is not None and o[0] < e and o[1] > s]
         ours_right += (ours["start_positions"][i], ours["end_positions"][i]) == (
             overlapping[0],
             overlapping[-1],
         )
         into_padding += (
-            offsets[i][base["start_positions"][i]] is None
-            if base["start_positions"][i] < len(offsets[i])
-            else 1
+            offsets[i][base["start_positions"][i]] is None if base["start_positions"][i] < len(offsets[i]) else 1
         )
-    print(
-        f"windows: {len(ours['input_ids']):,} (identical token ids and example mapping: {identical})"
-    )
+    print(f"windows: {len(ours['input_ids']):,} (identical token ids and example mapping: {identical})")
     print(
         f"labels differing from the tutorial's: {len(label_diff)} windows; qa-dist's label is the smallest "
         f"covering span in {ours_right} of them; {into_padding} tutorial labels point at [SEP] or padding "
@@ -181,9 +167,7 @@ def main() -> None:
         f"mean real tokens per window: {sum(map(len, ours['input_ids'])) / len(ours['input_ids']):.1f} of {args.max_length}"
     )
     ratio = best["baseline"] / best["qa-dist"]
-    print(
-        f"best: baseline {n / best['baseline']:,.0f} examples/s, qa-dist {n / best['qa-dist']:,.0f} examples/s"
-    )
+    print(f"best: baseline {n / best['baseline']:,.0f} examples/s, qa-dist {n / best['qa-dist']:,.0f} examples/s")
     print(f"RATIO qa-dist / baseline: {ratio:.2f}x (target >= 3x)")
     if not identical:
         raise SystemExit("windows differ from the tokenizer's: the benchmark is void")

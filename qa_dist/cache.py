@@ -114,9 +114,7 @@ def read_manifest(entry: Path) -> dict | None:
         manifest = json.loads((entry / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    return (
-        manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
-    )
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
 
 
 def check_entry(entry: Path, key: str, full: bool) -> str | None:
@@ -157,9 +155,7 @@ class FeatureCache:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CacheError(
-                f"{self.root}: cannot create the cache directory ({e.strerror})"
-            ) from None
+            raise CacheError(f"{self.root}: cannot create the cache directory ({e.strerror})") from None
         if not os.access(self.root, os.W_OK):
             raise CacheError(f"{self.root}: cache directory is not writable")
 
@@ -188,9 +184,7 @@ class FeatureCache:
 
     # -- public --------------------------------------------------------------------------------
 
-    def open_or_build(
-        self, key: str, build: Callable[[], Built], *, description: str = ""
-    ) -> CacheEntry:
+    def open_or_build(self, key: str, build: Callable[[], Built], *, description: str = "") -> CacheEntry:
         """Return the entry for ``key``, building it in exactly one process per cache location.
 
         Every rank of the job must call this with the same key, in the same order.
@@ -228,9 +222,7 @@ class FeatureCache:
         d.barrier()
         if builder and d.is_distributed:
             signal.unlink(missing_ok=True)
-        return CacheEntry(
-            key=key, path=entry, manifest=read_manifest(entry) or {}, built_here=built_here
-        )
+        return CacheEntry(key=key, path=entry, manifest=read_manifest(entry) or {}, built_here=built_here)
 
     # -- builder side --------------------------------------------------------------------------
 

@@ -43,13 +43,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             print(f"      key      {split.entry.key}")
             print(f"      path     {split.entry.path}")
             print(
-                f"      examples {split.num_examples:,}   windows {split.num_features:,}   "
-                f"time {split.seconds:.2f} s"
+                f"      examples {split.num_examples:,}   windows {split.num_features:,}   time {split.seconds:.2f} s"
             )
             print(f"      data     {m.get('validation', '')}")
-        print(
-            f"resolved config: {config.run_dir}/config.yaml   total {time.perf_counter() - started:.2f} s"
-        )
+        print(f"resolved config: {config.run_dir}/config.yaml   total {time.perf_counter() - started:.2f} s")
     return 0
 
 
@@ -82,9 +79,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qa-dist", description="Distributed extractive QA training."
-    )
+    parser = argparse.ArgumentParser(prog="qa-dist", description="Distributed extractive QA training.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="build (or verify) the shared feature cache of a run config")

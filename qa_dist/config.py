@@ -211,8 +211,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix + unknown[0]!r}; valid keys: "
-            + ", ".join(_valid_keys(cls, prefix))
+            f"unknown config key {prefix + unknown[0]!r}; valid keys: " + ", ".join(_valid_keys(cls, prefix))
         )
     kwargs = {}
     for name, value in values.items():
@@ -221,9 +220,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             if value is None:
                 value = {}
             if not isinstance(value, dict):
-                raise ConfigError(
-                    f"{key}: expected a mapping of {hint.__name__} keys, got {value!r}"
-                )
+                raise ConfigError(f"{key}: expected a mapping of {hint.__name__} keys, got {value!r}")
             kwargs[name] = _build(hint, value, key + ".")
         else:
             kwargs[name] = _coerce(value, hint, key)
@@ -247,10 +244,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(
-                f"override {item!r} is not of the form key=value; valid keys: "
-                + ", ".join(valid_keys())
-            )
+            raise ConfigError(f"override {item!r} is not of the form key=value; valid keys: " + ", ".join(valid_keys()))
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
@@ -275,15 +269,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(
-                f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}"
-            ) from None
+            raise ConfigError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"{path}: a run config is a mapping of sections, got {type(loaded).__name__}"
-            )
+            raise ConfigError(f"{path}: a run config is a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)

@@ -69,9 +69,7 @@ def current_context(init: bool = False) -> DistContext:
         rank, world = 0, 1
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=rank)
     local_world = _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world)
-    return DistContext(
-        rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world
-    )
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world)
 
 
 def make_accelerator(
@@ -103,9 +101,7 @@ def make_accelerator(
     launched = _env_int("WORLD_SIZE", default=1)
     pg_kwargs = {"timeout": timedelta(seconds=timeout_seconds)}
     if not gpu and launched > 1:
-        pg_kwargs["backend"] = (
-            "gloo"  # (in one plain process it would make Accelerate expect a group)
-        )
+        pg_kwargs["backend"] = "gloo"  # (in one plain process it would make Accelerate expect a group)
     accelerator = Accelerator(
         cpu=not gpu and not deepspeed and not fsdp,
         gradient_accumulation_steps=gradient_accumulation_steps,

@@ -55,9 +55,7 @@ def pair_layout(tokenizer) -> PairLayout:
             "qa-dist needs offset mappings, which only fast tokenizers provide"
         )
     if getattr(tokenizer, "truncation_side", "right") != "right":
-        raise DataError(
-            "tokenizers that truncate on the left are not supported (truncation_side='left')"
-        )
+        raise DataError("tokenizers that truncate on the left are not supported (truncation_side='left')")
     context_first = getattr(tokenizer, "padding_side", "right") == "left"
     enc = tokenizer("first words", "second words", return_token_type_ids=True)
     ids, types, seq = enc["input_ids"], enc["token_type_ids"], enc.sequence_ids(0)
@@ -152,9 +150,7 @@ def _answer_token_spans(
     g_end = ends + ctx_char_base[example_ctx]
     if np.all(np.diff(token_starts) >= 0) and np.all(np.diff(token_ends) >= 0):
         first = np.searchsorted(token_ends, g_start, side="right")  # first token ending after start
-        last = (
-            np.searchsorted(token_starts, g_end, side="left") - 1
-        )  # last token starting before end
+        last = np.searchsorted(token_starts, g_end, side="left") - 1  # last token starting before end
     else:  # offsets that are not monotone: a slower exact scan per example
         first = np.empty(len(g_start), dtype=np.int64)
         last = np.empty(len(g_start), dtype=np.int64)
@@ -168,9 +164,7 @@ def _answer_token_spans(
     return np.where(ok, first - base, -1), np.where(ok, last - base, -1)
 
 
-def _first_answer_tokens(
-    examples, example_ctx, ctx_offsets, contexts
-) -> tuple[list[int], list[int]]:
+def _first_answer_tokens(examples, example_ctx, ctx_offsets, contexts) -> tuple[list[int], list[int]]:
     """First and last context token of each example's first answer (-1 when unanswerable)."""
     lengths = np.fromiter((len(o) for o in ctx_offsets), dtype=np.int64, count=len(ctx_offsets))
     token_base = np.concatenate([[0], np.cumsum(lengths)])
@@ -181,22 +175,14 @@ def _first_answer_tokens(
         count=2 * int(token_base[-1]),
     ).reshape(-1, 2)
     shift = np.repeat(char_base, lengths)
-    answerable = np.fromiter(
-        (not ex["is_impossible"] for ex in examples), dtype=bool, count=len(examples)
-    )
+    answerable = np.fromiter((not ex["is_impossible"] for ex in examples), dtype=bool, count=len(examples))
     starts = np.fromiter(
-        (
-            ex["answers"]["answer_start"][0] if ok else 0
-            for ex, ok in zip(examples, answerable, strict=True)
-        ),
+        (ex["answers"]["answer_start"][0] if ok else 0 for ex, ok in zip(examples, answerable, strict=True)),
         dtype=np.int64,
         count=len(examples),
     )
     lengths_chars = np.fromiter(
-        (
-            len(ex["answers"]["text"][0]) if ok else 0
-            for ex, ok in zip(examples, answerable, strict=True)
-        ),
+        (len(ex["answers"]["text"][0]) if ok else 0 for ex, ok in zip(examples, answerable, strict=True)),
         dtype=np.int64,
         count=len(examples),
     )
@@ -238,9 +224,7 @@ def _build(
 
     # Tokenize each distinct context once, and every question.
     context_index: dict[str, int] = {}
-    example_ctx_list = [
-        context_index.setdefault(ex["context"], len(context_index)) for ex in examples
-    ]
+    example_ctx_list = [context_index.setdefault(ex["context"], len(context_index)) for ex in examples]
     contexts = list(context_index)
     backend = _backend(tokenizer)
     ctx_ids, ctx_offsets = _tokenize(backend, contexts)
@@ -281,9 +265,7 @@ def _build(
             input_ids.append(ids)
             attention_mask.append([1] * len(ids))
             if with_types:
-                token_type_ids.append(
-                    pre_t + [first_t] * len(first) + mid_t + [second_t] * len(second) + post_t
-                )
+                token_type_ids.append(pre_t + [first_t] * len(first) + mid_t + [second_t] * len(second) + post_t)
             example_index.append(i)
             if train:
                 s, e = tok_first[i], tok_last[i]

@@ -43,13 +43,9 @@ def load_tokenizer(model: ModelConfig):
         )
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"model.tokenizer: cannot load tokenizer {name!r}: {first_line}"
-        ) from None
+        raise ConfigError(f"model.tokenizer: cannot load tokenizer {name!r}: {first_line}") from None
     if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(
-            f"model.tokenizer: {name!r} has no fast (tokenizers-backed) tokenizer; offsets need one"
-        )
+        raise ConfigError(f"model.tokenizer: {name!r} has no fast (tokenizers-backed) tokenizer; offsets need one")
     return tokenizer
 
 

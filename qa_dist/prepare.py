@@ -59,9 +59,7 @@ class PreparedSplit:
 
 
 def features_table(columns: dict[str, list]) -> pa.Table:
-    return pa.table(
-        {name: pa.array(values, type=_INT_COLUMNS[name]) for name, values in columns.items()}
-    )
+    return pa.table({name: pa.array(values, type=_INT_COLUMNS[name]) for name, values in columns.items()})
 
 
 def examples_table(examples: list[dict]) -> pa.Table:
@@ -124,9 +122,7 @@ def prepare_features(
             loaded = load_source(source, split, strict=data.strict)
             say(f"{role}: tokenizing {len(loaded.examples):,} questions and their contexts")
             builder = build_train_features if role == "train" else build_eval_features
-            columns = builder(
-                loaded.examples, tokenizer, data.max_length, data.doc_stride, progress=progress
-            )
+            columns = builder(loaded.examples, tokenizer, data.max_length, data.doc_stride, progress=progress)
             return Built(
                 tables={
                     "features": features_table(columns),

@@ -26,9 +26,7 @@ DRCD_TEST = SHARED_DATA / "drcd" / "DRCD_test.json.gz"
 
 def read_json_gz(path: Path) -> dict:
     if not path.exists():
-        raise FileNotFoundError(
-            f"{path}: the real data sets are expected in ../shared/data (see SOURCES.md)"
-        )
+        raise FileNotFoundError(f"{path}: the real data sets are expected in ../shared/data (see SOURCES.md)")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return json.load(f)
 
@@ -53,9 +51,7 @@ def _wordpiece(texts, vocab_size: int):
 
     from qa_dist.samples.make_samples import bert_style_tokenizer
 
-    return bert_style_tokenizer(
-        models.WordPiece(unk_token="[UNK]"), train_texts=texts, vocab_size=vocab_size
-    )
+    return bert_style_tokenizer(models.WordPiece(unk_token="[UNK]"), train_texts=texts, vocab_size=vocab_size)
 
 
 def _byte_bpe_left(texts, vocab_size: int):

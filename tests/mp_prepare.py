@@ -22,12 +22,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--config")
 parser.add_argument("--out")
 parser.add_argument("--pg-timeout", type=float, default=60.0)
-parser.add_argument(
-    "--slow-build", type=float, default=0.0, help="seconds the builder sleeps before tokenizing"
-)
-parser.add_argument(
-    "--simulate-nodes", action="store_true", help="each rank acts as local rank 0 of its own node"
-)
+parser.add_argument("--slow-build", type=float, default=0.0, help="seconds the builder sleeps before tokenizing")
+parser.add_argument("--simulate-nodes", action="store_true", help="each rank acts as local rank 0 of its own node")
 parser.add_argument(
     "--per-rank-cache",
     action="store_true",

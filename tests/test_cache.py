@@ -60,9 +60,7 @@ def _keys(config):
     return {role: split.entry.key for role, split in _prepare(config).items()}
 
 
-def test_warm_cache_is_memory_mapped_and_equals_direct_features(
-    tmp_path, squad_file, minilm_dir, minilm_tokenizer
-):
+def test_warm_cache_is_memory_mapped_and_equals_direct_features(tmp_path, squad_file, minilm_dir, minilm_tokenizer):
     import pyarrow as pa
     from datasets.table import MemoryMappedTable
 
@@ -89,9 +87,7 @@ def test_warm_cache_is_memory_mapped_and_equals_direct_features(
     cached_examples = warm["eval"].entry.table("examples").to_pylist()
     assert cached_examples == examples
     manifest = warm["train"].entry.manifest
-    assert manifest["num_examples"] == len(examples) and manifest["num_features"] == len(
-        expected["input_ids"]
-    )
+    assert manifest["num_examples"] == len(examples) and manifest["num_features"] == len(expected["input_ids"])
 
 
 def test_key_changes_with_each_input_and_with_nothing_else(
@@ -139,9 +135,7 @@ def test_key_changes_with_each_input_and_with_nothing_else(
 
 
 @pytest.mark.parametrize("damage", ["flip-byte", "truncate", "no-manifest", "bad-manifest"])
-def test_damaged_entry_is_detected_and_rebuilt_with_a_warning(
-    tmp_path, squad_file, minilm_dir, damage, caplog
-):
+def test_damaged_entry_is_detected_and_rebuilt_with_a_warning(tmp_path, squad_file, minilm_dir, damage, caplog):
     config = _config(tmp_path, squad_file, minilm_dir)
     entry = _prepare(config)["train"].entry
     before = entry.table("features").to_pydict()
@@ -252,11 +246,7 @@ def _torchrun(tmp_path, config, *extra, timeout=300):
     script = str(REPO / "tests" / "mp_prepare.py")
     cmd = [*TORCHRUN_2, script, "--config", str(config), "--out", str(out), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
-    reports = [
-        json.loads((out / f"rank{r}.json").read_text())
-        for r in range(2)
-        if (out / f"rank{r}.json").exists()
-    ]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2) if (out / f"rank{r}.json").exists()]
     return done, reports
 
 
@@ -293,9 +283,7 @@ def test_node_local_caches_build_once_per_node(tmp_path, minilm_dir):
     assert reports[0]["train"]["sha256"] == reports[1]["train"]["sha256"]
     # Two simulated nodes on one shared directory: only global rank 0 builds.
     shutil.rmtree(tmp_path / "out")
-    done, reports = _torchrun(
-        tmp_path, config, "--simulate-nodes", f"data.cache_dir={tmp_path / 'shared'}"
-    )
+    done, reports = _torchrun(tmp_path, config, "--simulate-nodes", f"data.cache_dir={tmp_path / 'shared'}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["train"]["built_here"] for r in reports] == [True, False]
 

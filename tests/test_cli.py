@@ -34,10 +34,7 @@ def test_prepare_the_shipped_sample_then_warm(tmp_path):
     ]
     cold = qa_dist(*args, cwd=tmp_path)
     assert cold.returncode == 0, cold.stderr
-    assert (
-        "train built: sample:en-train" in cold.stdout
-        and "eval  built: sample:en-dev" in cold.stdout
-    )
+    assert "train built: sample:en-train" in cold.stdout and "eval  built: sample:en-dev" in cold.stdout
     assert "examples 300" in cold.stdout and "examples 112" in cold.stdout
     assert "(144 unanswerable)" in cold.stdout
     assert "windows:" in cold.stderr  # the progress bar

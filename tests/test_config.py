@@ -13,9 +13,7 @@ from qa_dist.config import valid_keys, write_resolved_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(
-    "path", sorted((REPO / "configs" / "runs").glob("*.yaml")), ids=lambda p: p.name
-)
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "runs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_run_config_in_configs_loads(path):
     config = load_config(path)
     raw = yaml.safe_load(path.read_text())
@@ -43,9 +41,7 @@ def test_overrides_and_yaml_scalars(tmp_path):
             "data.strict=true",
         ],
     )
-    assert config.train.lr == pytest.approx(
-        3e-5
-    )  # PyYAML reads "3e-5" as a string; floats accept it
+    assert config.train.lr == pytest.approx(3e-5)  # PyYAML reads "3e-5" as a string; floats accept it
     assert config.data.max_length == 256 and config.data.doc_stride == 64
     assert config.data.eval is None and config.data.strict is True
     assert config.train.epochs == 3.0 and isinstance(config.train.epochs, float)
@@ -61,7 +57,10 @@ def test_overrides_and_yaml_scalars(tmp_path):
             ["train.learning_rate=1e-5"],
             r"unknown config key 'train.learning_rate'; valid keys: train.lr, train.epochs",
         ),
-        (["dat.max_length=3"], r"unknown config key 'dat'; valid keys: run_dir, resume, data.train"),
+        (
+            ["dat.max_length=3"],
+            r"unknown config key 'dat'; valid keys: run_dir, resume, data.train",
+        ),
         (["data.max_length=long"], r"data.max_length: expected int, got 'long'"),
         (["data.max_length=3.5"], r"data.max_length: expected int"),
         (["data.strict=maybe"], r"data.strict: expected bool"),
@@ -91,9 +90,7 @@ def test_bad_yaml_names_the_file_and_line(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    config = load_config(
-        None, ["data.train=sample:en-train", "train.lr=2e-5", f"run_dir={tmp_path / 'run'}"]
-    )
+    config = load_config(None, ["data.train=sample:en-train", "train.lr=2e-5", f"run_dir={tmp_path / 'run'}"])
     written = write_resolved_config(config)
     assert written == tmp_path / "run" / "config.yaml"
     assert load_config(written) == config
@@ -121,6 +118,6 @@ def test_every_field_has_a_docstring():
             for i, stmt in enumerate(body):
                 if isinstance(stmt, ast.AnnAssign):
                     following = body[i + 1] if i + 1 < len(body) else None
-                    assert isinstance(following, ast.Expr) and isinstance(
-                        following.value, ast.Constant
-                    ), f"{node.name}.{stmt.target.id} has no docstring"
+                    assert isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant), (
+                        f"{node.name}.{stmt.target.id} has no docstring"
+                    )

@@ -53,14 +53,9 @@ def test_accelerate_configs_load_through_accelerate(path, monkeypatch):
     monkeypatch.chdir(REPO)  # DeepSpeed JSON paths are relative to where users launch from
     config = load_config_from_file(str(path))
     raw = yaml.safe_load(path.read_text())
-    assert (
-        config.num_processes == raw["num_processes"] and config.num_machines == raw["num_machines"]
-    )
+    assert config.num_processes == raw["num_processes"] and config.num_machines == raw["num_machines"]
     # num_processes is the total over all machines: at least one per machine, the same on each.
-    assert (
-        config.num_processes % config.num_machines == 0
-        and config.num_processes >= config.num_machines
-    )
+    assert config.num_processes % config.num_machines == 0 and config.num_processes >= config.num_machines
     if config.num_machines > 1:
         assert raw["num_processes"] > raw["num_machines"] and "main_process_ip" in raw
     if raw["distributed_type"] == "DEEPSPEED":
@@ -71,9 +66,7 @@ def test_accelerate_configs_load_through_accelerate(path, monkeypatch):
     env = _launch_env(path)
     if raw["distributed_type"] == "DEEPSPEED":
         assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
-        assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"].endswith(
-            raw["deepspeed_config"]["deepspeed_config_file"]
-        )
+        assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"].endswith(raw["deepspeed_config"]["deepspeed_config_file"])
 
 
 @pytest.mark.parametrize("path", DEEPSPEED_CONFIGS, ids=lambda p: p.name)
@@ -93,9 +86,7 @@ def test_deepspeed_configs_fit_what_qa_dist_fills(path):
     zero = ds["zero_optimization"]
     assert zero["stage"] == int(path.stem[4])
     if zero["stage"] == 3:
-        assert (
-            zero["stage3_gather_16bit_weights_on_model_save"] is True
-        )  # or exports hold empty tensors
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True  # or exports hold empty tensors
     if "offload" in path.stem:
         assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
         assert ds["zero_force_ds_cpu_optimizer"] is False  # qa-dist brings its own AdamW
@@ -119,9 +110,7 @@ def test_fsdp_config_builds_the_plugin(monkeypatch):
     assert plugin.cpu_ram_efficient_loading is True
 
 
-@pytest.mark.skipif(
-    torch.cuda.device_count() < 2, reason="FSDP needs 2 GPUs (Accelerate's FSDP has no CPU path)"
-)
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP needs 2 GPUs (Accelerate's FSDP has no CPU path)")
 def test_fsdp_trains_on_gpus(tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
 
@@ -158,9 +147,7 @@ def test_fsdp_trains_on_gpus(tmp_path):
         "train.max_steps=20",
         "train.mixed_precision=bf16",
     ]
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=dict(os.environ)
-    )
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-4000:]
     assert "training on 2 process(es) (FSDP" in done.stderr
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()

@@ -63,9 +63,7 @@ def test_cmrc_dev_misplaced_starts_are_relocated_and_counted():
 
 
 def test_cmrc_trial_has_an_empty_question_and_says_which():
-    with pytest.raises(
-        DataError, match=r"cmrc2018_trial.json.gz: question 'TRIAL_776_QUERY_4'.*question is empty"
-    ):
+    with pytest.raises(DataError, match=r"cmrc2018_trial.json.gz: question 'TRIAL_776_QUERY_4'.*question is empty"):
         load_examples(CMRC_TRIAL)
 
 
@@ -143,8 +141,7 @@ def test_flat_json_jsonl_nested_and_gzip_read_the_same(tmp_path):
     with gzip.open(tmp_path / "nested.json.gz", "wt") as f:
         json.dump(nested, f)
     results = [
-        load_examples(tmp_path / name)
-        for name in ("list.json", "wrapped.json", "lines.jsonl", "lines.jsonl.gz")
+        load_examples(tmp_path / name) for name in ("list.json", "wrapped.json", "lines.jsonl", "lines.jsonl.gz")
     ]
     for other in results[1:]:
         assert other == results[0]
@@ -190,9 +187,9 @@ def test_local_dataset_folder_goes_through_datasets(tmp_path):
     assert source_fingerprint(str(folder), "train") != source_fingerprint(str(folder), "validation")
 
     saved = tmp_path / "saved"
-    datasets.Dataset.from_list(
-        [{**r, "title": r.get("title", "")} for r in load_examples(folder)]
-    ).save_to_disk(str(saved))
+    datasets.Dataset.from_list([{**r, "title": r.get("title", "")} for r in load_examples(folder)]).save_to_disk(
+        str(saved)
+    )
     assert [e["id"] for e in load_examples(saved)] == ["a", "b", "c"]
 
 
@@ -313,11 +310,7 @@ def test_relocation_to_nearest_occurrence_and_strict_mode(tmp_path):
     path = _write(tmp_path, [record])
     loaded = load_source(str(path))
     assert loaded.examples[0]["answers"]["answer_start"] == [17]
-    assert [(r.example_id, r.given_start, r.new_start) for r in loaded.report.relocations] == [
-        ("r", 19, 17)
-    ]
+    assert [(r.example_id, r.given_start, r.new_start) for r in loaded.report.relocations] == [("r", 19, 17)]
     assert "relocated 1 answer_start" in loaded.report.summary()
-    with pytest.raises(
-        DataError, match=r"question 'r'.*not at answer_start 19 \(nearest occurrence at 17; strict"
-    ):
+    with pytest.raises(DataError, match=r"question 'r'.*not at answer_start 19 \(nearest occurrence at 17; strict"):
         load_source(str(path), strict=True)

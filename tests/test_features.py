@@ -47,13 +47,9 @@ def _reference(tokenizer, examples, max_length, stride):
     )
 
 
-@pytest.mark.parametrize(
-    "tokenizer_name", ["minilm_tokenizer", "wordpiece_tokenizer", "bpe_left_tokenizer"]
-)
+@pytest.mark.parametrize("tokenizer_name", ["minilm_tokenizer", "wordpiece_tokenizer", "bpe_left_tokenizer"])
 @pytest.mark.parametrize(("max_length", "stride"), [(384, 128), (96, 32)])
-def test_windows_identical_to_tokenizer_overflow(
-    request, tmp_path, tokenizer_name, max_length, stride
-):
+def test_windows_identical_to_tokenizer_overflow(request, tmp_path, tokenizer_name, max_length, stride):
     tokenizer = request.getfixturevalue(tokenizer_name)
     examples = _examples(SQUAD20_DEV, 60, tmp_path)
     ref = _reference(tokenizer, examples, max_length, stride)
@@ -72,10 +68,7 @@ def test_windows_identical_to_tokenizer_overflow(
     for i, offsets in enumerate(evalf["offset_mapping"]):
         seq = ref.sequence_ids(i)
         context = examples[ref["overflow_to_sample_mapping"][i]]["context"]
-        expected = [
-            tuple(o) if s == context_seq else None
-            for o, s in zip(ref["offset_mapping"][i], seq, strict=True)
-        ]
+        expected = [tuple(o) if s == context_seq else None for o, s in zip(ref["offset_mapping"][i], seq, strict=True)]
         for ours, theirs in zip(offsets, expected, strict=True):
             # Byte-level BPE: tokenizers leaves the leading space in the offsets of the first token
             # of an overflow window (and trims it everywhere else); ours are trimmed throughout.
@@ -85,9 +78,7 @@ def test_windows_identical_to_tokenizer_overflow(
                     theirs,
                 )
                 assert abs(ours[0] - theirs[0]) <= max(1, theirs[1] - theirs[0])
-    assert len(train["input_ids"]) > len(
-        examples
-    )  # some examples really overflow into several windows
+    assert len(train["input_ids"]) > len(examples)  # some examples really overflow into several windows
 
 
 def _check_labels(examples, tokenizer, features, evalf):
@@ -124,9 +115,9 @@ _overlap_cache: dict = {}
 def _all_overlapping_tokens(ex, tokenizer, s, e) -> int:
     key = (id(tokenizer), ex["context"], s, e)
     if key not in _overlap_cache:
-        offsets = tokenizer(
-            ex["context"], add_special_tokens=False, return_offsets_mapping=True, verbose=False
-        )["offset_mapping"]
+        offsets = tokenizer(ex["context"], add_special_tokens=False, return_offsets_mapping=True, verbose=False)[
+            "offset_mapping"
+        ]
         _overlap_cache[key] = sum(1 for a, b in offsets if a < e and b > s)
     return _overlap_cache[key]
 
@@ -194,9 +185,7 @@ def test_answer_on_last_context_token_of_a_window(minilm_tokenizer):
     assert position == len(first_window) - 2  # last context token, right before [SEP]
     assert (features["start_positions"][0], features["end_positions"][0]) == (position, position)
 
-    tutorial = _tutorial_labels(
-        minilm_tokenizer, question, context, start, "eight", max_length, stride
-    )
+    tutorial = _tutorial_labels(minilm_tokenizer, question, context, start, "eight", max_length, stride)
     assert tutorial[0] != (position, position)
 
 
@@ -226,9 +215,7 @@ def test_unanswerable_and_cut_answers_point_at_cls(bpe_left_tokenizer, minilm_to
         f = build_train_features(examples, tok, 64, 16)
         cls_positions = [ids.index(tok.cls_token_id) for ids in f["input_ids"]]
         labelled = [
-            i
-            for i, ex in enumerate(f["example_index"])
-            if ex == 0 and f["start_positions"][i] != cls_positions[i]
+            i for i, ex in enumerate(f["example_index"]) if ex == 0 and f["start_positions"][i] != cls_positions[i]
         ]
         assert labelled, "some window holds the whole answer"
         for i, ex in enumerate(f["example_index"]):
@@ -241,9 +228,7 @@ def test_cls_at_the_end_for_xlnet_style_templates(wordpiece_tokenizer):
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    backend = wordpiece_tokenizer.backend_tokenizer.__class__.from_str(
-        wordpiece_tokenizer.backend_tokenizer.to_str()
-    )
+    backend = wordpiece_tokenizer.backend_tokenizer.__class__.from_str(wordpiece_tokenizer.backend_tokenizer.to_str())
     cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
         single="$A [SEP] [CLS]",
@@ -270,10 +255,7 @@ def test_cls_at_the_end_for_xlnet_style_templates(wordpiece_tokenizer):
     }
     f = build_train_features([ex], tok, 64, 16)
     assert f["start_positions"] == [len(f["input_ids"][0]) - 1]
-    assert (
-        f["token_type_ids"][0]
-        == tok("what?", "alpha beta gamma", return_token_type_ids=True)["token_type_ids"]
-    )
+    assert f["token_type_ids"][0] == tok("what?", "alpha beta gamma", return_token_type_ids=True)["token_type_ids"]
 
 
 def test_question_too_long_for_the_window_is_a_clear_error(minilm_tokenizer):

@@ -25,10 +25,7 @@ def test_shipped_samples_regenerate_identically(tmp_path):
     ):
         assert (tmp_path / name).read_text() == (SAMPLES / name).read_text(), name
     shipped = json.loads((SAMPLES / "zh-char-tokenizer" / "tokenizer.json").read_text())
-    assert (
-        json.loads((tmp_path / "zh-char-tokenizer" / "tokenizer.json").read_text())["model"]
-        == shipped["model"]
-    )
+    assert json.loads((tmp_path / "zh-char-tokenizer" / "tokenizer.json").read_text())["model"] == shipped["model"]
 
 
 def test_samples_are_a_few_hundred_questions_with_unanswerables():

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from wandb_log import config, history, run_ids
 
 from qa_dist.train.checkpoint import COMPLETE, complete_checkpoints
 
@@ -97,9 +98,7 @@ def test_two_processes_train_and_export(tmp_path, tiny_model, cache_dir, strateg
     done = _run(
         [
             *_launch(strategy),
-            *_args(
-                tiny_model, cache_dir, run_dir, "train.max_steps=30", "train.checkpoint_every=10"
-            ),
+            *_args(tiny_model, cache_dir, run_dir, "train.max_steps=30", "train.checkpoint_every=10"),
         ]
     )
     assert done.returncode == 0, done.stderr[-4000:]
@@ -117,9 +116,7 @@ def test_two_processes_train_and_export(tmp_path, tiny_model, cache_dir, strateg
     exported = AutoModelForQuestionAnswering.from_pretrained(str(run_dir / "model")).eval()
     with torch.no_grad():
         out = exported(**saved["inputs"])
-    assert torch.allclose(
-        torch.stack([out.start_logits, out.end_logits]), saved["logits"], atol=1e-5
-    )
+    assert torch.allclose(torch.stack([out.start_logits, out.end_logits]), saved["logits"], atol=1e-5)
     weights = load_file(str(run_dir / "model" / "model.safetensors"))
     assert all(t.numel() > 0 for t in weights.values())  # ZeRO-3 gathered, not empty shards
     assert json.loads((run_dir / "export_check.json").read_text())["max_abs_diff"] <= 1e-4
@@ -131,9 +128,7 @@ def _qa_pipeline_removed() -> bool:
     return "question-answering" in getattr(pipelines, "REMOVED_TASKS", {})
 
 
-@pytest.mark.skipif(
-    _qa_pipeline_removed(), reason="this transformers removed the question-answering pipeline (5.x)"
-)
+@pytest.mark.skipif(_qa_pipeline_removed(), reason="this transformers removed the question-answering pipeline (5.x)")
 def test_exported_model_runs_in_the_pipeline(tmp_path, tiny_model, cache_dir):
     """Single plain process; the export is what pipeline("question-answering") loads."""
     from transformers import pipeline
@@ -141,9 +136,7 @@ def test_exported_model_runs_in_the_pipeline(tmp_path, tiny_model, cache_dir):
     run_dir = tmp_path / "run"
     done = _run([sys.executable, *_args(tiny_model, cache_dir, run_dir, "train.max_steps=4")])
     assert done.returncode == 0, done.stderr[-4000:]
-    qa = pipeline(
-        "question-answering", model=str(run_dir / "model"), tokenizer=str(run_dir / "model")
-    )
+    qa = pipeline("question-answering", model=str(run_dir / "model"), tokenizer=str(run_dir / "model"))
     answer = qa(question="Where is Paris?", context="Paris is the capital of France.")
     assert set(answer) >= {"answer", "score", "start", "end"}
     assert 0 <= answer["start"] <= answer["end"] <= len("Paris is the capital of France.")
@@ -152,9 +145,7 @@ def test_exported_model_runs_in_the_pipeline(tmp_path, tiny_model, cache_dir):
 def _workers(launcher_pid: int) -> dict[int, int]:
     """{local rank: pid} of the training processes a launcher started."""
     found = {}
-    for pid in subprocess.run(
-        ["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True
-    ).stdout.split():
+    for pid in subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split():
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         rank = [e.split(b"=", 1)[1] for e in env if e.startswith(b"LOCAL_RANK=")]
         if rank:
@@ -175,16 +166,15 @@ def test_preemption_then_exact_resume(tmp_path, tiny_model, cache_dir):
     """SIGUSR1 to one rank: all ranks checkpoint at the next step boundary and exit 75; resume=auto
     then reaches bit for bit the weights of an uninterrupted run."""
     steps = ["train.max_steps=40", "train.checkpoint_every=0"]
-    straight = _run(
-        [*_launch("cpu_ddp"), *_args(tiny_model, cache_dir, tmp_path / "straight", *steps)]
-    )
+    straight = _run([*_launch("cpu_ddp"), *_args(tiny_model, cache_dir, tmp_path / "straight", *steps)])
     assert straight.returncode == 0, straight.stderr[-4000:]
 
     run_dir = tmp_path / "interrupted"
     log = tmp_path / "interrupted.log"
+    wandb_on = ["logging.wandb_project=qa-dist-tests"]  # no API key: offline
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            [*_launch("cpu_ddp"), *_args(tiny_model, cache_dir, run_dir, *steps)],
+            [*_launch("cpu_ddp"), *_args(tiny_model, cache_dir, run_dir, *steps, *wandb_on)],
             stdout=f,
             stderr=subprocess.STDOUT,
             cwd=REPO,
@@ -206,12 +196,18 @@ def test_preemption_then_exact_resume(tmp_path, tiny_model, cache_dir):
     fake.mkdir()
     (fake / "trainer_state.json").write_text(json.dumps({"step": 39, "epoch": 9, "micro_step": 0}))
 
-    resumed = _run(
-        [*_launch("cpu_ddp"), *_args(tiny_model, cache_dir, run_dir, *steps, "resume=auto")]
-    )
+    resumed = _run([*_launch("cpu_ddp"), *_args(tiny_model, cache_dir, run_dir, *steps, *wandb_on, "resume=auto")])
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {checkpoint}" in resumed.stderr
     assert not (run_dir / "preempted.json").exists()
+    # wandb ran offline on rank zero only, and the resumed run continued the same wandb run.
+    logs = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 2, logs
+    assert run_ids(logs[0]) == run_ids(logs[1]) and len(run_ids(logs[0])) == 1
+    logged_steps = [row["_step"] for row in history(logs[0]) + history(logs[1]) if "loss" in row]
+    assert logged_steps == list(range(2, 41, 2)), logged_steps  # every log step once, across the two
+    assert config(logs[0])["train"]["max_steps"] == 40
+    assert "wandb sync" in resumed.stderr
     a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     b = load_file(str(run_dir / "model" / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -50,10 +50,7 @@ class LoadedData:
 def sample_path(name: str) -> Path:
     """Path of a sample shipped with the package (``en-train``, ``en-dev``, ``zh-train``, ...)."""
     if name not in SAMPLES:
-        raise DataError(
-            f"sample:{name}: no such sample; available: "
-            + ", ".join(f"sample:{k}" for k in SAMPLES)
-        )
+        raise DataError(f"sample:{name}: no such sample; available: " + ", ".join(f"sample:{k}" for k in SAMPLES))
     return Path(str(resources.files("qa_dist") / "samples" / SAMPLES[name]))
 
 
@@ -63,9 +60,7 @@ def _read_bytes(path: Path) -> bytes:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
-        raise DataError(
-            f"{path}: is a directory, expected a .json, .json.gz or .jsonl file"
-        ) from None
+        raise DataError(f"{path}: is a directory, expected a .json, .json.gz or .jsonl file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror}") from None
 
@@ -83,9 +78,7 @@ def _read_text(path: Path) -> tuple[str, bytes]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}: not UTF-8 (invalid byte 0x{data[e.start]:02x} at line {line})"
-        ) from None
+        raise DataError(f"{path}: not UTF-8 (invalid byte 0x{data[e.start]:02x} at line {line})") from None
     return text, raw
 
 
@@ -93,9 +86,7 @@ def _parse_json(text: str, path: Path, line_offset: int = 0) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}: malformed JSON at line {e.lineno + line_offset}, column {e.colno}: {e.msg}"
-        ) from None
+        raise DataError(f"{path}: malformed JSON at line {e.lineno + line_offset}, column {e.colno}: {e.msg}") from None
 
 
 def _nested_records(data: list, path: Path):
@@ -127,9 +118,7 @@ def _nested_records(data: list, path: Path):
                 yield record, f"{where}.qas[{q}]"
 
 
-def _validate_all(
-    records, *, source: str, default_impossible, strict: bool
-) -> tuple[list[dict], ValidationReport]:
+def _validate_all(records, *, source: str, default_impossible, strict: bool) -> tuple[list[dict], ValidationReport]:
     report = ValidationReport(source=source)
     examples = [
         validate_record(
@@ -151,9 +140,7 @@ def _validate_all(
 def _records_from_flat(items: list, path: Path, locate):
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            raise DataError(
-                f"{path}: {locate(i)}: a record must be an object, got {type(item).__name__}"
-            )
+            raise DataError(f"{path}: {locate(i)}: a record must be an object, got {type(item).__name__}")
         yield item, locate(i)
 
 
@@ -171,9 +158,7 @@ def load_file(path: str | Path, *, strict: bool = False) -> LoadedData:
                 items.append(_parse_json(line, path, line_offset=n - 1))
                 lines.append(n)
         records = _records_from_flat(items, path, lambda i: f"line {lines[i]}")
-        examples, report = _validate_all(
-            records, source=source, default_impossible=None, strict=strict
-        )
+        examples, report = _validate_all(records, source=source, default_impossible=None, strict=strict)
         return LoadedData(examples, report, fingerprint, source)
 
     parsed = _parse_json(text, path)
@@ -192,12 +177,9 @@ def load_file(path: str | Path, *, strict: bool = False) -> LoadedData:
         default = None
     else:
         raise DataError(
-            f"{path}: not a SQuAD-format file: expected {{'data': [...]}} (nested or flat records) "
-            "or a list of records"
+            f"{path}: not a SQuAD-format file: expected {{'data': [...]}} (nested or flat records) or a list of records"
         )
-    examples, report = _validate_all(
-        records, source=source, default_impossible=default, strict=strict
-    )
+    examples, report = _validate_all(records, source=source, default_impossible=default, strict=strict)
     return LoadedData(examples, report, fingerprint, source)
 
 
@@ -207,9 +189,7 @@ def _from_dataset(dataset, source: str, strict: bool) -> LoadedData:
         raise DataError(f"{source}: not a SQuAD-format dataset, missing columns {sorted(missing)}")
     records = ((row, f"row {i}") for i, row in enumerate(dataset))
     examples, report = _validate_all(records, source=source, default_impossible=None, strict=strict)
-    return LoadedData(
-        examples, report, f"datasets:{dataset._fingerprint}", source
-    )  # as source_fingerprint
+    return LoadedData(examples, report, f"datasets:{dataset._fingerprint}", source)  # as source_fingerprint
 
 
 def _open_hf_dataset(name: str, split: str):
@@ -223,9 +203,7 @@ def _open_hf_dataset(name: str, split: str):
         name, config_name = name.split(":", 1)
     source = f"{name} [{split}]"
     try:
-        if Path(name).is_dir() and any(
-            (Path(name) / f).exists() for f in ("state.json", "dataset_dict.json")
-        ):
+        if Path(name).is_dir() and any((Path(name) / f).exists() for f in ("state.json", "dataset_dict.json")):
             dataset = datasets.load_from_disk(name)
             if isinstance(dataset, datasets.DatasetDict):
                 dataset = dataset[split]
@@ -260,12 +238,7 @@ def source_fingerprint(source: str, split: str | None = None) -> str:
 
 
 def looks_like_path(source: str) -> bool:
-    return (
-        source.lower().endswith(_FILE_SUFFIXES)
-        or "/" in source
-        or "\\" in source
-        or Path(source).exists()
-    )
+    return source.lower().endswith(_FILE_SUFFIXES) or "/" in source or "\\" in source or Path(source).exists()
 
 
 def load_source(source: str, split: str | None = None, *, strict: bool = False) -> LoadedData:
@@ -281,9 +254,7 @@ def load_source(source: str, split: str | None = None, *, strict: bool = False) 
     return load_hub_dataset(source, split or "train", strict=strict)
 
 
-def load_examples(
-    source: str | Path, split: str | None = None, *, strict: bool = False
-) -> list[dict]:
+def load_examples(source: str | Path, split: str | None = None, *, strict: bool = False) -> list[dict]:
     """Read SQuAD-format question answering data into flat, validated examples.
 
     Every example has ``id``, ``title``, ``context``, ``question``, ``answers``

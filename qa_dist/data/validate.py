@@ -71,17 +71,13 @@ def _normalise_answers(raw: Any, where: str) -> list[tuple[str, int]]:
         if not isinstance(texts, list) or not isinstance(starts, list):
             raise DataError(f"{where}: answers 'text' and 'answer_start' must be lists")
         if len(texts) != len(starts):
-            raise DataError(
-                f"{where}: answers has {len(texts)} texts but {len(starts)} answer_start values"
-            )
+            raise DataError(f"{where}: answers has {len(texts)} texts but {len(starts)} answer_start values")
         pairs = list(zip(texts, starts, strict=True))
     elif isinstance(raw, list):
         pairs = []
         for i, answer in enumerate(raw):
             if not isinstance(answer, dict):
-                raise DataError(
-                    f"{where}: answer {i} must be an object, got {type(answer).__name__}"
-                )
+                raise DataError(f"{where}: answer {i} must be an object, got {type(answer).__name__}")
             for key in ("text", "answer_start"):
                 if key not in answer:
                     raise DataError(f"{where}: answer {i} is missing key {key!r}")
@@ -95,9 +91,7 @@ def _normalise_answers(raw: Any, where: str) -> list[tuple[str, int]]:
         if not text.strip():
             raise DataError(f"{where}: answer {i} text is empty")
         if isinstance(start, bool) or not isinstance(start, int):
-            raise DataError(
-                f"{where}: answer {i} answer_start must be an integer, got {type(start).__name__}"
-            )
+            raise DataError(f"{where}: answer {i} answer_start must be an integer, got {type(start).__name__}")
         out.append((text, start))
     return out
 
@@ -195,6 +189,4 @@ def check_unique_ids(examples: list[dict], source: str) -> None:
     for index, example in enumerate(examples):
         first = seen.setdefault(example["id"], index)
         if first != index:
-            raise DataError(
-                f"{source}: question {example['id']!r}: duplicate id (questions {first} and {index})"
-            )
+            raise DataError(f"{source}: question {example['id']!r}: duplicate id (questions {first} and {index})")

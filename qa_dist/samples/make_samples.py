@@ -92,11 +92,7 @@ def chinese_tokenizer(shared: Path, out: Path = HERE) -> None:
                     chars.update(qa["question"].lower())
     chars = {c for c in chars if not c.isspace() and c.isprintable()}
     ascii_pieces = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
-    vocab = (
-        SPECIAL_TOKENS
-        + sorted(chars | set(ascii_pieces))
-        + ["##" + c for c in ascii_pieces if c.isalnum()]
-    )
+    vocab = SPECIAL_TOKENS + sorted(chars | set(ascii_pieces)) + ["##" + c for c in ascii_pieces if c.isalnum()]
     ids = {token: i for i, token in enumerate(vocab)}
     tokenizer = bert_style_tokenizer(models.WordPiece(vocab=ids, unk_token="[UNK]"))
     tokenizer.save_pretrained(str(out / "zh-char-tokenizer"))

@@ -48,9 +48,7 @@ class FeatureColumns:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def batch(
-        self, indices: np.ndarray, pad_token_id: int, pad_to: int | None = None
-    ) -> dict[str, torch.Tensor]:
+    def batch(self, indices: np.ndarray, pad_token_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
         """Padded tensors for the windows ``indices`` (padded to the longest, or to ``pad_to``)."""
         lengths = self.lengths[indices]
         width = int(pad_to or lengths.max())

@@ -96,9 +96,7 @@ class Checkpointer:
             if not (path / COMPLETE).exists():
                 from qa_dist.errors import ConfigError
 
-                raise ConfigError(
-                    f"resume: {path} is not a complete checkpoint (no {COMPLETE} marker)"
-                )
+                raise ConfigError(f"resume: {path} is not a complete checkpoint (no {COMPLETE} marker)")
         self.accelerator.load_state(str(path))
         state = read_state(path)
         log.warning("resumed from %s (step %d)", path, state.step)

@@ -58,11 +58,7 @@ def check_export(accelerator, model, batch: dict, out_dir: Path, tolerance: floa
 
     was_training = model.training
     model.eval()
-    inputs = {
-        k: v.to(accelerator.device)
-        for k, v in batch.items()
-        if k not in ("start_positions", "end_positions")
-    }
+    inputs = {k: v.to(accelerator.device) for k, v in batch.items() if k not in ("start_positions", "end_positions")}
     with accelerator.autocast():
         out = model(**inputs)
     trained = torch.stack([out.start_logits, out.end_logits]).float().cpu()

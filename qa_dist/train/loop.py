@@ -94,17 +94,13 @@ def _fill_deepspeed_config(accelerator, config: RunConfig) -> None:
     ds["train_micro_batch_size_per_gpu"] = config.train.per_device_batch_size
     ds["gradient_accumulation_steps"] = config.train.gradient_accumulation_steps
     ds["train_batch_size"] = (
-        config.train.per_device_batch_size
-        * config.train.gradient_accumulation_steps
-        * accelerator.num_processes
+        config.train.per_device_batch_size * config.train.gradient_accumulation_steps * accelerator.num_processes
     )
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = config.train.max_grad_norm
 
 
-def micro_batches(
-    columns: FeatureColumns, config: RunConfig, rank: int, world: int, state: TrainState
-):
+def micro_batches(columns: FeatureColumns, config: RunConfig, rank: int, world: int, state: TrainState):
     """(epoch, micro_step, window indices) for this rank from the data position in ``state`` on."""
     t = config.train
     epoch, start = state.epoch, state.micro_step
@@ -147,15 +143,9 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
         write_resolved_config(config)
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     tokenizer = load_tokenizer(config.model)
-    prepared = prepare_features(
-        config, tokenizer, context_of(acc), roles=("train",), progress=acc.is_main_process
-    )
+    prepared = prepare_features(config, tokenizer, context_of(acc), roles=("train",), progress=acc.is_main_process)
     columns = FeatureColumns.from_table(prepared["train"].entry.table("features"))
-    steps_per_epoch = (
-        len(columns)
-        // (t.per_device_batch_size * acc.num_processes)
-        // t.gradient_accumulation_steps
-    )
+    steps_per_epoch = len(columns) // (t.per_device_batch_size * acc.num_processes) // t.gradient_accumulation_steps
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
 
     model = _load_model(config)
@@ -182,9 +172,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
     saved_at = state.step if config.resume != "never" else -1
     model.train()
     try:
-        for epoch, micro, indices in micro_batches(
-            columns, config, acc.process_index, acc.num_processes, state
-        ):
+        for epoch, micro, indices in micro_batches(columns, config, acc.process_index, acc.num_processes, state):
             if state.step >= total_steps:
                 break
             batch = {k: v.to(acc.device) for k, v in columns.batch(indices, pad_id).items()}
@@ -243,9 +231,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
         export_dir = run_dir / "model"
         export_model(acc, model, tokenizer, export_dir)
         sample = columns.batch(np.arange(min(8, len(columns))), pad_id)
-        check_export(
-            acc, model, sample, export_dir, tolerance=1e-4 if t.mixed_precision == "no" else 5e-2
-        )
+        check_export(acc, model, sample, export_dir, tolerance=1e-4 if t.mixed_precision == "no" else 5e-2)
         tracker.log({"train/steps": state.step}, state.step)
         tracker.finish()
         return TrainResult(state.step, preempted=False, export_dir=export_dir)

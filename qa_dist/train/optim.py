@@ -13,8 +13,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     no_decay: set[int] = set()
     for module in model.modules():
         is_norm = (
-            isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm))
-            or "norm" in type(module).__name__.lower()
+            isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or "norm" in type(module).__name__.lower()
         )
         for name, param in module.named_parameters(recurse=False):
             if name == "bias" or is_norm:
@@ -33,9 +32,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
     """Stepped once per optimizer step by the loop: not passed to Accelerate, whose wrapper steps a
     scheduler once per process for every optimizer step."""
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[
-        config.scheduler
-    ]
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[config.scheduler]
     return get_scheduler(
         name,
         optimizer,

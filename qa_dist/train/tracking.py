@@ -70,9 +70,7 @@ class MainTracker(NoopTracker):
             )
 
     def log(self, metrics: dict, step: int) -> None:
-        shown = "  ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-        )
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         print(f"step {step}: {shown}", file=sys.stderr, flush=True)
         if self.use_wandb:
             self.accelerator.log(metrics, step=step)
@@ -94,8 +92,4 @@ class MainTracker(NoopTracker):
 
 
 def make_tracker(accelerator, config, run_id: str | None, resolved: dict):
-    return (
-        MainTracker(accelerator, config, run_id, resolved)
-        if accelerator.is_main_process
-        else NoopTracker()
-    )
+    return MainTracker(accelerator, config, run_id, resolved) if accelerator.is_main_process else NoopTracker()
