@@ -248,6 +248,23 @@ def test_single_process_trains_and_export_loads(tmp_path, tiny_model, cache_dir)
     assert (run_dir / "model" / "tokenizer.json").exists() and (run_dir / "config.yaml").exists()
 
 
+def test_evaluation_hook_runs_every_n_steps_and_at_the_end(tmp_path, tiny_model, cache_dir):
+    out = tmp_path / "calls.json"
+    args = _args(tiny_model, cache_dir, tmp_path / "run", "train.max_steps=10")[5:]  # the overrides only
+    script = str(REPO / "tests" / "train_with_evaluator.py")
+    done = _run([sys.executable, script, str(out), "4", "data.train=sample:en-train", *args])
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads(out.read_text()) == {"calls": [4, 8, 10], "steps": 10}
+    assert "step 8: eval/score 8" in done.stderr  # the hook's metrics reach the tracker
+
+
+def test_mfu_estimate():
+    from qa_dist.train.loop import mfu
+
+    # 110M parameters at 100k tokens/s on 8 GPUs of 312 TFLOP/s: 6 * 1.1e8 * 1e5 / 2.496e15.
+    assert mfu(110_000_000, 100_000.0, 8, 312.0) == pytest.approx(0.02644, rel=1e-3)
+
+
 def test_incomplete_checkpoints_are_never_complete(tmp_path):
     root = tmp_path / "checkpoints"
     for step, complete in [(10, True), (20, True), (30, False)]:

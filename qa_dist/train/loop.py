@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from qa_dist.config import RunConfig, config_to_dict, write_resolved_config
 from qa_dist.dist import context_of, make_accelerator, max_over_ranks, mean_over_ranks
@@ -38,6 +39,49 @@ class NullEvaluator:
 
     def run(self, step: int, model) -> dict | None:
         return None
+
+
+class PeriodicEvaluator:
+    """Base for evaluators that run every ``every`` optimizer steps (0: only at the end). Every rank
+    calls ``maybe_run`` and ``run``; subclasses implement ``run``."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def maybe_run(self, step: int, model) -> dict | None:
+        if self.every and step % self.every == 0:
+            return self.run(step, model)
+        return None
+
+    def run(self, step: int, model) -> dict | None:
+        raise NotImplementedError
+
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) of common training GPUs, by name fragment.
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "T4": 65.0,
+    "A6000": 155.0,
+    "4090": 165.0,
+    "3090": 71.0,
+}
+
+
+def mfu(n_params: int, tokens_per_s: float, world_size: int, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: 6 FLOPs per parameter per token (forward and backward) against the
+    peak of all devices. An estimate: attention's own FLOPs are left out, as is usual."""
+    return 6.0 * n_params * tokens_per_s / (peak_tflops * 1e12 * world_size)
+
+
+def gpu_peak_tflops() -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
 @dataclass
@@ -125,12 +169,16 @@ def micro_batches(columns: FeatureColumns, config: RunConfig, rank: int, world: 
         epoch, start = epoch + 1, 0
 
 
-def _step_metrics(meter: Meter, acc, scheduler, epoch: int, grad_norm) -> dict:
+def _step_metrics(meter: Meter, acc, scheduler, epoch: int, grad_norm, n_params: int) -> dict:
     """What is logged every log_every steps. Every rank calls this (the loss is averaged over ranks)."""
     metrics = {**meter.metrics(acc.num_processes), "lr": scheduler.get_last_lr()[0], "epoch": epoch}
     metrics["loss"] = mean_over_ranks(metrics["loss"], acc.device)
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
+    if acc.device.type == "cuda":
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if peak := gpu_peak_tflops():
+            metrics["mfu"] = mfu(n_params, metrics["tokens_per_s"], acc.num_processes, peak)
     return metrics
 
 
@@ -157,6 +205,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
 
     model = _load_model(config)
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     optimizer = make_optimizer(model, t)
     scheduler = make_scheduler(optimizer, t, total_steps)
     _fill_deepspeed_config(acc, config)
@@ -198,7 +247,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
             scheduler.step()
             state.step += 1
             if state.step % config.logging.log_every == 0 or state.step == total_steps:
-                tracker.log(_step_metrics(meter, acc, scheduler, epoch, grad_norm), state.step)
+                tracker.log(_step_metrics(meter, acc, scheduler, epoch, grad_norm, n_params), state.step)
                 meter.reset()
             if (metrics := evaluator.maybe_run(state.step, model)) is not None:
                 tracker.log(metrics, state.step)
@@ -225,4 +274,4 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
         preemption.restore()
 
 
-__all__ = ["Evaluator", "NullEvaluator", "TrainResult", "train"]
+__all__ = ["Evaluator", "NullEvaluator", "PeriodicEvaluator", "TrainResult", "mfu", "train"]
