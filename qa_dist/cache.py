@@ -190,8 +190,13 @@ class FeatureCache:
         Every rank of the job must call this with the same key, in the same order.
         """
         d = self.dist
-        # Collective at the start, when every rank is here anyway: a run-wide name for the signal.
-        nonce = d.broadcast(uuid.uuid4().hex if d.rank == 0 else None)
+        # Collective at the start, when every rank is here anyway: a run-wide name for the signal,
+        # and a check that all ranks want the same entry (a rank waiting for a key nobody builds
+        # would wait forever).
+        nonce, *_ = d.broadcast((uuid.uuid4().hex,) if d.rank == 0 else None)
+        keys = d.all_gather(key)
+        if len(set(keys)) > 1:
+            raise CacheError(f"ranks computed different feature cache keys {keys}: their data or tokenizer differ")
         builder = self._is_builder(nonce)
         signal = self.root / _SIGNALS / f"{nonce}-{key}.json"
         built_here = False

@@ -34,6 +34,16 @@ class DistContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def all_gather(self, obj: Any) -> list:
+        """Every rank's ``obj``, in rank order. Every rank calls this."""
+        if not self.is_distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         """Every rank calls this."""
         if self.is_distributed:

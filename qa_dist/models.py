@@ -53,9 +53,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of what decides tokenization: class, the full tokenizers JSON (vocabulary, merges,
     normalizer, pre-tokenizer, post-processor) and the padding/truncation sides. Where the files
     were loaded from does not matter."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    # Truncation and padding are runtime settings that transformers changes on every call (MiniLM's
+    # tokenizer.json ships with truncation on, and the first call clears it): not part of the key,
+    # or two ranks that made different calls compute different keys.
+    backend.pop("truncation", None)
+    backend.pop("padding", None)
     parts = {
         "class": type(tokenizer).__name__,
-        "backend": tokenizer.backend_tokenizer.to_str(),
+        "backend": backend,
         "padding_side": tokenizer.padding_side,
         "truncation_side": tokenizer.truncation_side,
         "model_input_names": list(tokenizer.model_input_names),

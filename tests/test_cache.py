@@ -301,3 +301,17 @@ def test_bad_data_fails_every_rank_with_the_same_clear_error(tmp_path, minilm_di
     assert f'File "{REPO / "qa_dist"}' not in done.stderr  # no traceback from our processes
     assert "exitcode  : 2" in done.stderr  # torchrun's failure report: our exit code for bad input
     assert _entries(tmp_path / "cache") == []
+
+
+def test_tokenizer_fingerprint_ignores_runtime_truncation_and_padding(minilm_tokenizer):
+    """MiniLM's tokenizer.json ships with truncation on and transformers clears it on the first call:
+    ranks that made different calls must still compute the same cache key."""
+    from copy import deepcopy
+
+    from qa_dist.models import tokenizer_fingerprint
+
+    fresh = deepcopy(minilm_tokenizer)
+    before = tokenizer_fingerprint(fresh)
+    fresh("a question", "a context")
+    fresh("x", truncation=True, max_length=5, padding="max_length")
+    assert tokenizer_fingerprint(fresh) == before

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from wandb_log import config, history, run_ids
+from wandb_log import config, history, records, run_ids
 
+from qa_dist import load_examples
 from qa_dist.train.checkpoint import COMPLETE, complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,6 +208,15 @@ def test_preemption_then_exact_resume(tmp_path, tiny_model, cache_dir):
     logged_steps = [row["_step"] for row in history(logs[0]) + history(logs[1]) if "loss" in row]
     assert logged_steps == list(range(2, 41, 2)), logged_steps  # every log step once, across the two
     assert config(logs[0])["train"]["max_steps"] == 40
+    # A table of sample predictions on evaluation windows, logged once, at the end of the run.
+    (path,) = [
+        f.path for r in records(logs[1]) if r.HasField("files") for f in r.files.files if "sample_predictions" in f.path
+    ]
+    table = json.loads((logs[1].parent / "files" / path).read_text())
+    assert len(table["data"]) == 8
+    assert table["columns"] == ["id", "question", "predicted", "score", "gold"]
+    dev_ids = {e["id"] for e in load_examples("sample:en-dev")}
+    assert all(row[0] in dev_ids for row in table["data"])
     assert "wandb sync" in resumed.stderr
     a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     b = load_file(str(run_dir / "model" / "model.safetensors"))

@@ -22,6 +22,7 @@ from qa_dist.train.checkpoint import Checkpointer, TrainState
 from qa_dist.train.export import check_export, export_model
 from qa_dist.train.optim import make_optimizer, make_scheduler
 from qa_dist.train.preemption import PREEMPTED_MARKER, PreemptionFlag
+from qa_dist.train.samples import log_sample_predictions
 from qa_dist.train.tracking import make_tracker, wandb_wanted
 
 
@@ -263,6 +264,11 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
             checkpointer.save(state)
         if (metrics := evaluator.run(state.step, model)) is not None:
             tracker.log(metrics, state.step)
+        if config.data.eval:
+            eval_entry = prepare_features(config, tokenizer, context_of(acc), roles=("eval",))["eval"].entry
+            log_sample_predictions(
+                acc, model, eval_entry, tokenizer, tracker, state.step, max_answer_length=config.eval.max_answer_length
+            )
         export_dir = run_dir / "model"
         export_model(acc, model, tokenizer, export_dir)
         sample = columns.batch(np.arange(min(8, len(columns))), pad_id)

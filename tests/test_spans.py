@@ -1,0 +1,47 @@
+"""best_spans is the exact best valid span, checked against brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qa_dist.spans import best_spans
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), length=st.integers(1, 24), max_len=st.integers(1, 30))
+def test_best_span_equals_brute_force(seed, length, max_len):
+    g = torch.Generator().manual_seed(seed)
+    start, end = torch.randn(3, length, generator=g), torch.randn(3, length, generator=g)
+    mask = torch.rand(3, length, generator=g) > 0.3
+    s, e, score = best_spans(start, end, mask, max_len)
+    for w in range(3):
+        candidates = [
+            (float(start[w, i] + end[w, j]), i, j)
+            for i, j in itertools.product(range(length), repeat=2)
+            if mask[w, i] and mask[w, j] and i <= j < i + max_len
+        ]
+        if not candidates:
+            assert score[w] == float("-inf")
+            continue
+        best = max(candidates)
+        assert float(score[w]) == best[0]
+        assert mask[w, s[w]] and mask[w, e[w]] and s[w] <= e[w] < s[w] + max_len
+        assert float(start[w, s[w]] + end[w, e[w]]) == best[0]
+
+
+def test_a_span_the_top_k_approximation_misses():
+    """The tutorials keep the 20 best starts and 20 best ends; here the best valid span starts at a
+    token that is not among the best starts (those are all after every good end)."""
+    length = 60
+    start = torch.full((1, length), -5.0)
+    end = torch.full((1, length), -5.0)
+    start[0, 30:55] = 3.0  # 25 high starts, all after position 29
+    end[0, 5] = 4.0  # the only high end comes early
+    start[0, 2] = 1.0  # so the best valid span is (2, 5)
+    s, e, score = best_spans(start, end, torch.ones(1, length, dtype=torch.bool), 30)
+    assert (int(s[0]), int(e[0])) == (2, 5)
+    assert float(score[0]) == 5.0
