@@ -65,6 +65,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_json_mapping(path: str, what: str) -> dict:
+    import json
+
+    from qa_dist.errors import DataError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: {what} file is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: {what} must be a JSON object mapping question ids to values")
+    return value
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from qa_dist.data import load_examples
+    from qa_dist.metrics import score
+
+    examples = load_examples(args.data)
+    predictions = _read_json_mapping(args.predictions, "predictions")
+    na_probs = _read_json_mapping(args.na_probs, "null odds") if args.na_probs else None
+    print(json.dumps(score(examples, predictions, na_probs=na_probs, metric=args.metric), indent=2))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from qa_dist.config import config_to_dict, load_config, valid_keys
 
@@ -93,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("score", help="score a predictions file against data with gold answers")
+    p.add_argument("--data", required=True, help="data with gold answers (any format qa-dist reads)")
+    p.add_argument("--predictions", required=True, help="predictions.json: {question id: answer text}")
+    p.add_argument("--na-probs", help="null_odds.json: {question id: no-answer score}")
+    p.add_argument("--metric", default="auto", choices=["auto", "squad", "squad_v2", "cmrc"])
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("config", help="print the resolved run config (or every valid key)")
     _add_config_args(p)

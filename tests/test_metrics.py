@@ -1,0 +1,109 @@
+"""Metrics: hand-computed values, the reason for CMRC-style F1, missing predictions, normalisers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qa_dist.metrics import cmrc_f1, mixed_segmentation, normalize_answer, score, squad_f1
+
+
+def _ex(qid, context, answers, impossible=False):
+    return {
+        "id": qid,
+        "title": "",
+        "context": context,
+        "question": "?",
+        "is_impossible": impossible,
+        "answers": {"text": answers, "answer_start": [0] * len(answers)},
+    }
+
+
+def test_squad_v1_hand_computed():
+    examples = [_ex("a", "c", ["the Denver Broncos"]), _ex("b", "c", ["Santa Clara, California"])]
+    # a: exact after normalisation (article, case). b: pred "Santa Clara" -> 2 of 3 gold tokens:
+    # precision 1, recall 2/3, F1 0.8.
+    result = score(examples, {"a": "denver broncos!", "b": "Santa Clara"}, metric="squad")
+    assert result == {"exact_match": 50.0, "f1": pytest.approx(90.0), "missing": 0}
+
+
+def test_squad_v2_hand_computed_with_null_odds():
+    examples = [_ex("a", "c", ["France"]), _ex("b", "c", [], impossible=True), _ex("c", "c", ["10th century"])]
+    preds = {"a": "France", "b": "", "c": "the 11th century"}
+    result = score(examples, preds, na_probs={"a": 0.1, "b": 0.9, "c": 0.5})
+    # c: tokens [11th, century] vs [10th, century]: 1 common, P = R = 1/2, F1 = 0.5.
+    assert result["exact"] == pytest.approx(200 / 3) and result["f1"] == pytest.approx(250 / 3)
+    assert (result["HasAns_total"], result["NoAns_total"], result["total"]) == (2, 1, 3)
+    assert result["HasAns_f1"] == pytest.approx(75.0) and result["NoAns_exact"] == 100.0
+    # Best threshold: answering only "a" (na 0.1) and abstaining elsewhere scores a (1) + b (1) = 2/3.
+    assert result["best_exact"] == pytest.approx(200 / 3) and result["best_exact_thresh"] == 0.1
+
+
+def test_chinese_needs_cmrc_style_f1():
+    """Unsegmented Chinese is one whitespace token: SQuAD's F1 gives a partly right answer the same
+    0 as a wrong one; CMRC's character-level F1 tells them apart."""
+    gold, partly_right, wrong = "北京大学出版社", "北京大学", "上海"
+    assert squad_f1(gold, partly_right) == squad_f1(gold, wrong) == 0.0
+    assert cmrc_f1(gold, partly_right) == pytest.approx(2 * (1.0 * 4 / 7) / (1.0 + 4 / 7))
+    assert cmrc_f1(gold, wrong) == 0.0
+    examples = [_ex("z", "北京大学出版社出版了这本书。", [gold])]
+    assert set(score(examples, {"z": partly_right})) == {"F1", "EM", "AVERAGE", "TOTAL", "SKIP", "missing"}
+
+
+def test_mixed_segmentation():
+    assert mixed_segmentation("2010年是NBA的Finals，") == ["2010", "年", "是", "nba", "的", "finals", "，"]
+    assert mixed_segmentation("《三体》, Liu Cixin", remove_punctuation=True) == ["三", "体", ",", "liu", "cixin"]
+
+
+def test_missing_predictions_count_as_wrong_and_are_reported():
+    examples = [_ex("a", "c", ["x"]), _ex("b", "c", [], impossible=True), _ex("c", "c", ["y"])]
+    result = score(examples, {"a": "x"})
+    assert result["missing"] == 2 and result["missing_ids"] == ["b", "c"]
+    assert result["exact"] == pytest.approx(100 / 3) and result["total"] == 3  # the official script crashes here
+    cmrc = score([_ex("q", "中文的上下文", ["中文"])], {}, metric="cmrc")
+    assert (cmrc["SKIP"], cmrc["TOTAL"], cmrc["F1"], cmrc["missing"]) == (1, 1, 0.0, 1)
+
+
+@given(st.text(max_size=60))
+def test_normalize_answer_is_idempotent_and_clean(text):
+    once = normalize_answer(text)
+    assert normalize_answer(once) == once
+    assert once == once.strip() and "  " not in once and once == once.lower()
+    assert not ({"the", "a", "an"} & set(once.split()))
+
+
+@given(st.text(max_size=40))
+def test_mixed_segmentation_keeps_every_cjk_character(text):
+    segments = mixed_segmentation(text)
+    cjk = [ch for ch in text.lower() if "\u4e00" <= ch <= "\u9fa5"]
+    assert [s for s in segments if len(s) == 1 and "\u4e00" <= s <= "\u9fa5"] == cjk
+
+
+def test_score_command_prints_json(tmp_path):
+    data = tmp_path / "dev.jsonl"
+    data.write_text(
+        "\n".join(json.dumps(_ex(q, "Paris is in France.", a, not a)) for q, a in [("a", ["France"]), ("b", [])])
+    )
+    preds = tmp_path / "predictions.json"
+    preds.write_text(json.dumps({"a": "France", "b": "Paris"}))
+    done = subprocess.run(
+        [sys.executable, "-m", "qa_dist", "score", "--data", str(data), "--predictions", str(preds)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["exact"] == 50.0 and result["HasAns_exact"] == 100.0 and result["NoAns_exact"] == 0.0
+    bad = subprocess.run(
+        [sys.executable, "-m", "qa_dist", "score", "--data", str(data), "--predictions", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "predictions" in bad.stderr
