@@ -193,8 +193,8 @@ class FeatureCache:
         # Collective at the start, when every rank is here anyway: a run-wide name for the signal,
         # and a check that all ranks want the same entry (a rank waiting for a key nobody builds
         # would wait forever).
-        nonce, *_ = d.broadcast((uuid.uuid4().hex,) if d.rank == 0 else None)
-        keys = d.all_gather(key)
+        gathered = d.all_gather((uuid.uuid4().hex, key))
+        nonce, keys = gathered[0][0], [k for _, k in gathered]
         if len(set(keys)) > 1:
             raise CacheError(f"ranks computed different feature cache keys {keys}: their data or tokenizer differ")
         builder = self._is_builder(nonce)

@@ -24,16 +24,6 @@ class DistContext:
     def num_nodes(self) -> int:
         return max(1, self.world_size // max(1, self.local_world_size))
 
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        """Every rank calls this; all return rank ``src``'s object."""
-        if not self.is_distributed:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-
     def all_gather(self, obj: Any) -> list:
         """Every rank's ``obj``, in rank order. Every rank calls this."""
         if not self.is_distributed:
@@ -131,16 +121,25 @@ def make_accelerator(
     return accelerator
 
 
-def max_over_ranks(value: int, device=None) -> int:
-    """The largest ``value`` over all ranks. Every rank calls this."""
+def _all_reduce(values: list[float], op: str, device=None) -> list[float]:
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    return tensor.tolist()
+
+
+def max_over_ranks(value: int, device=None) -> int:
+    """The largest ``value`` over all ranks. Every rank calls this."""
+    return int(_all_reduce([value], "MAX", device)[0])
+
+
+def sum_over_ranks(values: list[float], device=None) -> list[float]:
+    """Element-wise sums over all ranks, in one collective. Every rank calls this."""
+    return _all_reduce(values, "SUM", device)
 
 
 def context_of(accelerator) -> DistContext:
@@ -151,15 +150,3 @@ def context_of(accelerator) -> DistContext:
         world_size=accelerator.num_processes,
         local_world_size=_env_int("LOCAL_WORLD_SIZE", default=accelerator.num_processes),
     )
-
-
-def mean_over_ranks(value: float, device=None) -> float:
-    """The mean of ``value`` over all ranks. Every rank calls this."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()

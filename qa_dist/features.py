@@ -269,7 +269,7 @@ def _build(
             example_index.append(i)
             if train:
                 s, e = tok_first[i], tok_last[i]
-                if s >= w0 and e < w1 and s >= 0:
+                if s >= w0 and e < w1:  # (s is -1 when there is no answer; w0 >= 0)
                     start_positions.append(ctx_at + s - w0)
                     end_positions.append(ctx_at + e - w0)
                 else:

@@ -223,10 +223,10 @@ def score_cmrc(examples: list[dict], predictions: dict[str, str]) -> dict:
     f1 = em = 0.0
     skip = 0
     for ex in examples:
-        if ex["id"].strip() not in predictions and ex["id"] not in predictions:
+        if ex["id"] not in predictions:
             skip += 1
             continue
-        pred = str(predictions.get(ex["id"].strip(), predictions.get(ex["id"])))
+        pred = str(predictions[ex["id"]])
         golds = ex["answers"]["text"]
         f1 += max(cmrc_f1(g, pred) for g in golds)
         em += max(cmrc_em(g, pred) for g in golds)

@@ -42,6 +42,7 @@ def test_a_span_the_top_k_approximation_misses():
     start[0, 30:55] = 3.0  # 25 high starts, all after position 29
     end[0, 5] = 4.0  # the only high end comes early
     start[0, 2] = 1.0  # so the best valid span is (2, 5)
+    assert 2 not in torch.topk(start[0], 20).indices  # the approximation never looks at this start
     s, e, score = best_spans(start, end, torch.ones(1, length, dtype=torch.bool), 30)
     assert (int(s[0]), int(e[0])) == (2, 5)
     assert float(score[0]) == 5.0

@@ -26,11 +26,15 @@ class TrainState:
     wandb_run_id: str | None = None
 
 
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoints whose marker says every rank finished writing, oldest first."""
     root = Path(run_dir) / "checkpoints"
     found = [p for p in root.glob("step-*") if (p / COMPLETE).exists() and (p / STATE).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=_step_of)
 
 
 def read_state(checkpoint: Path) -> TrainState:
@@ -45,11 +49,18 @@ class Checkpointer:
         self.root = Path(run_dir) / "checkpoints"
         self.every = every
         self.keep = keep
+        self.last_saved: int | None = None
+        """Step of the checkpoint this run last wrote or resumed from."""
 
     def maybe_save(self, state: TrainState) -> Path | None:
         if self.every and state.step % self.every == 0:
             return self.save(state)
         return None
+
+    def ensure_saved(self, state: TrainState) -> None:
+        """Save unless the newest checkpoint already is this step (the end of training)."""
+        if self.last_saved != state.step:
+            self.save(state)
 
     def save(self, state: TrainState) -> Path:
         """Every rank calls this."""
@@ -66,15 +77,15 @@ class Checkpointer:
             (path / COMPLETE).write_text("all ranks finished writing\n")
             self._prune(path)
         acc.wait_for_everyone()
+        self.last_saved = state.step
         return path
 
     def _prune(self, newest: Path) -> None:
         complete = complete_checkpoints(self.root.parent)
         for old in complete[: max(0, len(complete) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
-        newest_step = int(newest.name.split("-")[1])
         for partial in self.root.glob("step-*"):
-            if not (partial / COMPLETE).exists() and int(partial.name.split("-")[1]) < newest_step:
+            if not (partial / COMPLETE).exists() and _step_of(partial) < _step_of(newest):
                 shutil.rmtree(partial, ignore_errors=True)
 
     def restore(self, resume: str) -> TrainState | None:
@@ -99,5 +110,6 @@ class Checkpointer:
                 raise ConfigError(f"resume: {path} is not a complete checkpoint (no {COMPLETE} marker)")
         self.accelerator.load_state(str(path))
         state = read_state(path)
+        self.last_saved = state.step
         log.warning("resumed from %s (step %d)", path, state.step)
         return state

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from qa_dist.train.inference import LABELS, batch_logits
+
 
 def export_model(accelerator, model, tokenizer, out_dir: Path) -> None:
     """Config, safetensors weights and tokenizer files that ``from_pretrained`` and
@@ -56,21 +58,16 @@ def check_export(accelerator, model, batch: dict, out_dir: Path, tolerance: floa
     export and compares. Writes ``export_check.json`` and raises on a mismatch."""
     from transformers import AutoModelForQuestionAnswering
 
-    was_training = model.training
-    model.eval()
-    inputs = {k: v.to(accelerator.device) for k, v in batch.items() if k not in ("start_positions", "end_positions")}
-    with accelerator.autocast():
-        out = model(**inputs)
-    trained = torch.stack([out.start_logits, out.end_logits]).float().cpu()
-    model.train(was_training)
+    trained = batch_logits(accelerator, model, batch)
+    inputs = {k: v.cpu() for k, v in batch.items() if k not in LABELS}
     report = {}
     if accelerator.is_main_process:
         with _without_zero3_init():
             exported = AutoModelForQuestionAnswering.from_pretrained(str(out_dir)).eval()
-        again = exported(**{k: v.cpu() for k, v in inputs.items()})
+        again = exported(**inputs)
         loaded = torch.stack([again.start_logits, again.end_logits]).float()
         torch.save(
-            {"inputs": {k: v.cpu() for k, v in inputs.items()}, "logits": trained},
+            {"inputs": inputs, "logits": trained},
             out_dir.parent / "final_batch_logits.pt",
         )
         report = {

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from qa_dist.config import RunConfig, config_to_dict, write_resolved_config
-from qa_dist.dist import context_of, make_accelerator, max_over_ranks, mean_over_ranks
+from qa_dist.dist import context_of, make_accelerator, max_over_ranks, sum_over_ranks
 from qa_dist.models import load_tokenizer, resolve_model_path
 from qa_dist.prepare import prepare_features
 from qa_dist.train.batches import FeatureColumns, epoch_plan
@@ -93,7 +93,7 @@ class TrainResult:
 
 
 class Meter:
-    """Samples, real tokens and time since the last log line."""
+    """This rank's samples, real tokens and loss since the last log line."""
 
     def __init__(self) -> None:
         self.reset()
@@ -108,15 +108,6 @@ class Meter:
         self.tokens += int(batch["attention_mask"].sum())
         self.loss_sum += loss
         self.loss_count += 1
-
-    def metrics(self, world_size: int) -> dict:
-        seconds = max(time.perf_counter() - self.started, 1e-9)
-        return {
-            "loss": self.loss_sum / max(self.loss_count, 1),
-            # Every rank runs batches of the same shape: the job's rate is world_size times this one's.
-            "samples_per_s": world_size * self.samples / seconds,
-            "tokens_per_s": world_size * self.tokens / seconds,
-        }
 
 
 def _load_model(config: RunConfig):
@@ -171,9 +162,18 @@ def micro_batches(columns: FeatureColumns, config: RunConfig, rank: int, world: 
 
 
 def _step_metrics(meter: Meter, acc, scheduler, epoch: int, grad_norm, n_params: int) -> dict:
-    """What is logged every log_every steps. Every rank calls this (the loss is averaged over ranks)."""
-    metrics = {**meter.metrics(acc.num_processes), "lr": scheduler.get_last_lr()[0], "epoch": epoch}
-    metrics["loss"] = mean_over_ranks(metrics["loss"], acc.device)
+    """What is logged every log_every steps. Every rank calls this: the counts are summed over the
+    ranks (length-grouped batches give the ranks different token counts)."""
+    seconds = max(time.perf_counter() - meter.started, 1e-9)
+    local = [meter.samples, meter.tokens, meter.loss_sum, meter.loss_count]
+    samples, tokens, loss_sum, loss_count = sum_over_ranks(local, acc.device)
+    metrics = {
+        "loss": loss_sum / max(loss_count, 1),
+        "samples_per_s": samples / seconds,
+        "tokens_per_s": tokens / seconds,
+        "lr": scheduler.get_last_lr()[0],
+        "epoch": epoch,
+    }
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     if acc.device.type == "cuda":
@@ -227,7 +227,6 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
     evaluator = evaluator or NullEvaluator()
     preemption = PreemptionFlag()
     meter, pad_id = Meter(), tokenizer.pad_token_id or 0
-    saved_at = state.step if config.resume != "never" else -1
     model.train()
     try:
         for epoch, micro, indices in micro_batches(columns, config, acc.process_index, acc.num_processes, state):
@@ -258,10 +257,8 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
                 tracker.mark_preempted(run_dir, state.step, signal.Signals(signum).name)
                 tracker.finish()
                 return TrainResult(state.step, preempted=True, export_dir=None)
-            if checkpointer.maybe_save(state):
-                saved_at = state.step
-        if saved_at != state.step:
-            checkpointer.save(state)
+            checkpointer.maybe_save(state)
+        checkpointer.ensure_saved(state)
         if (metrics := evaluator.run(state.step, model)) is not None:
             tracker.log(metrics, state.step)
         if config.data.eval:
@@ -273,7 +270,6 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
         export_model(acc, model, tokenizer, export_dir)
         sample = columns.batch(np.arange(min(8, len(columns))), pad_id)
         check_export(acc, model, sample, export_dir, tolerance=1e-4 if t.mixed_precision == "no" else 5e-2)
-        tracker.log({"train/steps": state.step}, state.step)
         tracker.finish()
         return TrainResult(state.step, preempted=False, export_dir=export_dir)
     finally:

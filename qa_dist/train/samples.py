@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from qa_dist.spans import best_spans
+from qa_dist.train.inference import batch_logits
 
 
 @torch.no_grad()
@@ -21,17 +22,11 @@ def log_sample_predictions(
     count = min(count, features.num_rows)
     columns = FeatureColumns.from_table(features)
     batch = columns.batch(np.arange(count), tokenizer.pad_token_id or 0)
-    was_training = model.training
-    model.eval()
-    with acc.autocast():
-        out = model(**{k: v.to(acc.device) for k, v in batch.items()})
-    model.train(was_training)
+    logits = batch_logits(acc, model, batch)
     offsets = features.column("offset_mapping").slice(0, count).to_pylist()
     width = batch["input_ids"].shape[1]
     mask = torch.tensor([[j < len(row) and row[j] is not None for j in range(width)] for row in offsets])
-    starts, ends, scores = best_spans(
-        out.start_logits.float().cpu(), out.end_logits.float().cpu(), mask, max_answer_length
-    )
+    starts, ends, scores = best_spans(logits[0], logits[1], mask, max_answer_length)
     examples = eval_entry.table("examples")
     index = features.column("example_index").slice(0, count).to_pylist()
     rows = []
