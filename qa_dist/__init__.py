@@ -3,6 +3,7 @@
 from qa_dist.config import RunConfig, load_config
 from qa_dist.data import load_examples
 from qa_dist.errors import ConfigError, DataError, QaDistError
+from qa_dist.eval.postprocess import postprocess
 from qa_dist.features import build_eval_features, build_train_features
 from qa_dist.metrics import score
 
@@ -17,5 +18,6 @@ __all__ = [
     "build_train_features",
     "load_config",
     "load_examples",
+    "postprocess",
     "score",
 ]

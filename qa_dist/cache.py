@@ -216,7 +216,7 @@ class FeatureCache:
                 raise
             finally:
                 if d.is_distributed:
-                    _atomic_write(signal, json.dumps(outcome))
+                    atomic_write(signal, json.dumps(outcome))
         else:
             self._wait_for(signal, key)
         entry = self.root / key
@@ -290,7 +290,7 @@ class FeatureCache:
                 "files": files,
                 **built.info,
             }
-            _atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2))  # written last
+            atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2))  # written last
             _fsync_dir(tmp)
             try:
                 tmp.rename(self.root / key)
@@ -324,7 +324,7 @@ class FeatureCache:
             raise error(outcome["message"])
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:

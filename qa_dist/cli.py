@@ -95,6 +95,95 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_shorthand(overrides: list[str]) -> list[str]:
+    """``model=DIR`` is short for ``model.name_or_path=DIR``."""
+    return [f"model.name_or_path={o[6:]}" if o.startswith("model=") else o for o in overrides]
+
+
+def _print_eval(result: dict, out_dir) -> None:
+    import json
+
+    shown = {k: v for k, v in result.items() if k != "predictions"}
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
+    if out_dir is not None:
+        print(f"prediction files: {out_dir}", file=sys.stderr)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qa_dist.config import load_config
+    from qa_dist.eval.run import evaluate_run
+
+    overrides = _model_shorthand(args.overrides) + (["eval.tune_threshold=true"] if args.tune_threshold else [])
+    config = load_config(args.config, overrides)
+    out_dir = Path(args.output) if args.output else Path(config.run_dir) / "eval" / "evaluate"
+    result = evaluate_run(config, out_dir, progress=not args.quiet)
+    if result is not None:
+        _print_eval(result, out_dir)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from qa_dist.config import EvalConfig
+    from qa_dist.data import load_examples
+    from qa_dist.errors import ConfigError
+    from qa_dist.eval.run import predict
+
+    if bool(args.data) == bool(args.question or args.context):
+        raise ConfigError("give either --data FILE or both --question and --context")
+    if args.data:
+        examples = load_examples(args.data, labelled=False)
+        out_dir = Path(args.output)
+    else:
+        if not (args.question and args.context and args.question.strip() and args.context.strip()):
+            raise ConfigError("--question and --context must both be given and not empty")
+        examples = [
+            {
+                "id": "question",
+                "title": "",
+                "context": args.context,
+                "question": args.question,
+                "answers": {"text": [], "answer_start": []},
+                "is_impossible": False,
+            }
+        ]
+        out_dir = Path(args.output) if args.output_given else None
+    config = EvalConfig(
+        per_device_batch_size=args.batch_size,
+        n_best_size=args.n_best,
+        max_answer_length=args.max_answer_length,
+        null_score_diff_threshold=args.null_threshold,
+        metric="squad_v2" if args.allow_no_answer else "squad",
+    )
+    result = predict(
+        args.model,
+        examples,
+        out_dir,
+        max_length=args.max_length,
+        doc_stride=args.doc_stride,
+        config=config,
+        progress=not args.quiet and bool(args.data),
+    )
+    if result is None:
+        return 0
+    predictions = result["predictions"]
+    if args.data:
+        print(f"{len(predictions.answers):,} answers written to {out_dir}/predictions.json", file=sys.stderr)
+        return 0
+    answer = predictions.answers["question"]
+    best = next((x for x in predictions.nbest["question"] if x["text"] == answer), None)
+    out = {"answer": answer, "score": best["probability"] if best else 0.0}
+    out.update({"start": best["start"], "end": best["end"]} if best and answer else {"start": -1, "end": -1})
+    if "question" in predictions.null_odds:
+        out["null_odds"] = predictions.null_odds["question"]
+    print(json.dumps(out, ensure_ascii=False))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from qa_dist.config import config_to_dict, load_config, valid_keys
 
@@ -124,6 +213,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a model on data.eval in whatever process group launched this (model=DIR selects it)",
+    )
+    _add_config_args(p)
+    p.add_argument("--output", "-o", help="directory for the prediction files (default RUN_DIR/eval/evaluate)")
+    p.add_argument("--tune-threshold", action="store_true", help="SQuAD v2: also report at the best null threshold")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="answer questions with a trained model (no gold answers needed)")
+    p.add_argument("--model", "-m", required=True, help="model directory (e.g. RUN_DIR/model) or hub name")
+    p.add_argument("--data", help="SQuAD-format questions to answer (answers optional)")
+    p.add_argument("--question", help="one question (with --context)")
+    p.add_argument("--context", help="the passage that answers --question")
+    p.add_argument("--output", "-o", default="predictions", help="directory for the prediction files")
+    p.add_argument("--allow-no-answer", action="store_true", help="SQuAD v2 style: answer empty when null wins")
+    p.add_argument(
+        "--null-threshold", type=float, default=0.0, help="null score minus span score above which no answer"
+    )
+    p.add_argument("--max-length", type=int, default=384, help="window length in tokens")
+    p.add_argument("--doc-stride", type=int, default=128, help="overlap of consecutive windows in tokens")
+    p.add_argument("--n-best", type=int, default=20, help="answers kept per question in nbest_predictions.json")
+    p.add_argument("--max-answer-length", type=int, default=30, help="longest answer in tokens")
+    p.add_argument("--batch-size", type=int, default=64, help="windows per forward on each process")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("score", help="score a predictions file against data with gold answers")
     p.add_argument("--data", required=True, help="data with gold answers (any format qa-dist reads)")
     p.add_argument("--predictions", required=True, help="predictions.json: {question id: answer text}")
@@ -142,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     from qa_dist.errors import QaDistError
 
     logging.basicConfig(level=logging.WARNING, format="qa-dist: %(levelname)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.output_given = any(a in ("--output", "-o") or a.startswith("--output=") for a in argv)
     try:
         return args.func(args)
     except QaDistError as e:

@@ -103,6 +103,8 @@ class EvalConfig:
     """SQuAD v2: answer empty when null score minus best span score exceeds this."""
     metric: Literal["auto", "squad", "squad_v2", "cmrc"] = "auto"
     """Metric family; auto picks CMRC style for Chinese contexts and SQuAD v2 when data has unanswerables."""
+    tune_threshold: bool = False
+    """SQuAD v2: also report metrics at the null threshold that is best on this data."""
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,18 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_to_main(self, obj: Any) -> list | None:
+        """Every rank's ``obj``, in rank order, on rank zero only (None elsewhere). Every rank calls
+        this. Plain torch.distributed, not Accelerate's gather, which fails under DeepSpeed on gloo
+        (``ProcessGroupGloo::allgather: invalid output tensor list``)."""
+        if not self.is_distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def barrier(self) -> None:
         """Every rank calls this."""
         if self.is_distributed:

@@ -22,7 +22,7 @@ import numpy as np
 
 from qa_dist.errors import DataError
 
-FEATURE_BUILDER_VERSION = "1"
+FEATURE_BUILDER_VERSION = "2"  # 2: eval windows carry cls_index
 """Bump when the features built for the same inputs change; it is part of the cache key."""
 
 
@@ -238,7 +238,7 @@ def _build(
     first_t, second_t = layout.first_type, layout.second_type
     n_special = layout.num_special
     input_ids, attention_mask, token_type_ids, example_index = [], [], [], []
-    start_positions, end_positions, offset_mapping, example_id = [], [], [], []
+    start_positions, end_positions, offset_mapping, example_id, cls_indices = [], [], [], [], []
 
     rows = enumerate(examples)
     if progress:
@@ -280,6 +280,7 @@ def _build(
                 after = len(ids) - ctx_at - len(window)
                 offset_mapping.append([None] * ctx_at + ctx_offsets[c][w0:w1] + [None] * after)
                 example_id.append(ex["id"])
+                cls_indices.append(_cls_index(layout, len(first), len(second)))
 
     cols: dict[str, list] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if with_types:
@@ -287,7 +288,7 @@ def _build(
     if train:
         cols["start_positions"], cols["end_positions"] = start_positions, end_positions
     else:
-        cols["offset_mapping"], cols["example_id"] = offset_mapping, example_id
+        cols["offset_mapping"], cols["example_id"], cols["cls_index"] = offset_mapping, example_id, cls_indices
     cols["example_index"] = example_index
     return cols
 
@@ -335,6 +336,6 @@ def build_eval_features(
 ) -> dict[str, list]:
     """Evaluation windows: ``input_ids``, ``attention_mask``, ``token_type_ids`` (where made),
     ``offset_mapping`` (character spans of context tokens, None elsewhere), ``example_index``,
-    ``example_id``. Unpadded."""
+    ``example_id``, ``cls_index`` (where the null answer is scored). Unpadded."""
     with _gc_paused():
         return _build(examples, tokenizer, max_length, doc_stride, train=False, progress=progress)

@@ -245,6 +245,17 @@ def is_chinese(examples: list[dict], sample: int = 200) -> bool:
     return bool(letters) and sum(bool(_CJK.search(ch)) for ch in letters) / len(letters) > 0.3
 
 
+def resolve_metric(examples: list[dict], metric: str = "auto", *, with_null_odds: bool = False) -> str:
+    """The metric family ``auto`` stands for on these examples (other names pass through)."""
+    if metric != "auto":
+        return metric
+    if is_chinese(examples):
+        return "cmrc"
+    if with_null_odds or any(ex["is_impossible"] for ex in examples):
+        return "squad_v2"
+    return "squad"
+
+
 def score(
     examples: list[dict], predictions: dict[str, str], *, na_probs: dict[str, float] | None = None, metric: str = "auto"
 ) -> dict:
@@ -255,13 +266,7 @@ def score(
     v2 when any question is unanswerable or null odds are given, else SQuAD v1.1.
     Missing predictions count as wrong; ``missing`` and ``missing_ids`` report them.
     """
-    if metric == "auto":
-        if is_chinese(examples):
-            metric = "cmrc"
-        elif na_probs is not None or any(ex["is_impossible"] for ex in examples):
-            metric = "squad_v2"
-        else:
-            metric = "squad"
+    metric = resolve_metric(examples, metric, with_null_odds=na_probs is not None)
     if metric == "squad":
         result = score_squad_v1(examples, predictions)
     elif metric == "squad_v2":

@@ -23,6 +23,7 @@ _INT_COLUMNS = {
     "start_positions": pa.int32(),
     "end_positions": pa.int32(),
     "example_index": pa.int32(),
+    "cls_index": pa.int32(),
     "offset_mapping": pa.list_(pa.list_(pa.int32(), 2)),
     "example_id": pa.string(),
 }

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,3 +127,23 @@ def bpe_left_tokenizer():
 def save_tokenizer(tokenizer, directory: Path) -> str:
     tokenizer.save_pretrained(str(directory))
     return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, minilm_tokenizer):
+    """A BERT with hidden size 32 built from a config, with MiniLM's real WordPiece tokenizer."""
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(
+        vocab_size=len(minilm_tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    BertForQuestionAnswering(config).save_pretrained(str(out))
+    minilm_tokenizer.save_pretrained(str(out))
+    return out

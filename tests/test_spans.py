@@ -1,4 +1,4 @@
-"""best_spans is the exact best valid span, checked against brute force."""
+"""top_spans is the exact n best valid spans, checked against brute force."""
 
 from __future__ import annotations
 
@@ -8,29 +8,38 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qa_dist.spans import best_spans
+from qa_dist.spans import best_spans, top_spans
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10_000), length=st.integers(1, 24), max_len=st.integers(1, 30))
-def test_best_span_equals_brute_force(seed, length, max_len):
+@given(
+    seed=st.integers(0, 10_000),
+    length=st.integers(1, 24),
+    max_len=st.integers(1, 30),
+    n_best=st.integers(1, 8),
+)
+def test_top_spans_equal_brute_force(seed, length, max_len, n_best):
     g = torch.Generator().manual_seed(seed)
     start, end = torch.randn(3, length, generator=g), torch.randn(3, length, generator=g)
     mask = torch.rand(3, length, generator=g) > 0.3
-    s, e, score = best_spans(start, end, mask, max_len)
+    s, e, score = top_spans(start, end, mask, n_best, max_len)
     for w in range(3):
-        candidates = [
-            (float(start[w, i] + end[w, j]), i, j)
-            for i, j in itertools.product(range(length), repeat=2)
-            if mask[w, i] and mask[w, j] and i <= j < i + max_len
-        ]
-        if not candidates:
-            assert score[w] == float("-inf")
-            continue
-        best = max(candidates)
-        assert float(score[w]) == best[0]
-        assert mask[w, s[w]] and mask[w, e[w]] and s[w] <= e[w] < s[w] + max_len
-        assert float(start[w, s[w]] + end[w, e[w]]) == best[0]
+        valid = sorted(
+            (
+                float(start[w, i] + end[w, j])
+                for i, j in itertools.product(range(length), repeat=2)
+                if mask[w, i] and mask[w, j] and i <= j < i + max_len
+            ),
+            reverse=True,
+        )
+        k = min(n_best, len(valid))
+        assert [float(x) for x in score[w, :k]] == valid[:k]
+        assert all(x == float("-inf") for x in score[w, k:])  # slots without a valid span
+        for slot in range(k):
+            i, j = int(s[w, slot]), int(e[w, slot])
+            assert mask[w, i] and mask[w, j] and i <= j < i + max_len
+            assert float(start[w, i] + end[w, j]) == float(score[w, slot])
+        assert len({(int(s[w, t]), int(e[w, t])) for t in range(k)}) == k  # distinct spans
 
 
 def test_a_span_the_top_k_approximation_misses():

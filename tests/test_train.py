@@ -25,26 +25,6 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, minilm_tokenizer):
-    """A BERT with hidden size 32 built from a config, with MiniLM's real WordPiece tokenizer."""
-    from transformers import BertConfig, BertForQuestionAnswering
-
-    out = tmp_path_factory.mktemp("tiny-bert")
-    config = BertConfig(
-        vocab_size=len(minilm_tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    BertForQuestionAnswering(config).save_pretrained(str(out))
-    minilm_tokenizer.save_pretrained(str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("feature-cache")
 

@@ -118,7 +118,9 @@ def _nested_records(data: list, path: Path):
                 yield record, f"{where}.qas[{q}]"
 
 
-def _validate_all(records, *, source: str, default_impossible, strict: bool) -> tuple[list[dict], ValidationReport]:
+def _validate_all(
+    records, *, source: str, default_impossible, strict: bool, labelled: bool = True
+) -> tuple[list[dict], ValidationReport]:
     report = ValidationReport(source=source)
     examples = [
         validate_record(
@@ -128,6 +130,7 @@ def _validate_all(records, *, source: str, default_impossible, strict: bool) -> 
             default_impossible=default_impossible,
             strict=strict,
             report=report,
+            labelled=labelled,
         )
         for record, location in records
     ]
@@ -144,7 +147,7 @@ def _records_from_flat(items: list, path: Path, locate):
         yield item, locate(i)
 
 
-def load_file(path: str | Path, *, strict: bool = False) -> LoadedData:
+def load_file(path: str | Path, *, strict: bool = False, labelled: bool = True) -> LoadedData:
     """Read and validate one local file in any supported layout."""
     path = Path(path).expanduser()
     text, raw = _read_text(path)
@@ -158,7 +161,9 @@ def load_file(path: str | Path, *, strict: bool = False) -> LoadedData:
                 items.append(_parse_json(line, path, line_offset=n - 1))
                 lines.append(n)
         records = _records_from_flat(items, path, lambda i: f"line {lines[i]}")
-        examples, report = _validate_all(records, source=source, default_impossible=None, strict=strict)
+        examples, report = _validate_all(
+            records, source=source, default_impossible=None, strict=strict, labelled=labelled
+        )
         return LoadedData(examples, report, fingerprint, source)
 
     parsed = _parse_json(text, path)
@@ -179,16 +184,19 @@ def load_file(path: str | Path, *, strict: bool = False) -> LoadedData:
         raise DataError(
             f"{path}: not a SQuAD-format file: expected {{'data': [...]}} (nested or flat records) or a list of records"
         )
-    examples, report = _validate_all(records, source=source, default_impossible=default, strict=strict)
+    examples, report = _validate_all(
+        records, source=source, default_impossible=default, strict=strict, labelled=labelled
+    )
     return LoadedData(examples, report, fingerprint, source)
 
 
-def _from_dataset(dataset, source: str, strict: bool) -> LoadedData:
-    missing = {"id", "question", "context", "answers"} - set(dataset.column_names)
+def _from_dataset(dataset, source: str, strict: bool, labelled: bool = True) -> LoadedData:
+    required = {"id", "question", "context", "answers"} if labelled else {"id", "question", "context"}
+    missing = required - set(dataset.column_names)
     if missing:
         raise DataError(f"{source}: not a SQuAD-format dataset, missing columns {sorted(missing)}")
     records = ((row, f"row {i}") for i, row in enumerate(dataset))
-    examples, report = _validate_all(records, source=source, default_impossible=None, strict=strict)
+    examples, report = _validate_all(records, source=source, default_impossible=None, strict=strict, labelled=labelled)
     return LoadedData(examples, report, f"datasets:{dataset._fingerprint}", source)  # as source_fingerprint
 
 
@@ -221,10 +229,10 @@ def _open_hf_dataset(name: str, split: str):
     return dataset, source
 
 
-def load_hub_dataset(name: str, split: str, *, strict: bool = False) -> LoadedData:
+def load_hub_dataset(name: str, split: str, *, strict: bool = False, labelled: bool = True) -> LoadedData:
     """Read and validate a Hugging Face dataset (see ``_open_hf_dataset``)."""
     dataset, source = _open_hf_dataset(name, split)
-    return _from_dataset(dataset, source, strict)
+    return _from_dataset(dataset, source, strict, labelled)
 
 
 def source_fingerprint(source: str, split: str | None = None) -> str:
@@ -241,28 +249,31 @@ def looks_like_path(source: str) -> bool:
     return source.lower().endswith(_FILE_SUFFIXES) or "/" in source or "\\" in source or Path(source).exists()
 
 
-def load_source(source: str, split: str | None = None, *, strict: bool = False) -> LoadedData:
+def load_source(source: str, split: str | None = None, *, strict: bool = False, labelled: bool = True) -> LoadedData:
     """Load examples from a file, a shipped sample or a Hugging Face dataset name."""
     if not isinstance(source, str) or not source.strip():
         raise DataError("data source is empty: give a file path, a dataset name or sample:en-train")
     if source.startswith("sample:"):
-        return load_file(sample_path(source.split(":", 1)[1]), strict=strict)
+        return load_file(sample_path(source.split(":", 1)[1]), strict=strict, labelled=labelled)
     if Path(source).expanduser().is_dir():
-        return load_hub_dataset(str(Path(source).expanduser()), split or "train", strict=strict)
+        return load_hub_dataset(str(Path(source).expanduser()), split or "train", strict=strict, labelled=labelled)
     if looks_like_path(source):
-        return load_file(source, strict=strict)
-    return load_hub_dataset(source, split or "train", strict=strict)
+        return load_file(source, strict=strict, labelled=labelled)
+    return load_hub_dataset(source, split or "train", strict=strict, labelled=labelled)
 
 
-def load_examples(source: str | Path, split: str | None = None, *, strict: bool = False) -> list[dict]:
+def load_examples(
+    source: str | Path, split: str | None = None, *, strict: bool = False, labelled: bool = True
+) -> list[dict]:
     """Read SQuAD-format question answering data into flat, validated examples.
 
     Every example has ``id``, ``title``, ``context``, ``question``, ``answers``
     (``{"text": [...], "answer_start": [...]}``) and ``is_impossible``. Raises :class:`DataError`
     naming the file and the question on bad input. Misplaced ``answer_start`` values are moved to
-    the nearest exact occurrence of the answer text (an error when ``strict``).
+    the nearest exact occurrence of the answer text (an error when ``strict``). With
+    ``labelled=False`` (data to predict on) records may come without ``answers``.
     """
-    loaded = load_source(str(source), split, strict=strict)
+    loaded = load_source(str(source), split, strict=strict, labelled=labelled)
     if loaded.report.relocations:
         log.warning(loaded.report.summary())
     return loaded.examples

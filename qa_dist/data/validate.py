@@ -114,16 +114,18 @@ def validate_record(
     default_impossible: bool | None,
     strict: bool,
     report: ValidationReport,
+    labelled: bool = True,
 ) -> dict:
     """Check one question record and return the flat example.
 
     ``record`` carries ``id``, ``question``, ``context``, ``answers`` and optionally ``title`` and
     ``is_impossible``. ``default_impossible`` is what a missing ``is_impossible`` means: False for
     nested SQuAD files (v1.1 has no such key), None for flat data (unanswerable iff no answers).
+    With ``labelled=False`` (data to predict on), ``answers`` may be absent.
     """
     qid = record.get("id")
     where = _where(source, qid, location)
-    for key in ("id", "question", "context", "answers"):
+    for key in ("id", "question", "context", "answers") if labelled else ("id", "question", "context"):
         if key not in record:
             raise DataError(f"{where}: missing key {key!r}")
     if isinstance(qid, bool) or not isinstance(qid, (str, int)):
@@ -136,6 +138,11 @@ def validate_record(
     title = record.get("title") or ""
     if not isinstance(title, str):
         raise DataError(f"{where}: title must be a string, got {type(title).__name__}")
+    if not labelled and "answers" not in record:
+        record = {**record, "answers": [], "is_impossible": False}
+        labelled_here = False
+    else:
+        labelled_here = True
     answers = _normalise_answers(record["answers"], where)
 
     impossible = record.get("is_impossible", default_impossible)
@@ -145,7 +152,7 @@ def validate_record(
         raise DataError(f"{where}: is_impossible must be true or false, got {impossible!r}")
     if impossible and answers:
         raise DataError(f"{where}: question is marked unanswerable (is_impossible) but has answers")
-    if not impossible and not answers:
+    if not impossible and not answers and labelled_here:
         raise DataError(f"{where}: answerable question has no answer")
 
     texts, starts = [], []

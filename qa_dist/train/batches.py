@@ -99,3 +99,22 @@ def epoch_plan(
     longest = int(np.argmax(lengths[plan].max(axis=(1, 2)))) if steps else 0
     plan[[0, longest]] = plan[[longest, 0]]
     return plan
+
+
+def eval_plan(lengths: np.ndarray, *, batch_size: int, world_size: int, rank: int) -> list[tuple[np.ndarray, bool]]:
+    """This rank's evaluation batches: ``(window indices, is_padding)``.
+
+    The windows are sorted by length (longest first) and cut into batches that do not depend on the
+    number of processes, so every window is scored in the same batch (the same padded shape, hence
+    bit-identical logits) with 1, 2 or 3 processes; batch ``b`` goes to rank ``b % world_size``.
+    Every rank runs the same number of forwards (under ZeRO-3 each forward is a collective): a rank
+    short of batches repeats batch 0 and marks it padding, to be dropped.
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rounds = -(-len(batches) // world_size) if batches else 0
+    plan = []
+    for r in range(rounds):
+        b = r * world_size + rank
+        plan.append((batches[b], False) if b < len(batches) else (batches[0], True))
+    return plan

@@ -58,7 +58,7 @@ def check_export(accelerator, model, batch: dict, out_dir: Path, tolerance: floa
     export and compares. Writes ``export_check.json`` and raises on a mismatch."""
     from transformers import AutoModelForQuestionAnswering
 
-    trained = batch_logits(accelerator, model, batch)
+    trained = batch_logits(accelerator, model, batch).cpu()
     inputs = {k: v.cpu() for k, v in batch.items() if k not in LABELS}
     report = {}
     if accelerator.is_main_process:

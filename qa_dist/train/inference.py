@@ -9,7 +9,7 @@ LABELS = ("start_positions", "end_positions")
 
 @torch.no_grad()
 def batch_logits(accelerator, model, batch: dict) -> torch.Tensor:
-    """``[2, windows, length]`` float logits on the CPU, in eval mode (restored afterwards).
+    """``[2, windows, length]`` float logits on the model's device, in eval mode (restored afterwards).
     Every rank calls this: under ZeRO-3 the forward gathers parameters collectively."""
     was_training = model.training
     model.eval()
@@ -18,4 +18,4 @@ def batch_logits(accelerator, model, batch: dict) -> torch.Tensor:
             out = model(**{k: v.to(accelerator.device) for k, v in batch.items() if k not in LABELS})
     finally:
         model.train(was_training)
-    return torch.stack([out.start_logits, out.end_logits]).float().cpu()
+    return torch.stack([out.start_logits, out.end_logits]).float()

@@ -20,9 +20,9 @@ from qa_dist.prepare import prepare_features
 from qa_dist.train.batches import FeatureColumns, epoch_plan
 from qa_dist.train.checkpoint import Checkpointer, TrainState
 from qa_dist.train.export import check_export, export_model
+from qa_dist.train.inference import batch_logits
 from qa_dist.train.optim import make_optimizer, make_scheduler
 from qa_dist.train.preemption import PREEMPTED_MARKER, PreemptionFlag
-from qa_dist.train.samples import log_sample_predictions
 from qa_dist.train.tracking import make_tracker, wandb_wanted
 
 
@@ -31,28 +31,37 @@ class Evaluator(Protocol):
 
     def maybe_run(self, step: int, model) -> dict | None: ...
 
-    def run(self, step: int, model) -> dict | None: ...
+    def finish(self, step: int, model) -> dict | None: ...
 
 
 class NullEvaluator:
     def maybe_run(self, step: int, model) -> dict | None:
         return None
 
-    def run(self, step: int, model) -> dict | None:
+    def finish(self, step: int, model) -> dict | None:
         return None
 
 
 class PeriodicEvaluator:
-    """Base for evaluators that run every ``every`` optimizer steps (0: only at the end). Every rank
-    calls ``maybe_run`` and ``run``; subclasses implement ``run``."""
+    """Base for evaluators that run every ``every`` optimizer steps (0: only at the end) and once at
+    the end of training (unless that step was just evaluated). Every rank calls ``maybe_run`` and
+    ``finish``; subclasses implement ``run``."""
 
     def __init__(self, every: int) -> None:
         self.every = every
+        self.last_step: int | None = None
 
     def maybe_run(self, step: int, model) -> dict | None:
         if self.every and step % self.every == 0:
+            self.last_step = step
             return self.run(step, model)
         return None
+
+    def finish(self, step: int, model) -> dict | None:
+        if self.last_step == step:
+            return None
+        self.last_step = step
+        return self.run(step, model)
 
     def run(self, step: int, model) -> dict | None:
         raise NotImplementedError
@@ -224,6 +233,12 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
     state = checkpointer.restore(config.resume) or TrainState()
     tracker = make_tracker(acc, config, state.wandb_run_id, config_to_dict(config))
     state.wandb_run_id = tracker.run_id
+    if evaluator is None and config.data.eval:
+        from qa_dist.eval.evaluator import GatheredEvaluator
+
+        evaluator = GatheredEvaluator(
+            config, tokenizer, context_of(acc), lambda m, b: batch_logits(acc, m, b), tracker, acc.is_main_process
+        )
     evaluator = evaluator or NullEvaluator()
     preemption = PreemptionFlag()
     meter, pad_id = Meter(), tokenizer.pad_token_id or 0
@@ -259,13 +274,8 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
                 return TrainResult(state.step, preempted=True, export_dir=None)
             checkpointer.maybe_save(state)
         checkpointer.ensure_saved(state)
-        if (metrics := evaluator.run(state.step, model)) is not None:
+        if (metrics := evaluator.finish(state.step, model)) is not None:
             tracker.log(metrics, state.step)
-        if config.data.eval:
-            eval_entry = prepare_features(config, tokenizer, context_of(acc), roles=("eval",))["eval"].entry
-            log_sample_predictions(
-                acc, model, eval_entry, tokenizer, tracker, state.step, max_answer_length=config.eval.max_answer_length
-            )
         export_dir = run_dir / "model"
         export_model(acc, model, tokenizer, export_dir)
         sample = columns.batch(np.arange(min(8, len(columns))), pad_id)

@@ -1,0 +1,92 @@
+"""What each rank keeps of its evaluation windows: the n best valid spans, the null score and the
+window's log-normaliser, a few hundred bytes per window instead of its full logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qa_dist.spans import top_spans
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Span candidates of a set of windows, row ``i`` describing window ``window[i]``."""
+
+    window: np.ndarray
+    """int64 ``[W]``: global window index (the row of the features table)."""
+    start: np.ndarray
+    """int16 ``[W, n]``: start token of each candidate, best first."""
+    end: np.ndarray
+    """int16 ``[W, n]``: end token (inclusive)."""
+    score: np.ndarray
+    """float32 ``[W, n]``: start + end logit; -inf marks a slot without a valid span."""
+    null: np.ndarray
+    """float32 ``[W]``: start + end logit at the window's CLS position (the no-answer score)."""
+    log_norm: np.ndarray
+    """float32 ``[W]``: logsumexp of the start logits plus that of the end logits over the window's
+    real tokens, so ``score - log_norm`` is a log-probability comparable across windows."""
+
+    def __len__(self) -> int:
+        return len(self.window)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.window, self.start, self.end, self.score, self.null, self.log_norm))
+
+    @classmethod
+    def concat(cls, parts: list[Candidates]) -> Candidates:
+        parts = [p for p in parts if p is not None and len(p)]
+        if not parts:
+            return cls.empty()
+        fields = ("window", "start", "end", "score", "null", "log_norm")
+        return cls(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in fields})
+
+    @classmethod
+    def empty(cls, n: int = 1) -> Candidates:
+        return cls(
+            window=np.zeros(0, np.int64),
+            start=np.zeros((0, n), np.int16),
+            end=np.zeros((0, n), np.int16),
+            score=np.zeros((0, n), np.float32),
+            null=np.zeros(0, np.float32),
+            log_norm=np.zeros(0, np.float32),
+        )
+
+
+@torch.no_grad()
+def candidates_from_logits(
+    window: np.ndarray,
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    context_mask: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cls_index: torch.Tensor,
+    *,
+    n_best: int,
+    max_answer_length: int,
+) -> Candidates:
+    """Candidates of one batch, computed on the logits' device; only the result moves to the CPU.
+
+    ``window``: the batch's global window indices; logits and masks ``[B, L]``; ``cls_index`` ``[B]``.
+    """
+    if start_logits.shape[1] >= 2**15:
+        raise ValueError("windows longer than 32767 tokens do not fit the int16 candidate positions")
+    start_logits, end_logits = start_logits.float(), end_logits.float()
+    starts, ends, scores = top_spans(start_logits, end_logits, context_mask, n_best, max_answer_length)
+    rows = torch.arange(len(cls_index), device=start_logits.device)
+    null = start_logits[rows, cls_index] + end_logits[rows, cls_index]
+    real = attention_mask.bool()
+    log_norm = torch.logsumexp(start_logits.masked_fill(~real, float("-inf")), dim=1) + torch.logsumexp(
+        end_logits.masked_fill(~real, float("-inf")), dim=1
+    )
+    return Candidates(
+        window=np.asarray(window, dtype=np.int64),
+        start=starts.to(torch.int16).cpu().numpy(),
+        end=ends.to(torch.int16).cpu().numpy(),
+        score=scores.cpu().numpy().astype(np.float32),
+        null=null.cpu().numpy().astype(np.float32),
+        log_norm=log_norm.cpu().numpy().astype(np.float32),
+    )
