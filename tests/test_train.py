@@ -91,6 +91,13 @@ def test_two_processes_train_and_export(tmp_path, tiny_model, cache_dir, strateg
         "step-00000020",
         "step-00000030",
     ]  # keep 2
+    # The gathered evaluation ran at the end (under DeepSpeed too, whose Accelerate gather fails on
+    # gloo) and rank zero wrote the prediction files of every dev question.
+    metrics = json.loads((run_dir / "eval" / "step_30" / "metrics.json").read_text())
+    assert metrics["metric"] == "squad_v2" and metrics["raw"]["missing"] == 0
+    predictions = json.loads((run_dir / "eval" / "step_30" / "predictions.json").read_text())
+    assert set(predictions) == {e["id"] for e in load_examples("sample:en-dev")}
+    assert re.search(r"^step 30: .*eval/f1 ", done.stderr, re.MULTILINE)
 
     # The export loads and predicts what the model at the end of training predicted.
     saved = torch.load(run_dir / "final_batch_logits.pt")
@@ -194,7 +201,7 @@ def test_preemption_then_exact_resume(tmp_path, tiny_model, cache_dir):
     ]
     table = json.loads((logs[1].parent / "files" / path).read_text())
     assert len(table["data"]) == 8
-    assert table["columns"] == ["id", "question", "predicted", "score", "gold"]
+    assert table["columns"] == ["id", "question", "predicted", "probability", "gold"]
     dev_ids = {e["id"] for e in load_examples("sample:en-dev")}
     assert all(row[0] in dev_ids for row in table["data"])
     assert "wandb sync" in resumed.stderr
@@ -264,3 +271,22 @@ def test_incomplete_checkpoints_are_never_complete(tmp_path):
         if complete:
             (path / COMPLETE).write_text("")
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000010", "step-00000020"]
+
+
+def test_periodic_evaluator_runs_once_at_the_end_even_when_the_last_step_was_evaluated():
+    from qa_dist.train import PeriodicEvaluator
+
+    class Counting(PeriodicEvaluator):
+        calls: list[int] = []
+
+        def run(self, step, model):
+            self.calls.append(step)
+            return {}
+
+    evaluator = Counting(5)
+    for step in range(1, 11):
+        evaluator.maybe_run(step, None)
+    evaluator.finish(10, None)
+    assert evaluator.calls == [5, 10]
+    evaluator.finish(12, None)
+    assert evaluator.calls == [5, 10, 12]

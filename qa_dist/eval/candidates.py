@@ -75,13 +75,19 @@ def candidates_from_logits(
     if start_logits.shape[1] >= 2**15:
         raise ValueError("windows longer than 32767 tokens do not fit the int16 candidate positions")
     start_logits, end_logits = start_logits.float(), end_logits.float()
-    starts, ends, scores = top_spans(start_logits, end_logits, context_mask, n_best, max_answer_length)
+    # Spans end at the last context token: the positions after it (question or padding) need no search.
+    in_context = context_mask.any(dim=0).nonzero()
+    width = int(in_context[-1]) + 1 if len(in_context) else 1
+    starts, ends, scores = top_spans(
+        start_logits[:, :width], end_logits[:, :width], context_mask[:, :width], n_best, max_answer_length
+    )
     rows = torch.arange(len(cls_index), device=start_logits.device)
     null = start_logits[rows, cls_index] + end_logits[rows, cls_index]
     real = attention_mask.bool()
-    log_norm = torch.logsumexp(start_logits.masked_fill(~real, float("-inf")), dim=1) + torch.logsumexp(
-        end_logits.masked_fill(~real, float("-inf")), dim=1
-    )
+    if not bool(real.all()):
+        start_logits = start_logits.masked_fill(~real, float("-inf"))
+        end_logits = end_logits.masked_fill(~real, float("-inf"))
+    log_norm = torch.logsumexp(start_logits, dim=1) + torch.logsumexp(end_logits, dim=1)
     return Candidates(
         window=np.asarray(window, dtype=np.int64),
         start=starts.to(torch.int16).cpu().numpy(),

@@ -7,6 +7,7 @@ per-example Python loop); no distributed code. ``postprocess`` exposes it for lo
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -23,7 +24,7 @@ class Predictions(NamedTuple):
 
     answers: dict[str, str]
     """Question id to answer text ("" for no answer)."""
-    nbest: dict[str, list[dict]]
+    nbest: Mapping[str, list[dict]]
     """Question id to its n best answers: text, start/end character offsets, score, log_prob, probability."""
     null_odds: dict[str, float]
     """Question id to null score minus best span score (SQuAD v2; empty otherwise)."""
@@ -45,14 +46,27 @@ class WindowOffsets:
         """From an ``offset_mapping`` column (list of [start, end] pairs or nulls), without Python loops."""
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
-        pairs = pc.list_flatten(column)
         base = column.offsets.to_numpy().astype(np.int64)
+        pairs = column.values.slice(base[0], base[-1] - base[0])
         base = base - base[0]
-
-        def part(i: int) -> np.ndarray:
-            return pc.fill_null(pc.list_element(pairs, i), -1).to_numpy(zero_copy_only=False).astype(np.int64)
-
-        return cls(base=base, char_start=part(0), char_end=part(1))
+        # A null pair has no values, so the flat values are the non-null pairs' numbers in order.
+        validity = pairs.buffers()[0]
+        if validity is None:
+            present = np.ones(len(pairs), dtype=bool)
+        else:
+            bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
+            present = bits[pairs.offset : pairs.offset + len(pairs)].astype(bool)
+        if isinstance(pairs, pa.FixedSizeListArray):
+            flat = pc.list_flatten(pairs).to_numpy(zero_copy_only=False).astype(np.int64)
+        else:  # zero-copy: the pairs' numbers lie in order between their first and last offsets
+            inner = pairs.offsets.to_numpy()
+            flat = pairs.values.slice(inner[0], inner[-1] - inner[0]).to_numpy(zero_copy_only=False).astype(np.int64)
+        if len(flat) != 2 * int(present.sum()):
+            raise ValueError("offset_mapping entries must be [start, end] pairs or None")
+        char_start = np.full(len(pairs), -1, dtype=np.int64)
+        char_end = np.full(len(pairs), -1, dtype=np.int64)
+        char_start[present], char_end[present] = flat[0::2], flat[1::2]
+        return cls(base=base, char_start=char_start, char_end=char_end)
 
     @classmethod
     def from_lists(cls, rows: list) -> WindowOffsets:
@@ -65,14 +79,67 @@ class WindowOffsets:
     def lengths(self) -> np.ndarray:
         return np.diff(self.base)
 
+    def last_context_token(self) -> np.ndarray:
+        """Per window, the position of its last context token (-1 if none)."""
+        lengths = self.lengths
+        position = np.arange(len(self.char_start)) - np.repeat(self.base[:-1], lengths)
+        position = np.where(self.char_start >= 0, position, -1)
+        out = np.full(len(lengths), -1, dtype=np.int64)
+        nonempty = lengths > 0
+        if nonempty.any():
+            out[nonempty] = np.maximum.reduceat(position, self.base[:-1][nonempty])
+        return out
+
     def context_mask(self, windows: np.ndarray, width: int) -> np.ndarray:
         """bool ``[len(windows), width]``: which positions of each window are context tokens."""
-        mask = np.zeros((len(windows), width), dtype=bool)
-        for row, w in enumerate(windows):
-            lo, hi = self.base[w], self.base[w + 1]
-            n = min(hi - lo, width)
-            mask[row, :n] = self.char_start[lo : lo + n] >= 0
-        return mask
+        if len(self.char_start) == 0:
+            return np.zeros((len(windows), width), dtype=bool)
+        position = np.arange(width)[None, :]
+        inside = position < self.lengths[windows, None]
+        flat = np.minimum(self.base[windows, None] + position, len(self.char_start) - 1)
+        return inside & (self.char_start[flat] >= 0)
+
+
+class NBestLists(Mapping):
+    """Question id to its n-best list, built on access from the decoded arrays (building 20 dicts
+    for each of 12k questions costs more than the rest of post-processing; most callers only
+    write them once, or never look)."""
+
+    def __init__(self, ids, contexts, bounds, char_start, char_end, score, log_prob, null, n_best: int) -> None:
+        self._ids, self._n_best = ids, n_best
+        self._index = {qid: e for e, qid in enumerate(ids)}
+        self._contexts, self._bounds = contexts, bounds
+        self._arrays = (char_start, char_end, score, log_prob)
+        self._null = null  # example -> (score, log_prob), or None (not SQuAD v2)
+
+    def __getitem__(self, qid: str) -> list[dict]:
+        e = self._index[qid]
+        lo, hi = self._bounds[e], self._bounds[e + 1]
+        starts, ends, scores, log_probs = (a[lo:hi].tolist() for a in self._arrays)
+        context = self._contexts[e]
+        entries = [
+            {"text": context[a:b], "start": a, "end": b, "score": sc, "log_prob": lp}
+            for a, b, sc, lp in zip(starts, ends, scores, log_probs, strict=True)
+        ]
+        if self._null is not None and self._null[e] is not None:
+            null_score, null_log_prob = self._null[e]
+            position = next((k for k, x in enumerate(entries) if x["score"] < null_score), len(entries))
+            null_entry = {"text": "", "start": -1, "end": -1, "score": null_score, "log_prob": null_log_prob}
+            entries.insert(position, null_entry)
+            del entries[self._n_best :]
+        if entries:
+            top = entries[0]["score"]
+            weights = [math.exp(x["score"] - top) for x in entries]
+            total = sum(weights)
+            for x, weight in zip(entries, weights, strict=True):
+                x["probability"] = weight / total
+        return entries
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 def decode(
@@ -99,16 +166,16 @@ def decode(
     if len(windows) != num_windows or (num_windows and (windows[0] != 0 or windows[-1] != num_windows - 1)):
         raise ValueError(f"candidates cover {len(windows)} distinct windows of {num_windows}")
     keep = order[first]
-    score, null = candidates.score[keep], candidates.null[keep]
+    score, null = candidates.score[keep], candidates.null[keep].astype(np.float64)
     start, end = candidates.start[keep].astype(np.int64), candidates.end[keep].astype(np.int64)
-    log_norm = candidates.log_norm[keep]
+    log_norm = candidates.log_norm[keep].astype(np.float64)
     window_example = np.asarray(window_example, dtype=np.int64)
     n = score.shape[1] if score.ndim == 2 else 0
 
     # Each example's null score: the minimum over its windows, and which window gave it.
     null_order = np.lexsort((null, window_example))
     ex_sorted = window_example[null_order]
-    firsts = np.flatnonzero(np.r_[True, ex_sorted[1:] != ex_sorted[:-1]])
+    firsts = np.flatnonzero(np.r_[True, ex_sorted[1:] != ex_sorted[:-1]]) if num_windows else np.zeros(0, int)
     null_window = np.full(num_examples, -1, dtype=np.int64)
     null_window[ex_sorted[firsts]] = null_order[firsts]
 
@@ -116,8 +183,19 @@ def decode(
     row_window = np.repeat(np.arange(num_windows), n)
     row_score = score.ravel()
     valid = np.flatnonzero(np.isfinite(row_score))
-    row_example = window_example[row_window[valid]]
-    sort = valid[np.lexsort((-row_score[valid], row_example))]
+    if num_windows and np.all(window_example[1:] >= window_example[:-1]):
+        # Windows come grouped by example (as every feature builder makes them) and each window's
+        # candidates are sorted already: only examples with several windows need sorting.
+        sort = valid
+        row_example = window_example[row_window[sort]]
+        windows_of = np.bincount(window_example, minlength=num_examples)
+        multi = np.flatnonzero(windows_of[row_example] > 1)
+        if len(multi):
+            sub = multi[np.lexsort((-row_score[sort[multi]], row_example[multi]))]
+            sort = sort.copy()
+            sort[multi] = sort[sub]
+    else:
+        sort = valid[np.lexsort((-row_score[valid], window_example[row_window[valid]]))]
     row_example = window_example[row_window[sort]]
     group_first = np.searchsorted(row_example, row_example, side="left")
     top = sort[np.arange(len(sort)) - group_first < n_best_size]
@@ -128,47 +206,33 @@ def decode(
     char_end = offsets.char_end[offsets.base[top_window] + end.ravel()[top]]
     bounds = np.searchsorted(top_example, np.arange(num_examples + 1), side="left")
 
-    answers, nbest, null_odds, span_answers = {}, {}, {}, {}
-    for e, qid in enumerate(example_ids):
-        context = contexts[e]
-        lo, hi = bounds[e], bounds[e + 1]
-        entries = [
-            {
-                "text": context[char_start[i] : char_end[i]],
-                "start": int(char_start[i]),
-                "end": int(char_end[i]),
-                "score": float(top_score[i]),
-                "log_prob": float(top_log_prob[i]),
-            }
-            for i in range(lo, hi)
+    # The best span of each example (its first row), as Python values for the loop below.
+    has_span = bounds[1:] > bounds[:-1]
+    best_row = np.minimum(bounds[:-1], max(len(top) - 1, 0))
+    best_start = char_start[best_row].tolist() if len(top) else [0] * num_examples
+    best_end = char_end[best_row].tolist() if len(top) else [0] * num_examples
+    span_answers = {
+        qid: contexts[e][best_start[e] : best_end[e]] if ok else ""
+        for e, (qid, ok) in enumerate(zip(example_ids, has_span.tolist(), strict=True))
+    }
+    null_entries = None
+    if version_2_with_negative:
+        example_null = np.where(null_window >= 0, null[np.maximum(null_window, 0)], np.inf)
+        best_score = np.where(has_span, top_score[best_row] if len(top) else -np.inf, -np.inf)
+        odds = example_null - best_score  # +inf when an example has no valid span at all
+        null_odds = dict(zip(example_ids, odds.tolist(), strict=True))
+        empty = (odds > null_score_diff_threshold).tolist()
+        answers = {qid: "" if no else span_answers[qid] for qid, no in zip(example_ids, empty, strict=True)}
+        null_log_prob = example_null - log_norm[np.maximum(null_window, 0)]
+        null_entries = [
+            (a, b) if w >= 0 else None
+            for a, b, w in zip(example_null.tolist(), null_log_prob.tolist(), null_window.tolist(), strict=True)
         ]
-        best = entries[0] if entries else None
-        span_answers[qid] = best["text"] if best else ""
-        if version_2_with_negative and null_window[e] >= 0:
-            w = null_window[e]
-            null_score = float(null[w])
-            null_entry = {
-                "text": "",
-                "start": -1,
-                "end": -1,
-                "score": null_score,
-                "log_prob": null_score - float(log_norm[w]),
-            }
-            position = next((k for k, x in enumerate(entries) if x["score"] < null_score), len(entries))
-            entries.insert(position, null_entry)
-            del entries[n_best_size:]
-            odds = null_score - best["score"] if best else math.inf
-            null_odds[qid] = odds
-            answers[qid] = "" if odds > null_score_diff_threshold else best["text"]
-        else:
-            answers[qid] = best["text"] if best else ""
-        if entries:
-            top_s = entries[0]["score"]
-            weights = [math.exp(x["score"] - top_s) for x in entries]
-            total = sum(weights)
-            for x, weight in zip(entries, weights, strict=True):
-                x["probability"] = weight / total
-        nbest[qid] = entries
+    else:
+        null_odds, answers = {}, dict(span_answers)
+    nbest = NBestLists(
+        example_ids, contexts, bounds, char_start, char_end, top_score, top_log_prob, null_entries, n_best_size
+    )
     return Predictions(answers, nbest, null_odds, span_answers)
 
 
@@ -246,11 +310,26 @@ def postprocess(
         raise ValueError(
             f"logits of shape {tuple(start_logits.shape)} / {tuple(end_logits.shape)} for {len(offsets)} features"
         )
-    width, lengths = start_logits.shape[1], offsets.lengths
+    width = start_logits.shape[1]
+    lengths = np.minimum(offsets.lengths, width)
+    attention = _column(features, "attention_mask")
+    if attention is not None:  # the tutorials' features are padded: normalise over real tokens only
+        attention = pa.array(attention) if not isinstance(attention, pa.ChunkedArray) else attention.combine_chunks()
+        att_base = attention.offsets.to_numpy().astype(np.int64)
+        att_values = pc.list_flatten(attention).to_numpy(zero_copy_only=False).astype(bool)
+        att_base = att_base - att_base[0]
+    by_context = np.argsort(offsets.last_context_token(), kind="stable")
     parts = []
     for lo in range(0, len(offsets), batch_size):
-        windows = np.arange(lo, min(lo + batch_size, len(offsets)))
-        real = torch.from_numpy(np.arange(width)[None, :] < lengths[windows, None])
+        # Windows whose contexts end at similar positions together (the span search stops there).
+        windows = by_context[lo : lo + batch_size]
+        if attention is not None:
+            position = np.arange(width)[None, :]
+            inside = position < np.diff(att_base)[windows, None]
+            flat = np.minimum(att_base[windows, None] + position, max(len(att_values) - 1, 0))
+            real = torch.from_numpy(inside & att_values[flat])
+        else:
+            real = torch.from_numpy(np.arange(width)[None, :] < lengths[windows, None])
         parts.append(
             candidates_from_logits(
                 windows,
