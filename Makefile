@@ -43,6 +43,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/cache_open.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/postprocess.py
+	$(BIN)/python bench/gather_bytes.py
 
 clean:
 	rm -rf .qa-dist-cache runs .pytest_cache .ruff_cache

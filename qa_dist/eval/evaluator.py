@@ -109,7 +109,7 @@ def write_json(path: Path, value) -> None:
 
 def write_predictions(out_dir: Path, predictions: Predictions, with_null_odds: bool) -> None:
     write_json(out_dir / "predictions.json", predictions.answers)
-    write_json(out_dir / "nbest_predictions.json", predictions.nbest)
+    write_json(out_dir / "nbest_predictions.json", dict(predictions.nbest))
     if with_null_odds:
         write_json(out_dir / "null_odds.json", predictions.null_odds)
 
