@@ -184,6 +184,88 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from qa_dist import launch as L
+    from qa_dist.config import load_config
+    from qa_dist.errors import ConfigError
+
+    if not args.config:
+        raise ConfigError("qa-dist launch needs --config RUN.yaml")
+    config = load_config(args.config, args.overrides)
+    gpus, gpu_gib = L.gpus_available()
+    cpu = args.cpu or (gpus == 0 and not args.slurm)
+    per_node = args.gpus_per_node or config.launch.gpus_per_node or (gpus if gpus and not cpu else 2)
+    nodes = args.nodes or config.launch.nodes
+    strategy = args.strategy or config.launch.strategy
+    if strategy == "single":
+        strategy, per_node, nodes = "ddp", 1, 1
+    if strategy == "auto":
+        if cpu:
+            strategy = "ddp"
+            print("strategy auto: no GPU, so DDP over CPU processes with gloo", file=sys.stderr)
+        else:
+            shape = L.model_shape(config.model.name_or_path)
+            memory = args.gpu_memory_gib or gpu_gib or 80.0
+            strategy, estimates = L.choose_strategy(
+                shape, nodes * per_node, config.train.per_device_batch_size, config.data.max_length, memory
+            )
+            print(
+                f"strategy auto: {shape.parameters / 1e6:,.0f}M parameters, micro-batch "
+                f"{config.train.per_device_batch_size} x {config.data.max_length} tokens, "
+                f"{nodes * per_node} GPUs of {memory:.0f} GiB (90% usable):",
+                file=sys.stderr,
+            )
+            for e in estimates:
+                host = f", host {e.host_gib:.1f} GiB" if e.host_gib else ""
+                mark = "<- chosen" if e.strategy == strategy else ("fits" if e.fits else "does not fit")
+                print(f"  {e.strategy:14s} {e.device_gib:7.1f} GiB per GPU{host}   {mark}", file=sys.stderr)
+    plan = L.Plan(strategy=strategy, nodes=nodes, processes_per_node=per_node, cpu=cpu)
+    _ = plan.accelerate_config  # (raises for strategies without a CPU path)
+    if not args.no_check:
+        problems = L.check_environment(config, plan)
+        if problems:
+            raise ConfigError("environment check failed:\n  " + "\n  ".join(problems))
+    overrides = list(args.overrides)
+    if args.slurm:
+        text = L.render_sbatch(plan, config, args.config, overrides, partition=args.partition, time_limit=args.time)
+        prepare = L.render_sbatch(
+            plan, config, args.config, overrides, script="prepare.sbatch", partition=args.partition
+        )
+        from qa_dist.models import load_tokenizer
+        from qa_dist.prepare import cache_is_warm
+
+        cold = not cache_is_warm(config, load_tokenizer(config.model))
+        if args.dry_run:
+            if cold:
+                print(prepare)
+            print(text, end="")
+            return 0
+        slurm_dir = Path(config.run_dir).resolve() / "slurm"
+        dependency = L.submit(prepare, slurm_dir / "prepare.sbatch") if cold else None
+        if dependency:
+            print(f"submitted prepare job {dependency} (the feature cache is cold)")
+        job = L.submit(text, slurm_dir / "train.sbatch", dependency=dependency)
+        print(f"submitted training job {job}" + (f" (after {dependency})" if dependency else ""))
+        return 0
+    line = L.launch_line(plan, args.config, overrides, machine_rank=args.machine_rank, head=args.head, port=args.port)
+    print(shlex.join(line), flush=True)
+    if args.dry_run:
+        return 0
+    return L.run(line)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qa_dist.demo import run_demo
+
+    languages = ["en", "zh"] if args.lang == "both" else [args.lang]
+    return run_demo(Path(args.out), languages, processes=args.processes)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from qa_dist.config import config_to_dict, load_config, valid_keys
 
@@ -240,6 +322,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward on each process")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("launch", help="print and run the accelerate launch line of a run, or submit it to Slurm")
+    _add_config_args(p)
+    p.add_argument(
+        "--strategy",
+        choices=["auto", "single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"],
+        help="parallelism (default: the config's launch.strategy); auto picks by memory",
+    )
+    p.add_argument("--gpus-per-node", type=int, help="processes per node (default: visible GPUs, 2 on CPU)")
+    p.add_argument("--nodes", type=int, help="machines (default: the config's launch.nodes)")
+    p.add_argument("--cpu", action="store_true", help="CPU processes with gloo (automatic without GPUs)")
+    p.add_argument("--gpu-memory-gib", type=float, help="memory per GPU for --strategy auto (default: this GPU's)")
+    p.add_argument("--slurm", action="store_true", help="render slurm/train.sbatch for the run and submit it")
+    p.add_argument("--partition", help="Slurm partition")
+    p.add_argument("--time", help="Slurm time limit, e.g. 24:00:00")
+    p.add_argument("--dry-run", action="store_true", help="print the line or the script, run nothing")
+    p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank when started by hand")
+    p.add_argument("--head", default="127.0.0.1", help="head node address when started by hand")
+    p.add_argument("--port", type=int, default=29500, help="rendezvous port")
+    p.add_argument("--no-check", action="store_true", help="skip the environment checks")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the shipped samples, offline, on 2 CPU processes")
+    p.add_argument("--lang", choices=["en", "zh", "both"], default="both")
+    p.add_argument("--out", default="runs/demo", help="where the runs, cache and wandb files go")
+    p.add_argument("--processes", type=int, default=2, help="training processes")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("score", help="score a predictions file against data with gold answers")
     p.add_argument("--data", required=True, help="data with gold answers (any format qa-dist reads)")

@@ -72,6 +72,36 @@ def _split_spec(config: RunConfig, role: str) -> tuple[str | None, str]:
     return (data.train, data.train_split) if role == "train" else (data.eval, data.eval_split)
 
 
+def split_key_parts(config: RunConfig, role: str, tokenizer_fp: str) -> dict | None:
+    """What names the cache entry of one split (None when the config has no such split)."""
+    source, split = _split_spec(config, role)
+    if source is None:
+        return None
+    data = config.data
+    return {
+        "role": role,
+        "data": source_fingerprint(source, split),
+        "tokenizer": tokenizer_fp,
+        "max_length": data.max_length,
+        "doc_stride": data.doc_stride,
+        "builder": FEATURE_BUILDER_VERSION,
+    }
+
+
+def cache_is_warm(config: RunConfig, tokenizer) -> bool:
+    """Whether every split of ``config`` already has a whole entry in its cache (no reading of data
+    beyond fingerprinting it)."""
+    from qa_dist.cache import check_entry
+
+    root = default_cache_dir(config.data.cache_dir)
+    fp = tokenizer_fingerprint(tokenizer)
+    for role in ("train", "eval"):
+        parts = split_key_parts(config, role, fp)
+        if parts is not None and check_entry(root / cache_key(parts), cache_key(parts), full=False) is not None:
+            return False
+    return True
+
+
 def prepare_features(
     config: RunConfig,
     tokenizer,
@@ -108,14 +138,7 @@ def prepare_features(
         if source is None:
             continue
         started = time.perf_counter()
-        parts = {
-            "role": role,
-            "data": source_fingerprint(source, split),
-            "tokenizer": tok_fp,
-            "max_length": data.max_length,
-            "doc_stride": data.doc_stride,
-            "builder": FEATURE_BUILDER_VERSION,
-        }
+        parts = split_key_parts(config, role, tok_fp)
         key = cache_key(parts)
 
         def build(source=source, split=split, role=role, parts=parts) -> Built:
