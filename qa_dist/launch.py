@@ -194,7 +194,7 @@ def render_sbatch(
         "@QA_DIST_PYTHON@": sys.executable,
         "@ACCELERATE_ARGS@": " ".join(
             shlex.quote(a) if not a.startswith("$") else f'"{a}"'
-            for a in accelerate_args(plan, machine_rank="$SLURM_NODEID", head="$HEAD_NODE", port="$PORT")
+            for a in accelerate_args(plan, machine_rank="$SLURM_PROCID", head="$HEAD_NODE", port="$PORT")
         ),
         "@TRAIN_ARGS@": " ".join(shlex.quote(a) for a in train_command(config_path, overrides)),
         "@CONFIG@": shlex.quote(str(Path(config_path).resolve())),
