@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,23 +29,16 @@ from transformers import AutoTokenizer  # noqa: E402
 from qa_dist import load_examples, postprocess  # noqa: E402
 from qa_dist.models import resolve_model_path  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from preprocess import tutorial_tokenize  # noqa: E402
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-v2.0-reconstructed"
 DATA = DATA / "dev-v2.0.reconstructed.json.gz"
 
 
 def tutorial_prepare_validation_features(examples, tokenizer, max_length, doc_stride):
     """The notebook's function (pads to max_length; offsets outside the context set to None)."""
-    examples["question"] = [q.lstrip() for q in examples["question"]]
-    tokenized = tokenizer(
-        examples["question"],
-        examples["context"],
-        truncation="only_second",
-        max_length=max_length,
-        stride=doc_stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        padding="max_length",
-    )
+    tokenized = tutorial_tokenize(examples, tokenizer, max_length, doc_stride)
     sample_mapping = tokenized.pop("overflow_to_sample_mapping")
     tokenized["example_id"] = []
     for i in range(len(tokenized["input_ids"])):

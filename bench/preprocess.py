@@ -32,10 +32,11 @@ DATA = (
 )
 
 
-def tutorial_prepare_train_features(examples: dict, tokenizer, max_length: int, doc_stride: int) -> dict:
-    """The notebook's function, unchanged in substance (it pads to max_length)."""
+def tutorial_tokenize(examples: dict, tokenizer, max_length: int, doc_stride: int):
+    """The notebook's pair call, shared by its training and validation feature functions: questions
+    left-stripped, context-only truncation with overflow windows, padded to max_length."""
     examples["question"] = [q.lstrip() for q in examples["question"]]
-    tokenized = tokenizer(
+    return tokenizer(
         examples["question"],
         examples["context"],
         truncation="only_second",
@@ -45,6 +46,11 @@ def tutorial_prepare_train_features(examples: dict, tokenizer, max_length: int, 
         return_offsets_mapping=True,
         padding="max_length",
     )
+
+
+def tutorial_prepare_train_features(examples: dict, tokenizer, max_length: int, doc_stride: int) -> dict:
+    """The notebook's function, unchanged in substance (it pads to max_length)."""
+    tokenized = tutorial_tokenize(examples, tokenizer, max_length, doc_stride)
     sample_mapping = tokenized.pop("overflow_to_sample_mapping")
     offset_mapping = tokenized.pop("offset_mapping")
     tokenized["start_positions"] = []

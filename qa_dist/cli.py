@@ -100,11 +100,10 @@ def _model_shorthand(overrides: list[str]) -> list[str]:
     return [f"model.name_or_path={o[6:]}" if o.startswith("model=") else o for o in overrides]
 
 
-def _print_eval(result: dict, out_dir) -> None:
+def _print_eval(metrics: dict, out_dir) -> None:
     import json
 
-    shown = {k: v for k, v in result.items() if k != "predictions"}
-    print(json.dumps(shown, indent=2, ensure_ascii=False))
+    print(json.dumps(metrics, indent=2, ensure_ascii=False))
     if out_dir is not None:
         print(f"prediction files: {out_dir}", file=sys.stderr)
 
@@ -120,7 +119,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out_dir = Path(args.output) if args.output else Path(config.run_dir) / "eval" / "evaluate"
     result = evaluate_run(config, out_dir, progress=not args.quiet)
     if result is not None:
-        _print_eval(result, out_dir)
+        _print_eval(result.metrics, out_dir)
     return 0
 
 
@@ -137,7 +136,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError("give either --data FILE or both --question and --context")
     if args.data:
         examples = load_examples(args.data, labelled=False)
-        out_dir = Path(args.output)
+        out_dir = Path(args.output or "predictions")
     else:
         if not (args.question and args.context and args.question.strip() and args.context.strip()):
             raise ConfigError("--question and --context must both be given and not empty")
@@ -151,7 +150,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 "is_impossible": False,
             }
         ]
-        out_dir = Path(args.output) if args.output_given else None
+        out_dir = Path(args.output) if args.output else None
     config = EvalConfig(
         per_device_batch_size=args.batch_size,
         n_best_size=args.n_best,
@@ -170,7 +169,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     if result is None:
         return 0
-    predictions = result["predictions"]
+    predictions = result.predictions
     if args.data:
         print(f"{len(predictions.answers):,} answers written to {out_dir}/predictions.json", file=sys.stderr)
         return 0
@@ -209,19 +208,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
         else:
             shape = L.model_shape(config.model.name_or_path)
             memory = args.gpu_memory_gib or gpu_gib or 80.0
-            strategy, estimates = L.choose_strategy(
-                shape, nodes * per_node, config.train.per_device_batch_size, config.data.max_length, memory
-            )
-            print(
-                f"strategy auto: {shape.parameters / 1e6:,.0f}M parameters, micro-batch "
-                f"{config.train.per_device_batch_size} x {config.data.max_length} tokens, "
-                f"{nodes * per_node} GPUs of {memory:.0f} GiB (90% usable):",
-                file=sys.stderr,
-            )
-            for e in estimates:
-                host = f", host {e.host_gib:.1f} GiB" if e.host_gib else ""
-                mark = "<- chosen" if e.strategy == strategy else ("fits" if e.fits else "does not fit")
-                print(f"  {e.strategy:14s} {e.device_gib:7.1f} GiB per GPU{host}   {mark}", file=sys.stderr)
+            sizes = (nodes * per_node, config.train.per_device_batch_size, config.data.max_length)
+            strategy, estimates = L.choose_strategy(shape, *sizes, memory)
+            print(L.describe(shape, estimates, strategy, *sizes, memory), file=sys.stderr)
     plan = L.Plan(strategy=strategy, nodes=nodes, processes_per_node=per_node, cpu=cpu)
     _ = plan.accelerate_config  # (raises for strategies without a CPU path)
     if not args.no_check:
@@ -230,14 +219,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
             raise ConfigError("environment check failed:\n  " + "\n  ".join(problems))
     overrides = list(args.overrides)
     if args.slurm:
-        text = L.render_sbatch(plan, config, args.config, overrides, partition=args.partition, time_limit=args.time)
-        prepare = L.render_sbatch(
-            plan, config, args.config, overrides, script="prepare.sbatch", partition=args.partition
-        )
         from qa_dist.models import load_tokenizer
         from qa_dist.prepare import cache_is_warm
 
+        text = L.render_sbatch(plan, config, args.config, overrides, partition=args.partition, time_limit=args.time)
         cold = not cache_is_warm(config, load_tokenizer(config.model))
+        prepare = (
+            L.render_sbatch(plan, config, args.config, overrides, script="prepare.sbatch", partition=args.partition)
+            if cold
+            else None
+        )
         if args.dry_run:
             if cold:
                 print(prepare)
@@ -310,7 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="SQuAD-format questions to answer (answers optional)")
     p.add_argument("--question", help="one question (with --context)")
     p.add_argument("--context", help="the passage that answers --question")
-    p.add_argument("--output", "-o", default="predictions", help="directory for the prediction files")
+    p.add_argument(
+        "--output",
+        "-o",
+        help="directory for the prediction files (default ./predictions with --data; none for one question)",
+    )
     p.add_argument("--allow-no-answer", action="store_true", help="SQuAD v2 style: answer empty when null wins")
     p.add_argument(
         "--null-threshold", type=float, default=0.0, help="null score minus span score above which no answer"
@@ -368,9 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     from qa_dist.errors import QaDistError
 
     logging.basicConfig(level=logging.WARNING, format="qa-dist: %(levelname)s: %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    args.output_given = any(a in ("--output", "-o") or a.startswith("--output=") for a in argv)
     try:
         return args.func(args)
     except QaDistError as e:

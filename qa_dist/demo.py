@@ -24,26 +24,13 @@ RECIPES = {
 
 def _tiny_chinese_model(directory: Path) -> Path:
     """A 2-layer BERT (hidden 128) for the character tokenizer: the demo has no Chinese encoder offline."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
-
-    from qa_dist.models import resolve_model_path
+    from qa_dist.config import ModelConfig
+    from qa_dist.models import load_tokenizer, save_small_bert
 
     if (directory / "config.json").exists():
         return directory
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("sample:zh-char-tokenizer"))
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=256,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    BertForQuestionAnswering(config).save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    return directory
+    tokenizer = load_tokenizer(ModelConfig(name_or_path="sample:zh-char-tokenizer"))
+    return save_small_bert(tokenizer, directory, hidden_size=128)
 
 
 def _stage(name: str) -> None:
@@ -118,7 +105,7 @@ def _answer_samples(model_dir: Path, data: str, lang: str, count: int = 4) -> No
     result = predict(str(model_dir), examples, None, max_length=256, doc_stride=64)
     for ex in examples:
         print(f"  Q: {ex['question']}")
-        print(f"     predicted: {result['predictions'].answers[ex['id']]!r}   gold: {ex['answers']['text'][0]!r}")
+        print(f"     predicted: {result.predictions.answers[ex['id']]!r}   gold: {ex['answers']['text'][0]!r}")
 
 
 def _summary(rows, out: Path) -> None:

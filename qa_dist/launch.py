@@ -93,6 +93,21 @@ def estimate(shape: ModelShape, strategy: str, gpus: int, micro_batch: int, seq_
     return Estimate(strategy, device_gib, host / GIB, device_gib <= 0.9 * gpu_gib)
 
 
+def describe(
+    shape: ModelShape, estimates: list[Estimate], chosen: str, gpus: int, micro_batch: int, seq_len: int, gpu_gib: float
+) -> str:
+    """The estimate behind ``--strategy auto``, as printed."""
+    lines = [
+        f"strategy auto: {shape.parameters / 1e6:,.0f}M parameters, micro-batch {micro_batch} x {seq_len} "
+        f"tokens, {gpus} GPUs of {gpu_gib:.0f} GiB (90% usable):"
+    ]
+    for e in estimates:
+        host = f", host {e.host_gib:.1f} GiB" if e.host_gib else ""
+        mark = "<- chosen" if e.strategy == chosen else ("fits" if e.fits else "does not fit")
+        lines.append(f"  {e.strategy:14s} {e.device_gib:7.1f} GiB per GPU{host}   {mark}")
+    return "\n".join(lines)
+
+
 def choose_strategy(
     shape: ModelShape, gpus: int, micro_batch: int, seq_len: int, gpu_gib: float
 ) -> tuple[str, list[Estimate]]:
@@ -130,8 +145,7 @@ class Plan:
                     "(DeepSpeed on CPU works with an explicit accelerate config; FSDP has no CPU path)"
                 )
             return CONFIGS / "accelerate" / "cpu_ddp.yaml"
-        name = {"ddp": "ddp", "fsdp": "fsdp", "zero2": "zero2", "zero3": "zero3", "zero3_offload": "zero3_offload"}
-        return CONFIGS / "accelerate" / f"{name[self.strategy]}.yaml"
+        return CONFIGS / "accelerate" / f"{self.strategy}.yaml"
 
     @property
     def deepspeed_config(self) -> Path | None:

@@ -49,6 +49,28 @@ def load_tokenizer(model: ModelConfig):
     return tokenizer
 
 
+def save_small_bert(
+    tokenizer, directory: Path, *, hidden_size: int, layers: int = 2, heads: int = 2, seed: int = 0
+) -> Path:
+    """A small BERT for question answering built from a config (random weights, ``seed``) and saved
+    with ``tokenizer``: for demos and tests where no pretrained encoder fits the vocabulary."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(seed)
+    BertForQuestionAnswering(config).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return Path(directory)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of what decides tokenization: class, the full tokenizers JSON (vocabulary, merges,
     normalizer, pre-tokenizer, post-processor) and the padding/truncation sides. Where the files

@@ -7,16 +7,9 @@ import torch.nn.functional as F
 
 
 def _window_max(x: torch.Tensor, band: int) -> torch.Tensor:
-    """``out[..., i] = max(x[..., i : i + band])`` (positions past the end count as -inf), by
-    doubling: log2(band) shifted maxima instead of ``band`` of them."""
-    length = x.shape[-1]
-    padded = F.pad(x, (0, band), value=float("-inf"))
-    span = 1
-    while span * 2 <= band:
-        padded = torch.maximum(padded, F.pad(padded[..., span:], (0, span), value=float("-inf")))
-        span *= 2
-    # padded[i] is now the max over [i, i + span); two overlapping spans cover [i, i + band).
-    return torch.maximum(padded[..., :length], padded[..., band - span : band - span + length])
+    """``out[:, i] = max(x[:, i : i + band])`` for ``[rows, length]``; positions past the end count as -inf."""
+    padded = F.pad(x, (0, band - 1), value=float("-inf"))
+    return F.max_pool1d(padded[:, None, :], kernel_size=band, stride=1)[:, 0]
 
 
 def top_spans(

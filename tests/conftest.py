@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,18 +131,22 @@ def save_tokenizer(tokenizer, directory: Path) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, minilm_tokenizer):
     """A BERT with hidden size 32 built from a config, with MiniLM's real WordPiece tokenizer."""
-    from transformers import BertConfig, BertForQuestionAnswering
+    from qa_dist.models import save_small_bert
 
-    out = tmp_path_factory.mktemp("tiny-bert")
-    config = BertConfig(
-        vocab_size=len(minilm_tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    BertForQuestionAnswering(config).save_pretrained(str(out))
-    minilm_tokenizer.save_pretrained(str(out))
-    return out
+    return save_small_bert(minilm_tokenizer, tmp_path_factory.mktemp("tiny-bert"), hidden_size=32)
+
+
+def small_run_overrides(model, run_dir, cache_dir, *extra) -> list[str]:
+    """Overrides of cpu_sample_en.yaml for quick training runs of ``tiny_model`` in the tests."""
+    return [
+        f"model.name_or_path={model}",
+        f"run_dir={run_dir}",
+        f"data.cache_dir={cache_dir}",
+        "data.max_length=192",
+        "data.doc_stride=64",
+        "train.per_device_batch_size=8",
+        "train.lr=2e-3",
+        "train.warmup_ratio=0.0",
+        "logging.log_every=2",
+        *extra,
+    ]

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import slurm_cluster
-from conftest import REPO
+from conftest import REPO, small_run_overrides
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -30,21 +30,6 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def _overrides(tiny_model, run_dir, cache, *extra):
-    return [
-        f"model.name_or_path={tiny_model}",
-        f"run_dir={run_dir}",
-        f"data.cache_dir={cache}",
-        "data.max_length=192",
-        "data.doc_stride=64",
-        "train.per_device_batch_size=8",
-        "train.lr=2e-3",
-        "train.warmup_ratio=0.0",
-        "logging.log_every=2",
-        *extra,
-    ]
-
-
 def _launch(slurm, *args):
     cmd = [sys.executable, "-m", "qa_dist", "launch", "--config", str(REPO / "configs/runs/cpu_sample_en.yaml")]
     env = {**slurm.env, "OMP_NUM_THREADS": "1"}
@@ -59,7 +44,7 @@ def _final_metrics(run_dir, step):
 def test_launch_slurm_runs_prepare_then_training_on_two_processes(slurm, tmp_path, tiny_model):
     run_dir = tmp_path / "run"
     done = _launch(
-        slurm, "--slurm", "--cpu", *_overrides(tiny_model, run_dir, tmp_path / "cache", "train.max_steps=12")
+        slurm, "--slurm", "--cpu", *small_run_overrides(tiny_model, run_dir, tmp_path / "cache", "train.max_steps=12")
     )
     assert done.returncode == 0, done.stderr + slurm.logs()
     prepare, train = re.findall(r"submitted (?:prepare|training) job (\d+)", done.stdout)
@@ -71,13 +56,15 @@ def test_launch_slurm_runs_prepare_then_training_on_two_processes(slurm, tmp_pat
     raw, predictions = _final_metrics(run_dir, 12)
     assert raw["missing"] == 0 and raw["total"] == len(json.loads(predictions))
     # A second launch finds the cache warm: one job, no prepare.
-    again = _launch(slurm, "--slurm", "--cpu", "--dry-run", *_overrides(tiny_model, run_dir, tmp_path / "cache"))
+    again = _launch(
+        slurm, "--slurm", "--cpu", "--dry-run", *small_run_overrides(tiny_model, run_dir, tmp_path / "cache")
+    )
     assert again.returncode == 0 and "qa_dist prepare" not in again.stdout
 
 
 def test_two_srun_tasks_as_two_machines_train_together(slurm, tmp_path, tiny_model):
     run_dir = tmp_path / "run"
-    overrides = _overrides(tiny_model, run_dir, tmp_path / "cache", "train.max_steps=6")
+    overrides = small_run_overrides(tiny_model, run_dir, tmp_path / "cache", "train.max_steps=6")
     done = _launch(slurm, "--slurm", "--cpu", "--nodes", "2", "--gpus-per-node", "1", "--dry-run", *overrides)
     assert done.returncode == 0, done.stderr
     run_dir.mkdir()  # Slurm opens the job's log there before the script runs
@@ -105,13 +92,17 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes_to_the_same
     steps = 80
     reference = tmp_path / "reference"
     cache = tmp_path / "cache"
-    done = _launch(slurm, "--slurm", "--cpu", *_overrides(tiny_model, reference, cache, f"train.max_steps={steps}"))
+    done = _launch(
+        slurm, "--slurm", "--cpu", *small_run_overrides(tiny_model, reference, cache, f"train.max_steps={steps}")
+    )
     assert done.returncode == 0, done.stderr
     jobs = re.findall(r"submitted (?:prepare|training) job (\d+)", done.stdout)
     assert slurm.wait_for(jobs[-1]) == "COMPLETED"
 
     run_dir = tmp_path / "run"
-    done = _launch(slurm, "--slurm", "--cpu", *_overrides(tiny_model, run_dir, cache, f"train.max_steps={steps}"))
+    done = _launch(
+        slurm, "--slurm", "--cpu", *small_run_overrides(tiny_model, run_dir, cache, f"train.max_steps={steps}")
+    )
     (job,) = re.findall(r"submitted training job (\d+)", done.stdout)
     log = run_dir / f"slurm-{job}.out"
     deadline = time.time() + 300

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_run_overrides
 from safetensors.torch import load_file
 from wandb_log import config, history, records, run_ids
 
@@ -36,16 +37,7 @@ def _args(tiny_model, cache_dir, run_dir, *extra):
         "train",
         "--config",
         str(REPO / "configs" / "runs" / "cpu_sample_en.yaml"),
-        f"model.name_or_path={tiny_model}",
-        f"run_dir={run_dir}",
-        f"data.cache_dir={cache_dir}",
-        "data.max_length=192",
-        "data.doc_stride=64",
-        "train.per_device_batch_size=8",
-        "train.lr=2e-3",
-        "train.warmup_ratio=0.0",
-        "logging.log_every=2",
-        *extra,
+        *small_run_overrides(tiny_model, run_dir, cache_dir, *extra),
     ]
 
 

@@ -38,21 +38,16 @@ class EvalData:
     examples_table: pa.Table
     columns: FeatureColumns = field(init=False)
     offsets: WindowOffsets = field(init=False)
+    cls_index: np.ndarray = field(init=False)
+    window_example: np.ndarray = field(init=False)
     _examples: list[dict] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.columns = FeatureColumns.from_table(self.features)
         self.offsets = WindowOffsets.from_arrow(self.features.column("offset_mapping"))
-
-    @property
-    def cls_index(self) -> np.ndarray:
-        if "cls_index" in self.features.column_names:
-            return self.features.column("cls_index").to_numpy()
-        return np.zeros(len(self.offsets), dtype=np.int64)
-
-    @property
-    def window_example(self) -> np.ndarray:
-        return self.features.column("example_index").to_numpy()
+        self.window_example = self.columns.scalars["example_index"].astype(np.int64)
+        cls = self.columns.scalars.get("cls_index")
+        self.cls_index = np.zeros(len(self.offsets), np.int64) if cls is None else cls.astype(np.int64)
 
     @property
     def examples(self) -> list[dict]:
@@ -74,7 +69,6 @@ def rank_candidates(
     plan = eval_plan(
         data.columns.lengths, batch_size=config.per_device_batch_size, world_size=dist.world_size, rank=dist.rank
     )
-    cls_index = data.cls_index
     parts = []
     if progress:
         from tqdm.auto import tqdm
@@ -94,7 +88,7 @@ def rank_candidates(
                 logits[1],
                 torch.from_numpy(data.offsets.context_mask(windows, width)).to(device),
                 batch["attention_mask"].to(device),
-                torch.from_numpy(cls_index[windows].astype(np.int64)).to(device),
+                torch.from_numpy(data.cls_index[windows]).to(device),
                 n_best=config.n_best_size,
                 max_answer_length=config.max_answer_length,
             )
@@ -186,9 +180,18 @@ def finish_on_main(
     return result, predictions
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """What rank zero gets from one evaluation."""
+
+    metrics: dict
+    """As in metrics.json: ``metric``, ``raw`` / ``tuned`` / ``diagnostics`` with gold answers, timings."""
+    predictions: Predictions
+
+
 def flat_metrics(result: dict) -> dict:
     """``eval/...`` scalars for a tracker."""
-    flat = _numbers("eval/", {k: v for k, v in result.items() if not isinstance(v, (dict, tuple))})
+    flat = _numbers("eval/", {k: v for k, v in result.items() if not isinstance(v, dict)})
     for section in ("raw", "tuned", "diagnostics"):
         if section in result:
             flat.update(_numbers("eval/tuned_" if section == "tuned" else "eval/", result[section]))
@@ -207,9 +210,8 @@ def evaluate(
     tracker=None,
     step: int = 0,
     progress: bool = False,
-) -> dict | None:
-    """One evaluation. Every rank calls this; rank zero returns the result (see ``finish_on_main``;
-    the predictions under ``predictions``, not in metrics.json), the others None."""
+) -> EvalResult | None:
+    """One evaluation. Every rank calls this; rank zero returns the result, the others None."""
     started = time.perf_counter()
     local = rank_candidates(forward, data, dist, config, pad_token_id, progress=progress and dist.rank == 0)
     forward_seconds = time.perf_counter() - started
@@ -218,14 +220,14 @@ def evaluate(
     result = None
     if parts is not None:
         gathered = Candidates.concat(parts)
-        result, predictions = finish_on_main(
+        metrics, predictions = finish_on_main(
             data, gathered, config, out_dir, labelled=labelled, tracker=tracker, step=step
         )
-        result["forward_seconds"] = forward_seconds
-        result["gathered_bytes_per_window"] = gathered.nbytes / max(len(gathered), 1)
+        metrics["forward_seconds"] = forward_seconds
+        metrics["gathered_bytes_per_window"] = gathered.nbytes / max(len(gathered), 1)
         if out_dir is not None:
-            write_json(out_dir / "metrics.json", result)
-        result["predictions"] = predictions
+            write_json(out_dir / "metrics.json", metrics)
+        result = EvalResult(metrics, predictions)
     # Rank zero post-processes while the others wait here, once.
     dist.barrier()
     return result
@@ -264,4 +266,4 @@ class GatheredEvaluator(PeriodicEvaluator):
             step=step,
             progress=self.progress,
         )
-        return flat_metrics(result) if result is not None else None
+        return flat_metrics(result.metrics) if result is not None else None

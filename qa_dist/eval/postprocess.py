@@ -28,7 +28,7 @@ class Predictions(NamedTuple):
     """Question id to its n best answers: text, start/end character offsets, score, log_prob, probability."""
     null_odds: dict[str, float]
     """Question id to null score minus best span score (SQuAD v2; empty otherwise)."""
-    span_answers: dict[str, str] = {}
+    span_answers: dict[str, str]
     """Question id to its best non-empty span, whatever the null score (for threshold tuning)."""
 
 
@@ -187,7 +187,7 @@ def decode(
         # Windows come grouped by example (as every feature builder makes them) and each window's
         # candidates are sorted already: only examples with several windows need sorting.
         sort = valid
-        row_example = window_example[row_window[sort]]
+        row_example = window_example[row_window[sort]]  # (sorting inside a group keeps it)
         windows_of = np.bincount(window_example, minlength=num_examples)
         multi = np.flatnonzero(windows_of[row_example] > 1)
         if len(multi):
@@ -196,7 +196,7 @@ def decode(
             sort[multi] = sort[sub]
     else:
         sort = valid[np.lexsort((-row_score[valid], window_example[row_window[valid]]))]
-    row_example = window_example[row_window[sort]]
+        row_example = window_example[row_window[sort]]
     group_first = np.searchsorted(row_example, row_example, side="left")
     top = sort[np.arange(len(sort)) - group_first < n_best_size]
     top_window, top_example = row_window[top], window_example[row_window[top]]

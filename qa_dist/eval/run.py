@@ -4,7 +4,6 @@ one device) and scores its share of the windows."""
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from qa_dist.config import EvalConfig, ModelConfig, RunConfig
 from qa_dist.dist import DistContext, current_context
 from qa_dist.errors import ConfigError
-from qa_dist.eval.evaluator import EvalData, Forward, evaluate
+from qa_dist.eval.evaluator import EvalData, EvalResult, Forward, evaluate
 from qa_dist.models import load_tokenizer, resolve_model_path
 
 
@@ -52,7 +51,7 @@ def model_forward(model, device: torch.device, mixed_precision: str = "no") -> F
     return forward
 
 
-def evaluate_run(config: RunConfig, out_dir: Path | None = None, progress: bool = True) -> dict | None:
+def evaluate_run(config: RunConfig, out_dir: Path | None = None, progress: bool = True) -> EvalResult | None:
     """Evaluate ``config.model`` on ``config.data.eval``; rank zero returns the result."""
     from qa_dist.prepare import prepare_features
 
@@ -85,12 +84,11 @@ def predict(
     doc_stride: int = 128,
     config: EvalConfig | None = None,
     progress: bool = False,
-) -> dict | None:
+) -> EvalResult | None:
     """Predict answers to ``examples`` (gold answers not needed); rank zero returns the result."""
     from qa_dist.features import build_eval_features
     from qa_dist.prepare import examples_table, features_table
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     config = config or EvalConfig()
     dist = current_context(init=True)
     model_config = ModelConfig(name_or_path=model_path)
