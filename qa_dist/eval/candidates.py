@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qa_dist.spans import top_spans
+from qa_dist.spans import top_spans, window_candidates_cpu
 
 
 @dataclass(frozen=True)
@@ -68,22 +68,54 @@ def candidates_from_logits(
     n_best: int,
     max_answer_length: int,
 ) -> Candidates:
-    """Candidates of one batch, computed on the logits' device; only the result moves to the CPU.
+    """Candidates of one batch, computed on the logits' device (on the CPU by a compiled kernel);
+    only the result moves to the CPU.
 
     ``window``: the batch's global window indices; logits and masks ``[B, L]``; ``cls_index`` ``[B]``.
     """
     if start_logits.shape[1] >= 2**15:
         raise ValueError("windows longer than 32767 tokens do not fit the int16 candidate positions")
+    if start_logits.device.type == "cpu":
+        start, end, score, null, log_norm = window_candidates_cpu(
+            start_logits.float().numpy(),
+            end_logits.float().numpy(),
+            context_mask.numpy(),
+            attention_mask.bool().numpy(),
+            cls_index.numpy(),
+            n_best,
+            max_answer_length,
+        )
+        return Candidates(np.asarray(window, dtype=np.int64), start, end, score, null, log_norm)
+    return _candidates_torch(
+        window, start_logits, end_logits, context_mask, attention_mask, cls_index, n_best, max_answer_length
+    )
+
+
+def _candidates_torch(
+    window: np.ndarray,
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    context_mask: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cls_index: torch.Tensor,
+    n_best: int,
+    max_answer_length: int,
+) -> Candidates:
+    """``candidates_from_logits`` in tensor operations, for logits on an accelerator."""
     start_logits, end_logits = start_logits.float(), end_logits.float()
+    rows = torch.arange(len(cls_index), device=start_logits.device)
+    null = start_logits[rows, cls_index] + end_logits[rows, cls_index]
     # Spans end at the last context token: the positions after it (question or padding) need no search.
     in_context = context_mask.any(dim=0).nonzero()
     width = int(in_context[-1]) + 1 if len(in_context) else 1
     starts, ends, scores = top_spans(
         start_logits[:, :width], end_logits[:, :width], context_mask[:, :width], n_best, max_answer_length
     )
-    rows = torch.arange(len(cls_index), device=start_logits.device)
-    null = start_logits[rows, cls_index] + end_logits[rows, cls_index]
+    # Padding after the batch's last real token needs no normalising either.
     real = attention_mask.bool()
+    in_window = real.any(dim=0).nonzero()
+    width = int(in_window[-1]) + 1 if len(in_window) else 1
+    start_logits, end_logits, real = start_logits[:, :width], end_logits[:, :width], real[:, :width]
     if not bool(real.all()):
         start_logits = start_logits.masked_fill(~real, float("-inf"))
         end_logits = end_logits.masked_fill(~real, float("-inf"))

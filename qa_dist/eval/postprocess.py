@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from qa_dist.eval.candidates import Candidates, candidates_from_logits
+from qa_dist.eval.candidates import Candidates
+from qa_dist.spans import window_candidates_cpu
 
 
 class Predictions(NamedTuple):
@@ -57,14 +58,15 @@ class WindowOffsets:
             bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
             present = bits[pairs.offset : pairs.offset + len(pairs)].astype(bool)
         if isinstance(pairs, pa.FixedSizeListArray):
-            flat = pc.list_flatten(pairs).to_numpy(zero_copy_only=False).astype(np.int64)
+            flat = pc.list_flatten(pairs).to_numpy(zero_copy_only=False)
         else:  # zero-copy: the pairs' numbers lie in order between their first and last offsets
             inner = pairs.offsets.to_numpy()
-            flat = pairs.values.slice(inner[0], inner[-1] - inner[0]).to_numpy(zero_copy_only=False).astype(np.int64)
+            flat = pairs.values.slice(inner[0], inner[-1] - inner[0]).to_numpy(zero_copy_only=False)
         if len(flat) != 2 * int(present.sum()):
             raise ValueError("offset_mapping entries must be [start, end] pairs or None")
-        char_start = np.full(len(pairs), -1, dtype=np.int64)
-        char_end = np.full(len(pairs), -1, dtype=np.int64)
+        # int32: half the memory traffic of int64, and contexts are far shorter than 2**31 characters
+        char_start = np.full(len(pairs), -1, dtype=np.int32)
+        char_end = np.full(len(pairs), -1, dtype=np.int32)
         char_start[present], char_end[present] = flat[0::2], flat[1::2]
         return cls(base=base, char_start=char_start, char_end=char_end)
 
@@ -79,25 +81,33 @@ class WindowOffsets:
     def lengths(self) -> np.ndarray:
         return np.diff(self.base)
 
-    def last_context_token(self) -> np.ndarray:
-        """Per window, the position of its last context token (-1 if none)."""
+    def context_mask(self, windows: np.ndarray | None, width: int) -> np.ndarray:
+        """bool ``[len(windows), width]``: which positions of each window are context tokens
+        (``windows=None``: all of them)."""
         lengths = self.lengths
-        position = np.arange(len(self.char_start)) - np.repeat(self.base[:-1], lengths)
-        position = np.where(self.char_start >= 0, position, -1)
-        out = np.full(len(lengths), -1, dtype=np.int64)
-        nonempty = lengths > 0
-        if nonempty.any():
-            out[nonempty] = np.maximum.reduceat(position, self.base[:-1][nonempty])
-        return out
-
-    def context_mask(self, windows: np.ndarray, width: int) -> np.ndarray:
-        """bool ``[len(windows), width]``: which positions of each window are context tokens."""
+        if windows is None:
+            if len(lengths) and len(self.char_start) == len(lengths) * width and (lengths == width).all():
+                return self.char_start.reshape(len(lengths), width) >= 0  # padded windows: a reshape, no gather
+            windows = np.arange(len(lengths))
         if len(self.char_start) == 0:
             return np.zeros((len(windows), width), dtype=bool)
         position = np.arange(width)[None, :]
-        inside = position < self.lengths[windows, None]
+        inside = position < lengths[windows, None]
         flat = np.minimum(self.base[windows, None] + position, len(self.char_start) - 1)
         return inside & (self.char_start[flat] >= 0)
+
+
+def _dense_mask(column: Any, width: int) -> np.ndarray:
+    """bool ``[rows, width]`` from a list column of 0/1 (an attention mask), False past each row's end."""
+    column = pa.array(column) if not isinstance(column, pa.ChunkedArray) else column.combine_chunks()
+    base = column.offsets.to_numpy().astype(np.int64)
+    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(bool)
+    lengths, rows = np.diff(base), len(base) - 1
+    if len(values) == rows * width and (lengths == width).all():
+        return values.reshape(rows, width)
+    position = np.arange(width)[None, :]
+    flat = np.minimum(base[:-1, None] - base[0] + position, max(len(values) - 1, 0))
+    return (position < lengths[:, None]) & values[flat] if len(values) else np.zeros((rows, width), bool)
 
 
 class NBestLists(Mapping):
@@ -161,11 +171,13 @@ def decode(
     a window without candidates is an error, not a silent gap.
     """
     num_windows, num_examples = len(offsets), len(example_ids)
-    order = np.argsort(candidates.window, kind="stable")
-    windows, first = np.unique(candidates.window[order], return_index=True)
-    if len(windows) != num_windows or (num_windows and (windows[0] != 0 or windows[-1] != num_windows - 1)):
-        raise ValueError(f"candidates cover {len(windows)} distinct windows of {num_windows}")
-    keep = order[first]
+    window = candidates.window
+    if len(window) and (window.min() < 0 or window.max() >= num_windows):
+        raise ValueError(f"candidates name windows outside 0..{num_windows - 1}")
+    keep = np.full(num_windows, -1, dtype=np.int64)
+    keep[window] = np.arange(len(window))  # one row per window (a repeated window is padding, the same again)
+    if (keep < 0).any():
+        raise ValueError(f"candidates cover {int((keep >= 0).sum())} distinct windows of {num_windows}")
     score, null = candidates.score[keep], candidates.null[keep].astype(np.float64)
     start, end = candidates.start[keep].astype(np.int64), candidates.end[keep].astype(np.int64)
     log_norm = candidates.log_norm[keep].astype(np.float64)
@@ -273,7 +285,6 @@ def postprocess(
     max_answer_length: int = 30,
     version_2_with_negative: bool = False,
     null_score_diff_threshold: float = 0.0,
-    batch_size: int = 512,
 ) -> Predictions:
     """Answers from logits in hand, as the Hugging Face QA tutorials' post-processing gives them,
     with exact n-best spans.
@@ -305,45 +316,25 @@ def postprocess(
     if len(feature_ids) != len(offsets):
         raise ValueError(f"features have {len(feature_ids)} example_ids but {len(offsets)} offset mappings")
 
-    start_logits, end_logits = torch.as_tensor(np.asarray(start_logits)), torch.as_tensor(np.asarray(end_logits))
-    if start_logits.shape[0] != len(offsets) or end_logits.shape != start_logits.shape:
-        raise ValueError(
-            f"logits of shape {tuple(start_logits.shape)} / {tuple(end_logits.shape)} for {len(offsets)} features"
-        )
+    start_logits = np.asarray(start_logits.float() if isinstance(start_logits, torch.Tensor) else start_logits)
+    end_logits = np.asarray(end_logits.float() if isinstance(end_logits, torch.Tensor) else end_logits)
+    if start_logits.ndim != 2 or start_logits.shape[0] != len(offsets) or end_logits.shape != start_logits.shape:
+        raise ValueError(f"logits of shape {start_logits.shape} / {end_logits.shape} for {len(offsets)} features")
     width = start_logits.shape[1]
-    lengths = np.minimum(offsets.lengths, width)
     attention = _column(features, "attention_mask")
-    if attention is not None:  # the tutorials' features are padded: normalise over real tokens only
-        attention = pa.array(attention) if not isinstance(attention, pa.ChunkedArray) else attention.combine_chunks()
-        att_base = attention.offsets.to_numpy().astype(np.int64)
-        att_values = pc.list_flatten(attention).to_numpy(zero_copy_only=False).astype(bool)
-        att_base = att_base - att_base[0]
-    by_context = np.argsort(offsets.last_context_token(), kind="stable")
-    parts = []
-    for lo in range(0, len(offsets), batch_size):
-        # Windows whose contexts end at similar positions together (the span search stops there).
-        windows = by_context[lo : lo + batch_size]
-        if attention is not None:
-            position = np.arange(width)[None, :]
-            inside = position < np.diff(att_base)[windows, None]
-            flat = np.minimum(att_base[windows, None] + position, max(len(att_values) - 1, 0))
-            real = torch.from_numpy(inside & att_values[flat])
-        else:
-            real = torch.from_numpy(np.arange(width)[None, :] < lengths[windows, None])
-        parts.append(
-            candidates_from_logits(
-                windows,
-                start_logits[windows],
-                end_logits[windows],
-                torch.from_numpy(offsets.context_mask(windows, width)),
-                real,
-                torch.from_numpy(cls[windows]),
-                n_best=n_best_size,
-                max_answer_length=max_answer_length,
-            )
-        )
+    # The tutorials' features are padded: normalise over real tokens only.
+    real = (
+        _dense_mask(attention, width)
+        if attention is not None
+        else np.arange(width)[None, :] < np.minimum(offsets.lengths, width)[:, None]
+    )
+    # Every window in one call: the kernel is per window and stops at each one's last context token.
+    start, end, score, null, log_norm = window_candidates_cpu(
+        start_logits, end_logits, offsets.context_mask(None, width), real, cls, n_best_size, max_answer_length
+    )
+    candidates = Candidates(np.arange(len(offsets)), start, end, score, null, log_norm)
     return decode(
-        Candidates.concat(parts),
+        candidates,
         offsets,
         window_example,
         ids,
