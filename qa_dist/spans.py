@@ -166,6 +166,8 @@ def window_candidates_cpu(
     start = np.ascontiguousarray(start_logits, dtype=np.float32)
     end = np.ascontiguousarray(end_logits, dtype=np.float32)
     windows, length = start.shape
+    if n_best < 1:
+        raise ValueError(f"n_best must be at least 1, got {n_best}")
     if end.shape != start.shape or context_mask.shape != start.shape or real_mask.shape != start.shape:
         raise ValueError("logits and masks must share one [windows, length] shape")
     out_start, out_end = np.zeros((windows, n_best), np.int16), np.zeros((windows, n_best), np.int16)

@@ -15,11 +15,13 @@ SAMPLES = Path(make_samples.__file__).parent
 
 def test_shipped_samples_regenerate_identically(tmp_path):
     make_samples.english(SHARED_DATA, tmp_path)
+    make_samples.english_v1_train(SHARED_DATA, tmp_path)
     make_samples.chinese(SHARED_DATA, tmp_path)
     make_samples.chinese_tokenizer(SHARED_DATA, tmp_path)
     for name in (
         "squad_v2_sample_train.json",
         "squad_v2_sample_dev.json",
+        "squad_v1_sample_train.json",
         "cmrc2018_sample_train.json",
         "cmrc2018_sample_dev.json",
     ):
@@ -37,3 +39,10 @@ def test_samples_are_a_few_hundred_questions_with_unanswerables():
     assert not train_ids & {e["id"] for e in load_source("sample:en-dev").examples}
     assert (sample_path("zh-char-tokenizer") / "tokenizer.json").exists()
     assert "CC BY-SA" in (SAMPLES / "LICENSE.md").read_text()
+
+
+def test_demo_training_sample_is_answerable_squad_from_other_articles():
+    v1 = load_source("sample:en-train-v1").examples
+    assert 1000 <= len(v1) <= 1100 and not any(e["is_impossible"] for e in v1)
+    dev_titles = {e["title"] for e in load_source("sample:en-dev").examples}
+    assert dev_titles and not dev_titles & {e["title"] for e in v1}

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from wandb_log import config, history, records, run_ids
 
 from qa_dist import load_examples
+from qa_dist.config import EvalConfig
 from qa_dist.train.checkpoint import COMPLETE, complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,24 +103,37 @@ def test_two_processes_train_and_export(tmp_path, tiny_model, cache_dir, strateg
     assert json.loads((run_dir / "export_check.json").read_text())["max_abs_diff"] <= 1e-4
 
 
-def _qa_pipeline_removed() -> bool:
-    from transformers import pipelines
-
-    return "question-answering" in getattr(pipelines, "REMOVED_TASKS", {})
-
-
-@pytest.mark.skipif(_qa_pipeline_removed(), reason="this transformers removed the question-answering pipeline (5.x)")
 def test_exported_model_runs_in_the_pipeline(tmp_path, tiny_model, cache_dir):
-    """Single plain process; the export is what pipeline("question-answering") loads."""
+    """Single plain process; the export is what pipeline("question-answering") loads (transformers
+    5.3 removed the task: importing qa_dist.qa_pipeline gives it back where it is missing), and its
+    answer is the one ``qa-dist predict`` gives."""
     from transformers import pipeline
+
+    import qa_dist.qa_pipeline  # noqa: F401
+    from qa_dist.eval.run import predict
 
     run_dir = tmp_path / "run"
     done = _run([sys.executable, *_args(tiny_model, cache_dir, run_dir, "train.max_steps=4")])
     assert done.returncode == 0, done.stderr[-4000:]
-    qa = pipeline("question-answering", model=str(run_dir / "model"), tokenizer=str(run_dir / "model"))
-    answer = qa(question="Where is Paris?", context="Paris is the capital of France.")
-    assert set(answer) >= {"answer", "score", "start", "end"}
-    assert 0 <= answer["start"] <= answer["end"] <= len("Paris is the capital of France.")
+    qa = pipeline("question-answering", model=str(run_dir / "model"))
+    context = "Paris is the capital of France. " * 40  # several windows at max_seq_len 64
+    question = "Where is Paris?"
+    answer = qa(question=question, context=context, max_seq_len=64, doc_stride=16)
+    assert set(answer) == {"answer", "score", "start", "end"}
+    assert 0 <= answer["start"] < answer["end"] <= len(context) and 0 < answer["score"] <= 1
+    assert context[answer["start"] : answer["end"]] == answer["answer"]
+    example = {"id": "q", "question": question, "context": context}
+    config = EvalConfig(max_answer_length=15, metric="squad")  # the pipeline's defaults: no null answer
+    expected = predict(str(run_dir / "model"), [example], None, max_length=64, doc_stride=16, config=config)
+    assert answer["answer"] == expected.predictions.answers["q"]
+
+    top = qa({"question": question, "context": context}, top_k=3, max_seq_len=64, doc_stride=16)
+    assert len(top) == 3 and top[0] == answer
+    assert [a["score"] for a in top] == sorted((a["score"] for a in top), reverse=True)
+    both = qa(question=[question, "What is Paris?"], context=context, max_seq_len=64, doc_stride=16)
+    assert len(both) == 2 and both[0] == answer
+    with_null = qa(question=question, context=context, handle_impossible_answer=True, top_k=25, max_seq_len=64)
+    assert any(a["answer"] == "" for a in with_null)  # the no-answer entry, at its own score
 
 
 def _workers(launcher_pid: int) -> dict[int, int]:
@@ -282,3 +296,33 @@ def test_periodic_evaluator_runs_once_at_the_end_even_when_the_last_step_was_eva
     assert evaluator.calls == [5, 10]
     evaluator.finish(12, None)
     assert evaluator.calls == [5, 10, 12]
+
+
+def test_export_check_compares_bf16_runs_like_with_like(tmp_path, tiny_model):
+    """Under bf16 the trained logits carry rounding that grows with their size (a MiniLM run in bf16
+    failed the old absolute check at 0.07). The check runs the export under the same autocast with a
+    tolerance relative to the logits: a right export of a model with large logits passes, a wrong
+    export still fails."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    from qa_dist.train.export import check_export, export_model
+
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    try:
+        model = AutoModelForQuestionAnswering.from_pretrained(str(tiny_model))
+        with torch.no_grad():
+            model.qa_outputs.weight.mul_(400)  # logits the size of a trained model's
+        model = accelerator.prepare(model)
+        tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+        batch = dict(tokenizer(["Where is Paris?"] * 4, ["Paris is the capital of France."] * 4, return_tensors="pt"))
+        export_model(accelerator, model, tokenizer, tmp_path / "model")
+        report = check_export(accelerator, model, batch, tmp_path / "model", tolerance=2e-2)
+        assert report["scale"] > 5 and report["max_abs_diff"] <= 2e-2 * report["scale"]
+
+        AutoModelForQuestionAnswering.from_pretrained(str(tiny_model)).save_pretrained(tmp_path / "model")
+        with pytest.raises(RuntimeError, match="disagrees"):
+            check_export(accelerator, model, batch, tmp_path / "model", tolerance=2e-2)
+    finally:
+        AcceleratorState._reset_state(True)

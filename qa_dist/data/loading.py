@@ -5,7 +5,7 @@ Supported sources:
 - flat JSON (a list of records, or ``{"data": [records]}`` as ``run_qa.py`` writes) and JSONL;
 - Hugging Face dataset names (``squad``, ``squad_v2``, ``cmrc2018``...) and local dataset folders
   through ``datasets.load_dataset`` (``load_from_disk`` for ``save_to_disk`` folders);
-- ``sample:en-train``, ``sample:en-dev``, ``sample:zh-train``, ``sample:zh-dev``: the small samples
+- ``sample:en-train``, ``sample:en-dev``, ``sample:en-train-v1``, ``sample:zh-train``, ``sample:zh-dev``: the small samples
   shipped with the package (see ``qa_dist/samples/LICENSE.md``).
 """
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SAMPLES = {
     "en-train": "squad_v2_sample_train.json",
     "en-dev": "squad_v2_sample_dev.json",
+    "en-train-v1": "squad_v1_sample_train.json",
     "zh-train": "cmrc2018_sample_train.json",
     "zh-dev": "cmrc2018_sample_dev.json",
     "zh-char-tokenizer": "zh-char-tokenizer",

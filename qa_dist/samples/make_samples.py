@@ -4,6 +4,9 @@
 
 English: SQuAD v2.0 dev (reconstructed; answer texts exact), the first paragraph of each article;
 articles 0-23 form ``en-train``, articles 24-34 ``en-dev`` (answerable and unanswerable questions).
+English for the demo's fine-tuning (``en-train-v1``): SQuAD v1.1 train, the first two paragraphs of
+each article, articles in order until there are at least 1,000 questions (a pretrained encoder needs
+a few thousand windows to start answering; v1.1 train shares no article with v2.0 dev).
 Chinese: CMRC2018 dev, paragraphs 0-79 form ``zh-train`` and 80-119 ``zh-dev``.
 The Chinese character tokenizer's vocabulary is every character of CMRC2018 dev and DRCD dev.
 Both data sets are CC BY-SA (see LICENSE.md here).
@@ -33,6 +36,18 @@ def english(shared: Path, out: Path = HERE) -> None:
     articles = [{"title": a["title"], "paragraphs": a["paragraphs"][:1]} for a in squad["data"]]
     _dump({"version": "v2.0", "data": articles[:24]}, out, "squad_v2_sample_train.json")
     _dump({"version": "v2.0", "data": articles[24:35]}, out, "squad_v2_sample_dev.json")
+
+
+def english_v1_train(shared: Path, out: Path = HERE, questions: int = 1000) -> None:
+    squad = _read(shared / "squad-v1.1-reconstructed" / "train-v1.1.reconstructed.json.gz")
+    articles, count = [], 0
+    for article in squad["data"]:
+        if count >= questions:
+            break
+        paragraphs = article["paragraphs"][:2]
+        articles.append({"title": article["title"], "paragraphs": paragraphs})
+        count += sum(len(p["qas"]) for p in paragraphs)
+    _dump({"version": "1.1", "data": articles}, out, "squad_v1_sample_train.json")
 
 
 def chinese(shared: Path, out: Path = HERE) -> None:
@@ -100,5 +115,5 @@ def chinese_tokenizer(shared: Path, out: Path = HERE) -> None:
 
 if __name__ == "__main__":
     shared_dir = Path(sys.argv[1] if len(sys.argv) > 1 else HERE.parents[2] / "shared" / "data")
-    for make in (english, chinese, chinese_tokenizer):
+    for make in (english, english_v1_train, chinese, chinese_tokenizer):
         make(shared_dir)
