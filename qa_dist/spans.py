@@ -1,8 +1,7 @@
-"""Answer spans from start/end logits: pure tensor functions, no distributed code."""
+"""Answer spans from start/end logits: pure functions, no distributed code."""
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -66,88 +65,6 @@ def best_spans(
     return s[:, 0], e[:, 0], v[:, 0]
 
 
-# On the CPU the same search runs as one compiled pass per window (numba): the tensor version above
-# makes about ten passes over every window plus two top-k selections, which on the CPU cost more
-# than everything else in post-processing together. Written by hand because no library selects
-# the n best spans of a band; checked against brute force and against ``top_spans`` in the tests.
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _window_candidates(start, end, context, real, cls, n_best, band, out_start, out_end, out_score, out_null, out_norm):
-    windows, length = start.shape
-    neg = np.float32(-np.inf)
-    for w in numba.prange(windows):
-        s, e, ctx, r = start[w], end[w], context[w], real[w]
-        out_null[w] = s[cls[w]] + e[cls[w]]
-        best, bs, be = out_score[w], out_start[w], out_end[w]
-        best[:] = neg
-        bs[:] = 0
-        be[:] = 0
-        lo, hi = _true_range(r)
-        top_s, top_e = neg, neg
-        for i in range(lo, hi):
-            if r[i]:
-                top_s, top_e = max(top_s, s[i]), max(top_e, e[i])
-        sum_s, sum_e = 0.0, 0.0
-        for i in range(lo, hi):
-            if r[i]:
-                sum_s += np.exp(s[i] - top_s)
-                sum_e += np.exp(e[i] - top_e)
-        out_norm[w] = top_s + np.log(sum_s) + top_e + np.log(sum_e) if hi > lo else neg
-
-        lo, hi = _true_range(ctx)
-        m = hi - lo
-        if m == 0:
-            continue
-        # window_max[k]: the best valid end in [k, k + band) (k counted from lo), by blocks of
-        # ``band`` (van Herk / Gil-Werman): the max of a suffix of one block and a prefix of the next.
-        ends = np.empty(m, np.float32)
-        for k in range(m):
-            ends[k] = e[lo + k] if ctx[lo + k] else neg
-        prefix, suffix = np.empty(m, np.float32), np.empty(m, np.float32)
-        for k in range(m):
-            prefix[k] = ends[k] if k % band == 0 else max(prefix[k - 1], ends[k])
-        for k in range(m - 1, -1, -1):
-            suffix[k] = ends[k] if (k + 1) % band == 0 or k == m - 1 else max(suffix[k + 1], ends[k])
-        # bound[k] = start + the best end from k bounds every span from k. As in ``top_spans``, the
-        # n-th largest bound (tau) is at most the n-th best span score, so only starts whose bound
-        # reaches tau are expanded: about n of them. ``best`` holds the n largest so far, sorted.
-        bound = np.empty(m, np.float32)
-        for k in range(m):
-            last = min(k + band, m) - 1
-            window_max = suffix[k] if last // band == k // band else max(suffix[k], prefix[last])
-            v = s[lo + k] + window_max if ctx[lo + k] else neg
-            bound[k] = v
-            if v > best[n_best - 1]:
-                q = n_best - 1
-                while q > 0 and best[q - 1] < v:
-                    best[q] = best[q - 1]
-                    q -= 1
-                best[q] = v
-        tau = best[n_best - 1]
-        best[:] = neg
-        for k in range(m):
-            if bound[k] < tau or bound[k] <= best[n_best - 1]:
-                continue  # (ties at tau are expanded, as in ``top_spans``)
-            for j in range(k, min(k + band, m)):
-                v = s[lo + k] + ends[j]
-                if v > best[n_best - 1]:  # ties keep the earlier span first
-                    q = n_best - 1
-                    while q > 0 and best[q - 1] < v:
-                        best[q], bs[q], be[q] = best[q - 1], bs[q - 1], be[q - 1]
-                        q -= 1
-                    best[q], bs[q], be[q] = v, lo + k, lo + j
-
-
-@numba.njit(cache=True, nogil=True)
-def _true_range(mask):
-    """(first True, last True + 1) of a bool row; (0, 0) if none."""
-    lo, hi = 0, len(mask)
-    while lo < hi and not mask[lo]:
-        lo += 1
-    while hi > lo and not mask[hi - 1]:
-        hi -= 1
-    return lo, hi
-
-
 def window_candidates_cpu(
     start_logits: np.ndarray,
     end_logits: np.ndarray,
@@ -158,7 +75,8 @@ def window_candidates_cpu(
     max_answer_length: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per window on the CPU: the ``n_best`` best valid spans exactly (as ``top_spans``), the
-    null score at ``cls_index`` and the log-normaliser over ``real_mask`` tokens.
+    null score at ``cls_index`` and the log-normaliser over ``real_mask`` tokens, in one compiled
+    pass per window (``qa_dist.span_kernel``).
 
     Returns (start int16, end int16, score float32 ``[windows, n_best]``, null float32, log_norm
     float32 ``[windows]``); slots without a valid span hold score -inf.
@@ -174,7 +92,11 @@ def window_candidates_cpu(
     out_score = np.empty((windows, n_best), np.float32)
     out_null, out_norm = np.empty(windows, np.float32), np.empty(windows, np.float32)
     if windows and length:
-        _window_candidates(
+        # Imported here: importing numba costs about 0.3 s, in every process that imports qa_dist,
+        # and most of them never post-process on the CPU.
+        from qa_dist.span_kernel import window_candidates
+
+        window_candidates(
             start,
             end,
             np.ascontiguousarray(context_mask, dtype=np.bool_),
