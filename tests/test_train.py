@@ -326,3 +326,38 @@ def test_export_check_compares_bf16_runs_like_with_like(tmp_path, tiny_model):
             check_export(accelerator, model, batch, tmp_path / "model", tolerance=2e-2)
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_progress_bar_on_a_terminal_and_none_in_logs(tmp_path, tiny_model, cache_dir):
+    """On a terminal rank zero draws a bar of optimizer steps with the step lines above it; a log
+    file (captured here, Slurm's output file) gets the step lines only."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    args = [sys.executable, *_args(tiny_model, cache_dir, tmp_path / "tty", "train.max_steps=4", "data.eval=null")]
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen(args, stdin=child, stdout=child, stderr=child, cwd=REPO)
+    os.close(child)
+    shown = b""
+    while select.select([main], [], [], 300)[0]:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    assert proc.wait(timeout=60) == 0, shown.decode(errors="replace")[-3000:]
+    lines = shown.decode(errors="replace").replace("\r", "\n").splitlines()
+    assert any(line.startswith("training: 100%") and "4/4" in line for line in lines)
+    assert any(line.startswith("step 4: loss") for line in lines)
+
+    logged = _run(
+        [sys.executable, *_args(tiny_model, cache_dir, tmp_path / "log", "train.max_steps=4", "data.eval=null")]
+    )
+    assert logged.returncode == 0, logged.stderr[-3000:]
+    assert "step 4: loss" in logged.stderr and "training:" not in logged.stderr.replace("training on", "")

@@ -261,6 +261,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
                 continue
             scheduler.step()
             state.step += 1
+            tracker.progress(state.step, total_steps)
             if state.step % config.logging.log_every == 0 or state.step == total_steps:
                 tracker.log(_step_metrics(meter, acc, scheduler, epoch, grad_norm, n_params), state.step)
                 meter.reset()

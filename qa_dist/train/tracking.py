@@ -44,6 +44,9 @@ class NoopTracker:
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
         pass
 
+    def progress(self, step: int, total: int) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -60,6 +63,7 @@ class MainTracker(NoopTracker):
         self.run_id = run_id or uuid.uuid4().hex[:8]
         self.mode = wandb_mode(config.logging)
         self.run_dir = config.run_dir
+        self.bar = None
         if self.use_wandb:
             os.environ["WANDB_MODE"] = self.mode
             accelerator.init_trackers(
@@ -77,9 +81,26 @@ class MainTracker(NoopTracker):
 
     def log(self, metrics: dict, step: int) -> None:
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        print(f"step {step}: {shown}", file=sys.stderr, flush=True)
+        self._print(f"step {step}: {shown}")
         if self.use_wandb:
             self.accelerator.log(metrics, step=step)
+
+    def progress(self, step: int, total: int) -> None:
+        """A progress bar of optimizer steps on a terminal; none in a log file (Slurm's, a test's),
+        which gets the step lines only."""
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=step - 1, desc="training", unit="step", file=sys.stderr, disable=None)
+        self.bar.update(step - self.bar.n)
+        if step >= total:
+            self.bar.close()
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line, file=sys.stderr)  # above the bar, not through it
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
         if self.use_wandb:
@@ -94,6 +115,8 @@ class MainTracker(NoopTracker):
         (Path(run_dir) / PREEMPTED_MARKER).write_text(json.dumps(marker))
 
     def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
         if self.use_wandb:
             self.accelerator.end_training()
             if self.mode == "offline":
