@@ -57,14 +57,6 @@ def top_spans(
     return best_start, best_end, values
 
 
-def best_spans(
-    start_logits: torch.Tensor, end_logits: torch.Tensor, context_mask: torch.Tensor, max_answer_length: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The single best valid span of each window (see ``top_spans``): (start, end, score), ``[windows]``."""
-    s, e, v = top_spans(start_logits, end_logits, context_mask, 1, max_answer_length)
-    return s[:, 0], e[:, 0], v[:, 0]
-
-
 def window_candidates_cpu(
     start_logits: np.ndarray,
     end_logits: np.ndarray,

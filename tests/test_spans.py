@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qa_dist.eval.candidates import _candidates_torch, candidates_from_logits
-from qa_dist.spans import best_spans, top_spans, window_candidates_cpu
+from qa_dist.spans import top_spans, window_candidates_cpu
 
 
 def cpu_kernel_spans(start, end, mask, n_best, max_len):
@@ -71,8 +71,6 @@ def test_a_span_the_top_k_approximation_misses(search):
     s, e, score = search(start, end, torch.ones(1, length, dtype=torch.bool), 1, 30)
     assert (int(s[0, 0]), int(e[0, 0])) == (2, 5)
     assert float(score[0, 0]) == 5.0
-    s, e, score = best_spans(start, end, torch.ones(1, length, dtype=torch.bool), 30)
-    assert (int(s[0]), int(e[0]), float(score[0])) == (2, 5, 5.0)
 
 
 def test_cpu_kernel_gives_the_candidates_of_the_tensor_version():

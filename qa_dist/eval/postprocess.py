@@ -84,17 +84,23 @@ class WindowOffsets:
     def context_mask(self, windows: np.ndarray | None, width: int) -> np.ndarray:
         """bool ``[len(windows), width]``: which positions of each window are context tokens
         (``windows=None``: all of them)."""
-        lengths = self.lengths
-        if windows is None:
-            if len(lengths) and len(self.char_start) == len(lengths) * width and (lengths == width).all():
-                return self.char_start.reshape(len(lengths), width) >= 0  # padded windows: a reshape, no gather
-            windows = np.arange(len(lengths))
-        if len(self.char_start) == 0:
-            return np.zeros((len(windows), width), dtype=bool)
-        position = np.arange(width)[None, :]
-        inside = position < lengths[windows, None]
-        flat = np.minimum(self.base[windows, None] + position, len(self.char_start) - 1)
-        return inside & (self.char_start[flat] >= 0)
+        return _dense(self.char_start, self.base, width, windows, fill=-1) >= 0
+
+
+def _dense(values: np.ndarray, base: np.ndarray, width: int, rows: np.ndarray | None = None, fill=0) -> np.ndarray:
+    """``[len(rows), width]`` of ragged rows (row ``r`` is ``values[base[r]:base[r + 1]]``, ``base[0]``
+    is 0), ``fill`` past each row's end; ``rows=None``: all of them, a reshape when every row is
+    ``width`` long (padded features)."""
+    lengths = np.diff(base)
+    if rows is None:
+        if len(lengths) and len(values) == len(lengths) * width and (lengths == width).all():
+            return values.reshape(len(lengths), width)
+        rows = np.arange(len(lengths))
+    if len(values) == 0:
+        return np.full((len(rows), width), fill, dtype=values.dtype)
+    position = np.arange(width)[None, :]
+    flat = np.minimum(base[rows, None] + position, len(values) - 1)
+    return np.where(position < lengths[rows, None], values[flat], fill)
 
 
 def _dense_mask(column: Any, width: int) -> np.ndarray:
@@ -102,12 +108,7 @@ def _dense_mask(column: Any, width: int) -> np.ndarray:
     column = pa.array(column) if not isinstance(column, pa.ChunkedArray) else column.combine_chunks()
     base = column.offsets.to_numpy().astype(np.int64)
     values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(bool)
-    lengths, rows = np.diff(base), len(base) - 1
-    if len(values) == rows * width and (lengths == width).all():
-        return values.reshape(rows, width)
-    position = np.arange(width)[None, :]
-    flat = np.minimum(base[:-1, None] - base[0] + position, max(len(values) - 1, 0))
-    return (position < lengths[:, None]) & values[flat] if len(values) else np.zeros((rows, width), bool)
+    return _dense(values, base - base[0], width)
 
 
 class NBestLists(Mapping):
