@@ -31,6 +31,14 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("feature-cache")
 
 
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, tiny_model, cache_dir):
+    """One plain single-process run of 4 steps (its stderr captured, as in a log file), shared by the
+    tests that only read what it left."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    return run_dir, _run([sys.executable, *_args(tiny_model, cache_dir, run_dir, "train.max_steps=4")])
+
+
 def _args(tiny_model, cache_dir, run_dir, *extra):
     return [
         "-m",
@@ -103,7 +111,7 @@ def test_two_processes_train_and_export(tmp_path, tiny_model, cache_dir, strateg
     assert json.loads((run_dir / "export_check.json").read_text())["max_abs_diff"] <= 1e-4
 
 
-def test_exported_model_runs_in_the_pipeline(tmp_path, tiny_model, cache_dir):
+def test_exported_model_runs_in_the_pipeline(single_run):
     """Single plain process; the export is what pipeline("question-answering") loads (transformers
     5.3 removed the task: importing qa_dist.qa_pipeline gives it back where it is missing), and its
     answer is the one ``qa-dist predict`` gives."""
@@ -112,8 +120,7 @@ def test_exported_model_runs_in_the_pipeline(tmp_path, tiny_model, cache_dir):
     import qa_dist.qa_pipeline  # noqa: F401
     from qa_dist.eval.run import predict
 
-    run_dir = tmp_path / "run"
-    done = _run([sys.executable, *_args(tiny_model, cache_dir, run_dir, "train.max_steps=4")])
+    run_dir, done = single_run
     assert done.returncode == 0, done.stderr[-4000:]
     qa = pipeline("question-answering", model=str(run_dir / "model"))
     context = "Paris is the capital of France. " * 40  # several windows at max_seq_len 64
@@ -239,11 +246,10 @@ def test_a_rank_that_dies_ends_the_job_quickly(tmp_path, tiny_model, cache_dir):
     assert time.monotonic() - started < 90
 
 
-def test_single_process_trains_and_export_loads(tmp_path, tiny_model, cache_dir):
+def test_single_process_trains_and_export_loads(single_run):
     from transformers import AutoModelForQuestionAnswering
 
-    run_dir = tmp_path / "run"
-    done = _run([sys.executable, *_args(tiny_model, cache_dir, run_dir, "train.max_steps=4")])
+    run_dir, done = single_run
     assert done.returncode == 0, done.stderr[-4000:]
     assert "training on 1 process(es)" in done.stderr
     model = AutoModelForQuestionAnswering.from_pretrained(str(run_dir / "model"))
@@ -328,7 +334,7 @@ def test_export_check_compares_bf16_runs_like_with_like(tmp_path, tiny_model):
         AcceleratorState._reset_state(True)
 
 
-def test_progress_bar_on_a_terminal_and_none_in_logs(tmp_path, tiny_model, cache_dir):
+def test_progress_bar_on_a_terminal_and_none_in_logs(tmp_path, tiny_model, cache_dir, single_run):
     """On a terminal rank zero draws a bar of optimizer steps with the step lines above it; a log
     file (captured here, Slurm's output file) gets the step lines only."""
     import fcntl
@@ -356,8 +362,6 @@ def test_progress_bar_on_a_terminal_and_none_in_logs(tmp_path, tiny_model, cache
     assert any(line.startswith("training: 100%") and "4/4" in line for line in lines)
     assert any(line.startswith("step 4: loss") for line in lines)
 
-    logged = _run(
-        [sys.executable, *_args(tiny_model, cache_dir, tmp_path / "log", "train.max_steps=4", "data.eval=null")]
-    )
+    _, logged = single_run
     assert logged.returncode == 0, logged.stderr[-3000:]
     assert "step 4: loss" in logged.stderr and "training:" not in logged.stderr.replace("training on", "")
