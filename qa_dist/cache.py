@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from qa_dist.dist import DistContext
 from qa_dist.errors import DataError, QaDistError
+from qa_dist.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -322,13 +323,3 @@ class FeatureCache:
         if outcome["status"] != "ok":
             error = DataError if outcome["type"] == "DataError" else CacheError
             raise error(outcome["message"])
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from qa_dist.errors import ConfigError
+from qa_dist.fsutil import atomic_write
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,5 @@ def write_resolved_config(config: RunConfig, run_dir: str | Path | None = None) 
     out_dir = Path(run_dir if run_dir is not None else config.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "config.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
-    tmp.replace(target)
+    atomic_write(target, yaml.safe_dump(config_to_dict(config), sort_keys=False))
     return target

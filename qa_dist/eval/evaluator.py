@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from qa_dist.cache import atomic_write
 from qa_dist.config import EvalConfig, RunConfig
 from qa_dist.dist import DistContext
 from qa_dist.eval.candidates import Candidates, candidates_from_logits
 from qa_dist.eval.diagnostics import diagnostics, prediction_probability
 from qa_dist.eval.postprocess import Predictions, WindowOffsets, decode
+from qa_dist.fsutil import atomic_write
 from qa_dist.metrics import resolve_metric, score
 from qa_dist.prepare import prepare_features
 from qa_dist.train.batches import FeatureColumns, eval_plan
