@@ -314,3 +314,118 @@ def test_relocation_to_nearest_occurrence_and_strict_mode(tmp_path):
     assert "relocated 1 answer_start" in loaded.report.summary()
     with pytest.raises(DataError, match=r"question 'r'.*not at answer_start 19 \(nearest occurrence at 17; strict"):
         load_source(str(path), strict=True)
+
+
+# -- issue 14: inputs that used to fail with a traceback or be misread --------------------------
+
+
+def test_jsonl_keeps_line_separators_that_are_valid_inside_json_strings(tmp_path):
+    """U+2028, U+2029 and U+0085 are valid raw inside a JSON string; str.splitlines() split the
+    record there and called the file malformed."""
+    records = _flat_records()
+    records[0]["context"] = "The cat sat\u2028on the mat.\u0085 The dog\u2029 did not."
+    records[0]["answers"] = {"text": ["on the mat"], "answer_start": [12]}
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    assert "\u2028" in lines[0] and "\u0085" in lines[0]
+    path = tmp_path / "separators.jsonl"
+    path.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8", newline="")
+    examples = load_examples(path)
+    assert [e["id"] for e in examples] == ["a", "b", "c"]
+    assert examples[0]["context"] == records[0]["context"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(lines[0] + "\n\n" + "{oops\u2028\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl: malformed JSON at line 3, column 2"):
+        load_examples(bad)
+
+
+@pytest.mark.parametrize("name", ["deep.json", "deep.jsonl", "deep.json.gz"])
+def test_deeply_nested_json_is_a_data_error(tmp_path, name):
+    depth = 200_000
+    text = json.dumps(_flat_records()[0]) + "\n" + "[" * depth + "]" * depth + "\n"
+    if not name.endswith(".jsonl"):
+        text = '{"data": ' + "[" * depth + "]" * depth + "}"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    where = r" at line 2" if name.endswith(".jsonl") else ""
+    with pytest.raises(DataError, match=rf"{name}: JSON nested too deeply to read{where}"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"context": "The cat sat on the mat. \ud800 The dog did not."},
+            r"context has a lone surrogate U\+D800 at character 24",
+        ),
+        ({"question": "Where\udfff?"}, r"question has a lone surrogate U\+DFFF"),
+        ({"title": "\udbff"}, r"title has a lone surrogate"),
+        (
+            {"answers": [{"text": "on the mat", "answer_start": 12}, {"text": "x\ud800", "answer_start": 0}]},
+            r"answer 1 text has a lone surrogate",
+        ),
+    ],
+)
+def test_lone_surrogate_is_rejected_naming_the_question(tmp_path, change, message):
+    path = _write(tmp_path, _with(change))  # json.dumps escapes it: "\ud800", as such files have it
+    assert "\\ud" in path.read_text() or "\\udfff" in path.read_text()
+    with pytest.raises(DataError, match=rf"bad.json: question 'a' \(record 0\): {message}"):
+        load_examples(path)
+
+
+def test_lone_surrogate_in_an_id_is_rejected(tmp_path):
+    path = _write(tmp_path, _with({"id": "a\ud800"}), name="bad.jsonl")
+    path.write_text("\n".join(json.dumps(r) for r in _with({"id": "a\ud800"})))
+    with pytest.raises(DataError, match=r"bad.jsonl \(line 1\): id has a lone surrogate"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", "\u200c\u200d", "\ufeff", "\u2060", " \u200b\u3000\u200b "])
+def test_answer_of_zero_width_characters_is_empty(tmp_path, invisible):
+    context = f"The cat sat{invisible}on the mat."
+    record = {
+        "id": "zw",
+        "question": "Where?",
+        "context": context,
+        "answers": {"text": [invisible], "answer_start": [11]},
+    }
+    with pytest.raises(DataError, match=r"bad.json: question 'zw' \(record 0\): answer 0 text is empty"):
+        load_examples(_write(tmp_path, [record]))
+    with pytest.raises(DataError, match=r"question 'zw' \(record 0\): question is empty"):
+        load_examples(
+            _write(tmp_path, [{**record, "question": invisible, "answers": {"text": ["cat"], "answer_start": [4]}}])
+        )
+    # Zero-width characters inside a real answer are kept.
+    inside = {**record, "answers": {"text": [f"sat{invisible}on"], "answer_start": [8]}}
+    assert load_examples(_write(tmp_path, [inside]))[0]["answers"]["text"] == [f"sat{invisible}on"]
+
+
+def _jsonl_record(record: dict) -> str:
+    answers = record["answers"]
+    if isinstance(answers, list):
+        answers = {"text": [a["text"] for a in answers], "answer_start": [a["answer_start"] for a in answers]}
+    return json.dumps({**record, "title": record.get("title", ""), "answers": answers})
+
+
+def test_data_folder_of_mixed_files_is_a_clear_error(tmp_path):
+    records = _flat_records()
+    # A .csv beside the .jsonl: datasets read only the .jsonl and dropped the other file silently.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "train.jsonl").write_text("\n".join(_jsonl_record(r) for r in records))
+    (mixed / "more.csv").write_text("id,question,context\nz,Why?,Because.\n")
+    (mixed / "README.md").write_text("notes are not data")
+    with pytest.raises(
+        DataError, match=r"mixed: data folder mixes kinds of files \(csv: more.csv; json: train.jsonl\)"
+    ):
+        load_examples(mixed)
+    # Files of one kind whose columns differ: a DatasetGenerationError traceback before.
+    ragged = tmp_path / "ragged"
+    ragged.mkdir()
+    (ragged / "a.jsonl").write_text("\n".join(_jsonl_record(r) for r in records))
+    (ragged / "b.jsonl").write_text('{"foo": 1}\n')
+    with pytest.raises(DataError, match=r"ragged \[train\]: cannot read these files as one dataset: Couldn't cast"):
+        load_examples(ragged)
+    # One kind of file, README aside: still read.
+    (mixed / "more.csv").unlink()
+    assert [e["id"] for e in load_examples(mixed)] == ["a", "b", "c"]

@@ -83,11 +83,27 @@ def _read_text(path: Path) -> tuple[str, bytes]:
     return text, raw
 
 
-def _parse_json(text: str, path: Path, line_offset: int = 0) -> Any:
+def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
+    """``text`` parsed; ``line``: where it starts in ``path`` (one line of a JSONL file)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON at line {e.lineno + line_offset}, column {e.colno}: {e.msg}") from None
+        raise DataError(
+            f"{path}: malformed JSON at line {e.lineno + (line or 1) - 1}, column {e.colno}: {e.msg}"
+        ) from None
+    except RecursionError:
+        where = f" at line {line}" if line else ""
+        raise DataError(f"{path}: JSON nested too deeply to read{where} (no SQuAD-format file nests so deep)") from None
+
+
+def _json_lines(text: str):
+    """(line number, line) of a JSONL text, split on "\\n" only (JSON Lines' separator, with an
+    optional "\\r" before it): ``str.splitlines`` also splits at U+2028, U+0085 and other characters
+    that are valid raw inside a JSON string. Blank lines (JSON whitespace only) are skipped."""
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if line.strip(" \t\r"):
+            yield n, line
 
 
 def _nested_records(data: list, path: Path):
@@ -157,10 +173,9 @@ def load_file(path: str | Path, *, strict: bool = False, labelled: bool = True) 
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
         items, lines = [], []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                items.append(_parse_json(line, path, line_offset=n - 1))
-                lines.append(n)
+        for n, line in _json_lines(text):
+            items.append(_parse_json(line, path, line=n))
+            lines.append(n)
         records = _records_from_flat(items, path, lambda i: f"line {lines[i]}")
         examples, report = _validate_all(
             records, source=source, default_impossible=None, strict=strict, labelled=labelled
@@ -211,13 +226,19 @@ def _open_hf_dataset(name: str, split: str):
     if ":" in name and not Path(name).exists():  # "dataset:config" selects a configuration
         name, config_name = name.split(":", 1)
     source = f"{name} [{split}]"
+    saved = Path(name).is_dir() and any((Path(name) / f).exists() for f in ("state.json", "dataset_dict.json"))
+    if Path(name).is_dir() and not saved:
+        _check_one_format(Path(name))
     try:
-        if Path(name).is_dir() and any((Path(name) / f).exists() for f in ("state.json", "dataset_dict.json")):
+        if saved:
             dataset = datasets.load_from_disk(name)
             if isinstance(dataset, datasets.DatasetDict):
                 dataset = dataset[split]
         else:
             dataset = datasets.load_dataset(name, config_name, split=split)
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = str(e.__cause__ or e).strip().splitlines()[0]  # (an error message, not data)
+        raise DataError(f"{source}: cannot read these files as one dataset: {cause}") from None
     except FileNotFoundError as e:
         raise DataError(f"{name}: no such local file or Hugging Face dataset ({e})") from None
     except (ConnectionError, OSError) as e:
@@ -228,6 +249,38 @@ def _open_hf_dataset(name: str, split: str):
     except (ValueError, KeyError) as e:
         raise DataError(f"{source}: cannot load this split: {e}") from None
     return dataset, source
+
+
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
+
+
+def _check_one_format(folder: Path) -> None:
+    """A local data folder must hold one kind of data file: ``datasets`` reads only the most common
+    kind and silently drops the others (or fails deep inside when their columns differ)."""
+    from datasets.packaged_modules import _EXTENSION_TO_MODULE
+
+    kinds: dict[str, list[str]] = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        name = path.name
+        for suffix in _COMPRESSION:
+            name = name.removesuffix(suffix)
+        suffix = Path(name).suffix
+        if suffix.lower() == ".md":  # README.md and other notes: documentation, not data
+            continue
+        module = _EXTENSION_TO_MODULE.get(suffix, _EXTENSION_TO_MODULE.get(suffix.lower()))
+        if module is not None:
+            kinds.setdefault(module[0], []).append(str(relative))
+    if len(kinds) > 1:
+        found = "; ".join(
+            f"{kind}: {', '.join(files[:3])}{', ...' if len(files) > 3 else ''}" for kind, files in kinds.items()
+        )
+        raise DataError(
+            f"{folder}: data folder mixes kinds of files ({found}); datasets would read only one kind: "
+            "keep one format per folder, or give the file itself"
+        )
 
 
 def load_hub_dataset(name: str, split: str, *, strict: bool = False, labelled: bool = True) -> LoadedData:

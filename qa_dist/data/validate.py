@@ -6,6 +6,7 @@ flat examples or raise :class:`DataError` naming the file and the question id.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,10 +55,35 @@ def _where(source: str, qid: Any, location: str | None = None) -> str:
     return f"{source}: question {qid!r}{at}" if qid is not None else f"{source}{at}"
 
 
+_ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"
+"""Invisible characters that are not whitespace to ``str.strip`` (zero-width space, non-joiner,
+joiner, word joiner, byte order mark): a text made only of them (and whitespace) is empty."""
+
+
+_BLANK = re.compile(rf"[\s{_ZERO_WIDTH}]*")
+
+
+def _blank(text: str) -> bool:
+    return _BLANK.fullmatch(text) is not None
+
+
+def _check_encodable(text: str, what: str, where: str) -> None:
+    """A lone surrogate (``"\\ud800"`` escaped in JSON) makes a str that no UTF-8 encoder accepts:
+    the tokenizer or Arrow would fail on it much later, without naming the question."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{where}: {what} has a lone surrogate U+{ord(text[e.start]):04X} at character {e.start} "
+            "(not a valid Unicode character; the file escapes half of a surrogate pair)"
+        ) from None
+
+
 def _require_str(value: Any, what: str, where: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise DataError(f"{where}: {what} must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
+    _check_encodable(value, what, where)
+    if not allow_empty and _blank(value):
         raise DataError(f"{where}: {what} is empty")
     return value
 
@@ -88,8 +114,9 @@ def _normalise_answers(raw: Any, where: str) -> list[tuple[str, int]]:
     for i, (text, start) in enumerate(pairs):
         if not isinstance(text, str):
             raise DataError(f"{where}: answer {i} text must be a string, got {type(text).__name__}")
-        if not text.strip():
-            raise DataError(f"{where}: answer {i} text is empty")
+        _check_encodable(text, f"answer {i} text", where)
+        if _blank(text):
+            raise DataError(f"{where}: answer {i} text is empty (only whitespace or zero-width characters)")
         if isinstance(start, bool) or not isinstance(start, int):
             raise DataError(f"{where}: answer {i} answer_start must be an integer, got {type(start).__name__}")
         out.append((text, start))
@@ -131,6 +158,7 @@ def validate_record(
     if isinstance(qid, bool) or not isinstance(qid, (str, int)):
         raise DataError(f"{where}: id must be a string, got {type(qid).__name__}")
     qid = str(qid)
+    _check_encodable(qid, "id", _where(source, None, location))
     if not qid.strip():
         raise DataError(f"{where}: id is empty")
     question = _require_str(record["question"], "question", where)
@@ -138,6 +166,7 @@ def validate_record(
     title = record.get("title") or ""
     if not isinstance(title, str):
         raise DataError(f"{where}: title must be a string, got {type(title).__name__}")
+    _check_encodable(title, "title", where)
     if not labelled and "answers" not in record:
         record = {**record, "answers": [], "is_impossible": False}
         labelled_here = False
