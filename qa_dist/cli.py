@@ -4,12 +4,42 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
+import signal
 import sys
 import time
 
 import yaml
 
 EXIT_USAGE = 2
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -25,10 +55,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from qa_dist.config import load_config, write_resolved_config
     from qa_dist.dist import current_context
-    from qa_dist.models import load_tokenizer
+    from qa_dist.models import check_window_fits, load_tokenizer
     from qa_dist.prepare import prepare_features
 
     config = load_config(args.config, args.overrides)
+    check_window_fits(config.model, config.data.max_length)
     dist = current_context(init=True)
     tokenizer = load_tokenizer(config.model)
     main = dist.rank == 0
@@ -52,9 +83,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from qa_dist.config import load_config
+    from qa_dist.models import check_window_fits
     from qa_dist.train import EXIT_PREEMPTED, train
 
-    result = train(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    check_window_fits(config.model, config.data.max_length)
+    result = train(config)
     if result.preempted:
         print(
             f"qa-dist: preempted at step {result.steps}: checkpoint written; continue with resume=auto "
@@ -113,9 +147,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from qa_dist.config import load_config
     from qa_dist.eval.run import evaluate_run
+    from qa_dist.models import check_window_fits
 
     overrides = _model_shorthand(args.overrides) + (["eval.tune_threshold=true"] if args.tune_threshold else [])
     config = load_config(args.config, overrides)
+    check_window_fits(config.model, config.data.max_length)
     out_dir = Path(args.output) if args.output else Path(config.run_dir) / "eval" / "evaluate"
     result = evaluate_run(config, out_dir, progress=not args.quiet)
     if result is not None:
@@ -127,11 +163,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from qa_dist.config import EvalConfig
+    from qa_dist.config import EvalConfig, ModelConfig
     from qa_dist.data import load_examples
     from qa_dist.errors import ConfigError
     from qa_dist.eval.run import predict
+    from qa_dist.models import check_window_fits
 
+    if args.doc_stride >= args.max_length:
+        raise ConfigError(f"--doc-stride ({args.doc_stride}) must be below --max-length ({args.max_length})")
+    check_window_fits(ModelConfig(name_or_path=args.model), args.max_length, key="--max-length")
     if bool(args.data) == bool(args.question or args.context):
         raise ConfigError("give either --data FILE or both --question and --context")
     if args.data:
@@ -308,13 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--allow-no-answer", action="store_true", help="SQuAD v2 style: answer empty when null wins")
     p.add_argument(
-        "--null-threshold", type=float, default=0.0, help="null score minus span score above which no answer"
+        "--null-threshold", type=_finite_float, default=0.0, help="null score minus span score above which no answer"
     )
-    p.add_argument("--max-length", type=int, default=384, help="window length in tokens")
-    p.add_argument("--doc-stride", type=int, default=128, help="overlap of consecutive windows in tokens")
-    p.add_argument("--n-best", type=int, default=20, help="answers kept per question in nbest_predictions.json")
-    p.add_argument("--max-answer-length", type=int, default=30, help="longest answer in tokens")
-    p.add_argument("--batch-size", type=int, default=64, help="windows per forward on each process")
+    p.add_argument("--max-length", type=_at_least(8), default=384, help="window length in tokens")
+    p.add_argument("--doc-stride", type=_at_least(0), default=128, help="overlap of consecutive windows in tokens")
+    p.add_argument(
+        "--n-best", type=_at_least(1), default=20, help="answers kept per question in nbest_predictions.json"
+    )
+    p.add_argument("--max-answer-length", type=_at_least(1), default=30, help="longest answer in tokens")
+    p.add_argument("--batch-size", type=_at_least(1), default=64, help="windows per forward on each process")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
 
@@ -372,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qa-dist: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`qa-dist config --keys | head`): as any shell tool, stop quietly.
+        # stdout is pointed at /dev/null so that the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

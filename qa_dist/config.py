@@ -7,7 +7,10 @@ the valid keys), and written back, resolved, into the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +21,48 @@ import yaml
 
 from qa_dist.errors import ConfigError
 from qa_dist.fsutil import atomic_write
+
+
+def _at_least(section: Any, name: str, low: float) -> None:
+    value = getattr(section, name)
+    if not value >= low:  # also false for NaN
+        raise ConfigError(f"{name}: {_shown(value)} must be >= {low}")
+
+
+def _positive(section: Any, name: str) -> None:
+    value = getattr(section, name)
+    if not value > 0:
+        raise ConfigError(f"{name}: {_shown(value)} must be > 0")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 2
+
+
+def _shown(value: Any) -> str:
+    """A bounded repr for error messages: a value may be huge (a YAML file's whole section).
+    ``reprlib`` never builds the full repr; the cut bounds what it lets through."""
+    shown = _REPR.repr(value)
+    return shown if len(shown) <= 120 else shown[:117] + "..."
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases: a run config never needs them, and nested aliases
+    expand exponentially (a few hundred bytes of YAML become gigabytes: the "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in a run config", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with aliases refused; what every config and override goes through."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -42,6 +87,16 @@ class DataConfig:
     """Is cache_dir one filesystem for all nodes (global rank 0 builds) or per node (local rank 0 builds)? auto probes it."""
     cache_wait_timeout: float = 7200.0
     """Seconds a process waits for another one to build the cache before giving up."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, "max_length", 8)
+        _at_least(self, "doc_stride", 0)
+        if self.doc_stride >= self.max_length:
+            raise ConfigError(
+                f"doc_stride ({self.doc_stride}) must be below max_length ({self.max_length}): consecutive windows "
+                "share doc_stride tokens"
+            )
+        _positive(self, "cache_wait_timeout")
 
 
 @dataclass(frozen=True)
@@ -89,6 +144,24 @@ class TrainConfig:
     collective_timeout: float = 1800.0
     """Seconds a collective may wait before the job fails (the process group timeout)."""
 
+    def __post_init__(self) -> None:
+        _positive(self, "lr")
+        _at_least(self, "epochs", 0)
+        _at_least(self, "per_device_batch_size", 1)
+        _at_least(self, "gradient_accumulation_steps", 1)
+        _at_least(self, "weight_decay", 0)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: {self.warmup_ratio} must be in [0, 1)")
+        _at_least(self, "max_grad_norm", 0)
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed: {self.seed} must be in [0, 2**32)")
+        _at_least(self, "max_steps", 0)
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ConfigError("epochs: 0 trains nothing; give epochs > 0 or max_steps > 0")
+        _at_least(self, "checkpoint_every", 0)
+        _at_least(self, "keep_checkpoints", 1)
+        _positive(self, "collective_timeout")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -107,6 +180,12 @@ class EvalConfig:
     tune_threshold: bool = False
     """SQuAD v2: also report metrics at the null threshold that is best on this data."""
 
+    def __post_init__(self) -> None:
+        _at_least(self, "every", 0)
+        _at_least(self, "per_device_batch_size", 1)
+        _at_least(self, "n_best_size", 1)
+        _at_least(self, "max_answer_length", 1)
+
 
 @dataclass(frozen=True)
 class LoggingConfig:
@@ -117,6 +196,9 @@ class LoggingConfig:
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     """auto: online with an API key, offline without one."""
 
+    def __post_init__(self) -> None:
+        _at_least(self, "log_every", 1)
+
 
 @dataclass(frozen=True)
 class LaunchConfig:
@@ -126,6 +208,10 @@ class LaunchConfig:
     """Processes per node (0: all visible GPUs, or 2 CPU processes without GPUs)."""
     nodes: int = 1
     """Number of machines."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, "gpus_per_node", 0)
+        _at_least(self, "nodes", 1)
 
 
 @dataclass(frozen=True)
@@ -179,11 +265,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {_shown(value)}")
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+            raise ConfigError(f"{key}: {_shown(value)} is not one of {', '.join(map(repr, choices))}")
         return value
     if hint is bool:
         if isinstance(value, bool):
@@ -192,29 +278,32 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # PyYAML reads "3e-5" (no dot) as a string; users write learning rates that way.
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: {_shown(value)} is not a finite number")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {_shown(value)}")
 
 
 def _build(cls: type, values: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - names, key=str)
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix + unknown[0]!r}; valid keys: " + ", ".join(_valid_keys(cls, prefix))
+            f"unknown config key {_shown(prefix + str(unknown[0]))}; valid keys: " + ", ".join(_valid_keys(cls, prefix))
         )
     kwargs = {}
     for name, value in values.items():
@@ -223,11 +312,14 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             if value is None:
                 value = {}
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping of {hint.__name__} keys, got {value!r}")
+                raise ConfigError(f"{key}: expected a mapping of {hint.__name__} keys, got {_shown(value)}")
             kwargs[name] = _build(hint, value, key + ".")
         else:
             kwargs[name] = _coerce(value, hint, key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a range or cross-field check of __post_init__, which names the field only
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -236,7 +328,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+            raise ConfigError(f"override {_shown(dotted)}: {_shown(part)} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -247,9 +339,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value; valid keys: " + ", ".join(valid_keys()))
+            raise ConfigError(
+                f"override {_shown(item)} is not of the form key=value; valid keys: " + ", ".join(valid_keys())
+            )
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = safe_load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         pairs.append((key.strip(), value))
@@ -268,7 +362,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read config: {e}") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = safe_load_yaml(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

