@@ -218,6 +218,7 @@ def _build(
     doc_stride: int,
     train: bool,
     progress: bool = False,
+    source: str | None = None,
 ) -> dict[str, list]:
     layout = pair_layout(tokenizer)
     with_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ["token_type_ids"])
@@ -251,7 +252,8 @@ def _build(
         budget = max_length - len(question) - n_special
         if len(question) + len(context_ids) + n_special > max_length and budget <= doc_stride:
             raise DataError(
-                f"question {ex['id']!r}: the question takes {len(question)} tokens, leaving "
+                (f"{source}: " if source else "")
+                + f"question {ex['id']!r}: the question takes {len(question)} tokens, leaving "
                 f"{max(budget, 0)} context tokens per window, not more than doc_stride={doc_stride}; "
                 "raise data.max_length or lower data.doc_stride"
             )
@@ -313,6 +315,7 @@ def build_train_features(
     doc_stride: int = 128,
     *,
     progress: bool = False,
+    source: str | None = None,
 ) -> dict[str, list]:
     """Training windows with labels.
 
@@ -320,10 +323,10 @@ def build_train_features(
     them), ``start_positions``, ``end_positions``, ``example_index``. Labels follow each example's
     first answer: the first and last tokens that overlap its characters. A window that does not
     hold the whole answer, and every window of an unanswerable question, points at the CLS token.
-    Features are unpadded.
+    Features are unpadded. ``source`` (the data file) is named in errors about an example.
     """
     with _gc_paused():
-        return _build(examples, tokenizer, max_length, doc_stride, train=True, progress=progress)
+        return _build(examples, tokenizer, max_length, doc_stride, train=True, progress=progress, source=source)
 
 
 def build_eval_features(
@@ -333,9 +336,11 @@ def build_eval_features(
     doc_stride: int = 128,
     *,
     progress: bool = False,
+    source: str | None = None,
 ) -> dict[str, list]:
     """Evaluation windows: ``input_ids``, ``attention_mask``, ``token_type_ids`` (where made),
     ``offset_mapping`` (character spans of context tokens, None elsewhere), ``example_index``,
-    ``example_id``, ``cls_index`` (where the null answer is scored). Unpadded."""
+    ``example_id``, ``cls_index`` (where the null answer is scored). Unpadded. ``source`` as for
+    :func:`build_train_features`."""
     with _gc_paused():
-        return _build(examples, tokenizer, max_length, doc_stride, train=False, progress=progress)
+        return _build(examples, tokenizer, max_length, doc_stride, train=False, progress=progress, source=source)

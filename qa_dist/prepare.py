@@ -85,6 +85,9 @@ def split_key_parts(config: RunConfig, role: str, tokenizer_fp: str) -> dict | N
         "max_length": data.max_length,
         "doc_stride": data.doc_stride,
         "builder": FEATURE_BUILDER_VERSION,
+        # How the data was validated: an entry built leniently (answers relocated) must not satisfy
+        # a strict run, which has to reject that data.
+        "strict": data.strict,
     }
 
 
@@ -146,7 +149,14 @@ def prepare_features(
             loaded = load_source(source, split, strict=data.strict)
             say(f"{role}: tokenizing {len(loaded.examples):,} questions and their contexts")
             builder = build_train_features if role == "train" else build_eval_features
-            columns = builder(loaded.examples, tokenizer, data.max_length, data.doc_stride, progress=progress)
+            columns = builder(
+                loaded.examples,
+                tokenizer,
+                data.max_length,
+                data.doc_stride,
+                progress=progress,
+                source=loaded.description,
+            )
             return Built(
                 tables={
                     "features": features_table(columns),

