@@ -121,3 +121,25 @@ def test_every_field_has_a_docstring():
                     assert isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant), (
                         f"{node.name}.{stmt.target.id} has no docstring"
                     )
+
+
+def test_config_keys_and_help_do_not_import_torch():
+    # Every command used to pay about 2 s for torch, transformers and numba before parsing its flags.
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, contextlib, io\n"
+        "from qa_dist.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['config', '--keys'])\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numba', 'pyarrow'))\n"
+        "print(heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout[:500]
