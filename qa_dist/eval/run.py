@@ -13,7 +13,7 @@ from qa_dist.config import EvalConfig, ModelConfig, RunConfig
 from qa_dist.dist import DistContext, current_context
 from qa_dist.errors import ConfigError
 from qa_dist.eval.evaluator import EvalData, EvalResult, Forward, evaluate
-from qa_dist.models import load_tokenizer, resolve_model_path
+from qa_dist.models import load_qa_model, load_tokenizer
 
 
 def device_for(dist: DistContext) -> torch.device:
@@ -21,20 +21,6 @@ def device_for(dist: DistContext) -> torch.device:
         torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def load_qa_model(model: ModelConfig, device: torch.device):
-    from transformers import AutoModelForQuestionAnswering
-
-    try:
-        loaded = AutoModelForQuestionAnswering.from_pretrained(
-            resolve_model_path(model.name_or_path),
-            revision=model.revision,
-            trust_remote_code=model.trust_remote_code,
-        )
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a question answering model from {model.name_or_path!r}: {e}") from None
-    return loaded.to(device).eval()
 
 
 def model_forward(model, device: torch.device, mixed_precision: str = "no") -> Forward:
@@ -63,7 +49,7 @@ def evaluate_run(config: RunConfig, out_dir: Path | None = None, progress: bool 
         "eval"
     ].entry
     device = device_for(dist)
-    model = load_qa_model(config.model, device)
+    model = load_qa_model(config.model).to(device).eval()
     return evaluate(
         model_forward(model, device, config.train.mixed_precision),
         EvalData(entry.table("features"), entry.table("examples")),
@@ -94,7 +80,7 @@ def predict(
     model_config = ModelConfig(name_or_path=model_path)
     tokenizer = load_tokenizer(model_config)
     device = device_for(dist)
-    model = load_qa_model(model_config, device)
+    model = load_qa_model(model_config).to(device).eval()
     features = build_eval_features(examples, tokenizer, max_length, doc_stride)
     return evaluate(
         model_forward(model, device),
