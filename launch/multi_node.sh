@@ -7,5 +7,5 @@
 set -euo pipefail
 config=${1:?usage: HEAD=addr NODES=n RANK=r launch/multi_node.sh RUN.yaml [key=value ...]}
 shift
-exec qa-dist launch --config "$config" --strategy "${STRATEGY:-auto}" --nodes "${NODES:?}" \
-    --machine-rank "${RANK:?}" --head "${HEAD:?}" --port "${PORT:-29500}" "$@"
+exec qa-dist launch --config="$config" --strategy="${STRATEGY:-auto}" --nodes="${NODES:?}" \
+    --machine-rank="${RANK:?}" --head="${HEAD:?}" --port="${PORT:-29500}" "$@"

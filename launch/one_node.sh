@@ -4,4 +4,4 @@
 set -euo pipefail
 config=${1:?usage: launch/one_node.sh RUN.yaml [key=value ...]}
 shift
-exec qa-dist launch --config "$config" --strategy "${STRATEGY:-auto}" "$@"
+exec qa-dist launch --config="$config" --strategy="${STRATEGY:-auto}" "$@"

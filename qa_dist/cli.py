@@ -234,6 +234,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if not args.config:
         raise ConfigError("qa-dist launch needs --config RUN.yaml")
     config = load_config(args.config, args.overrides)
+    # Before anything runs: no control characters in what goes into the line or the script.
+    L.check_launch_values(
+        args.config, args.overrides, config, partition=args.partition, time_limit=args.time, head=args.head
+    )
     gpus, gpu_gib = L.gpus_available()
     cpu = args.cpu or (gpus == 0 and not args.slurm)
     per_node = args.gpus_per_node or config.launch.gpus_per_node or (gpus if gpus and not cpu else 2)
@@ -285,7 +289,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     print(shlex.join(line), flush=True)
     if args.dry_run:
         return 0
-    return L.run(line)
+    return L.run(line, config.run_dir)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

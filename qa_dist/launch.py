@@ -5,11 +5,15 @@ few side effects (environment checks, running the line, calling ``sbatch``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +156,11 @@ class Plan:
         return CONFIGS / "deepspeed" / f"{self.strategy}.json" if self.strategy.startswith("zero") else None
 
 
+SLURM_SHELL_VALUES = {"machine_rank": "$SLURM_PROCID", "head": "$HEAD_NODE", "port": "$PORT"}
+"""The shell expressions ``accelerate_args`` takes in the Slurm script, expanded in each srun task.
+These exact strings, and nothing else, are written double-quoted rather than shell-quoted."""
+
+
 def accelerate_args(plan: Plan, *, machine_rank: str = "0", head: str = "127.0.0.1", port: str = "29500") -> list[str]:
     """``accelerate launch`` options for ``plan``. ``machine_rank``/``head``/``port`` may be shell
     expressions (Slurm fills them in on each node)."""
@@ -164,6 +173,88 @@ def accelerate_args(plan: Plan, *, machine_rank: str = "0", head: str = "127.0.0
     else:
         args += ["--num_machines", "1", "--main_process_port", port]
     return args
+
+
+def check_printable(name: str, value: str) -> str:
+    """``value`` unchanged, or a ConfigError naming ``name`` when it holds a character that has no
+    place in a script or a command line: a control or format character (newline, carriage return,
+    escape, DEL, zero-width and direction marks...) or a Unicode line or paragraph separator. A
+    newline would end a ``#SBATCH`` line (Slurm reads that block itself, no shell quoting applies)
+    and the others hide what a printed command really runs."""
+    for ch in value:
+        if unicodedata.category(ch) in ("Cc", "Cf") or ch in "\u2028\u2029":
+            raise ConfigError(
+                f"{name}: control or line-break character {ch!r} (U+{ord(ch):04X}) in {value!r}: "
+                "not allowed in a launch script or command line"
+            )
+    return value
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0] if "=" in override else override
+
+
+PARTITION = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
+TIME_LIMIT = re.compile(r"(\d+-)?\d+(:\d+){0,2}|(?i:infinite|unlimited)")
+
+
+def check_launch_values(
+    config_path: str,
+    overrides: list[str],
+    config: RunConfig,
+    *,
+    partition: str | None = None,
+    time_limit: str | None = None,
+    head: str | None = None,
+) -> None:
+    """Every value ``qa-dist launch`` writes into a script or a command line, checked before anything
+    runs; a ConfigError names the key or flag."""
+    check_printable("--config", str(config_path))
+    for override in overrides:
+        check_printable(f"override {_override_key(override)!r}", override)
+    check_printable("run_dir", str(config.run_dir))
+    check_printable("run_dir (resolved)", str(Path(config.run_dir).resolve()))
+    check_printable("the Python interpreter path (sys.executable)", sys.executable)
+    if head is not None:
+        check_printable("--head", head)
+    if partition is not None and not PARTITION.fullmatch(check_printable("--partition", partition)):
+        raise ConfigError(f"--partition: {partition!r} is not a partition name (letters, digits, '_.-', commas)")
+    if time_limit is not None and not TIME_LIMIT.fullmatch(check_printable("--time", time_limit)):
+        raise ConfigError(
+            f"--time: {time_limit!r} is not a Slurm time limit (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS, ...)"
+        )
+
+
+def sbatch_word(value: str) -> str:
+    """``value`` as (part of) one argument of a ``#SBATCH`` line. Slurm splits those lines itself
+    (sbatch's ``_get_argument``, not a shell): whitespace ends an argument unless it is inside quotes
+    (a backslash does not protect it), an unquoted ``#`` starts a comment, and a backslash escapes the
+    next character anywhere, even inside quotes. So a value holding any of these is written inside
+    double quotes with ``"`` and ``\\`` escaped; ``$``, ``;``, backticks, parentheses are plain
+    characters there. Control characters cannot be carried at all (a newline ends the line) and are
+    refused by ``check_printable`` before this."""
+    if not any(ch in " \t\v\f\r\"'#\\" for ch in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sbatch_output_dir(run_dir: str) -> str:
+    """The run directory as the start of a ``#SBATCH --output`` pattern: ``%`` doubled (Slurm reads
+    ``%j``, ``%x``... in that path), then quoted by ``sbatch_word``. Refused: a backslash (it turns
+    Slurm's ``%j`` replacement off for the whole path) and ``hetjob``/``packjob`` (sbatch treats a
+    ``#SBATCH`` line holding either word as the start of another heterogeneous job component)."""
+    if "\\" in run_dir:
+        raise ConfigError(f"run_dir: {run_dir!r} holds a backslash, which Slurm's --output cannot carry")
+    for word in ("hetjob", "packjob"):
+        if word in run_dir.lower():
+            raise ConfigError(f"run_dir: {run_dir!r} holds {word!r}, which sbatch reads as a job separator")
+    return sbatch_word(run_dir.replace("%", "%%"))
+
+
+def job_name(run_dir: str) -> str:
+    """``qa-dist-<run directory name>``, with anything but letters, digits and ``._+-`` replaced by
+    ``_`` (the name is only a label; it goes into a ``#SBATCH`` line)."""
+    return "qa-dist-" + re.sub(r"[^A-Za-z0-9._+-]", "_", Path(run_dir).name)
 
 
 def train_command(config_path: str, overrides: list[str]) -> list[str]:
@@ -179,6 +270,10 @@ def launch_line(
     head: str = "127.0.0.1",
     port: int = 29500,
 ) -> list[str]:
+    check_printable("--config", str(config_path))
+    check_printable("--head", head)
+    for override in overrides:
+        check_printable(f"override {_override_key(override)!r}", override)
     return [
         sys.executable,
         "-m",
@@ -198,31 +293,56 @@ def render_sbatch(
     partition: str | None = None,
     time_limit: str | None = None,
 ) -> str:
-    """``slurm/<script>`` with the run's values filled in (the file's own comments stay)."""
-    text = (SLURM_DIR / script).read_text()
-    values = {
+    """``slurm/<script>`` with the run's values filled in (the file's own comments stay).
+
+    A value is written for where it lands: shell-quoted (``shlex.quote``) in the shell part, escaped
+    for Slurm's own parser (``sbatch_word``) in ``#SBATCH`` lines, whose partition and time limit must
+    match strict patterns and whose job name is reduced to a safe label. Control characters anywhere
+    are refused (ConfigError naming the key or flag)."""
+    check_launch_values(config_path, overrides, config, partition=partition, time_limit=time_limit)
+    run_dir = str(Path(config.run_dir).resolve())
+    name = job_name(config.run_dir)
+    shell_args = []
+    for a in accelerate_args(plan, **SLURM_SHELL_VALUES):
+        # Only the fixed expressions of SLURM_SHELL_VALUES stay expandable; any other value is quoted.
+        shell_args.append(f'"{a}"' if a in SLURM_SHELL_VALUES.values() else shlex.quote(a))
+    in_shell = {
         "@NODES@": str(plan.nodes),
         "@PROCESSES_PER_NODE@": str(plan.processes_per_node),
-        "@JOB_NAME@": f"qa-dist-{Path(config.run_dir).name}",
-        "@RUN_DIR@": str(Path(config.run_dir).resolve()),
-        "@QA_DIST_PYTHON@": sys.executable,
-        "@ACCELERATE_ARGS@": " ".join(
-            shlex.quote(a) if not a.startswith("$") else f'"{a}"'
-            for a in accelerate_args(plan, machine_rank="$SLURM_PROCID", head="$HEAD_NODE", port="$PORT")
-        ),
+        "@JOB_NAME@": shlex.quote(name),
+        "@RUN_DIR@": shlex.quote(run_dir),
+        "@QA_DIST_PYTHON@": shlex.quote(sys.executable),
+        "@ACCELERATE_ARGS@": " ".join(shell_args),
         "@TRAIN_ARGS@": " ".join(shlex.quote(a) for a in train_command(config_path, overrides)),
         "@CONFIG@": shlex.quote(str(Path(config_path).resolve())),
         "@OVERRIDES@": " ".join(shlex.quote(o) for o in overrides),
         "@GPU_LINE@": "" if plan.cpu else f"#SBATCH --gpus-per-node={plan.processes_per_node}",
     }
-    for key, value in values.items():
-        text = text.replace(key, value)
-    lines = text.splitlines()
+    in_sbatch = {
+        "@NODES@": str(plan.nodes),
+        "@PROCESSES_PER_NODE@": str(plan.processes_per_node),
+        "@JOB_NAME@": name,
+        "@RUN_DIR@": sbatch_output_dir(run_dir),
+    }
+    lines = []
+    for line in (SLURM_DIR / script).read_text().splitlines():
+        values = in_sbatch if line.startswith("#SBATCH") else in_shell
+        # One pass: a value that happens to hold "@...@" is never substituted again.
+        lines.append(PLACEHOLDER.sub(lambda m, values=values: _fill(m.group(), values, script), line))
     extra = [f"#SBATCH --partition={partition}"] if partition else []
     extra += [f"#SBATCH --time={time_limit}"] if time_limit else []
     if extra:
         lines[1:1] = extra
     return "\n".join(lines) + "\n"
+
+
+PLACEHOLDER = re.compile(r"@[A-Z_]+@")
+
+
+def _fill(placeholder: str, values: dict[str, str], script: str) -> str:
+    if placeholder not in values:
+        raise ConfigError(f"slurm/{script}: {placeholder} cannot be filled in on this line")
+    return values[placeholder]
 
 
 def check_environment(config: RunConfig, plan: Plan) -> list[str]:
@@ -301,9 +421,87 @@ def gpus_available() -> tuple[int, float]:
     return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GIB
 
 
-def run(cmd: list[str]) -> int:
-    """Run the launch line in the foreground; its exit code is the launch's."""
-    return subprocess.call(cmd)
+def run(cmd: list[str], run_dir: str | Path | None = None) -> int:
+    """Run the launch line in the foreground, pass signals on, and return its exit code: 75 (the
+    training checkpointed and stopped on a signal) when the run wrote a new ``preempted.json``.
+
+    Why a child and not ``os.execv``: ``accelerate launch`` (torchrun's elastic agent, in process)
+    starts every training process with ``start_new_session=True``, so no process group holds them,
+    and it handles only SIGTERM, SIGINT, SIGHUP and SIGQUIT (``TORCHELASTIC_SIGNALS_TO_HANDLE``):
+    SIGUSR1 kills the agent, which leaves its training processes running. On SIGTERM the agent
+    forwards it to the workers but kills them 30 s later (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``),
+    whether or not their checkpoint is written, and either way it exits 1, never 75. So the launcher
+    stays in between: it starts the agent in a session of its own (a Ctrl-C or a SIGTERM to the
+    terminal's process group reaches this process only, once), and on SIGTERM or SIGUSR1 it signals
+    the training processes themselves (the agent's children), not the agent; they agree, save a
+    checkpoint, write ``preempted.json`` and exit 75; the agent then sees them end and exits;
+    the marker turns that into exit code 75 here. A second SIGTERM, and SIGINT, SIGHUP or SIGQUIT,
+    go to the agent, which stops its workers its own way (no checkpoint). Before the training
+    processes exist a SIGTERM or SIGUSR1 goes to the agent as SIGTERM: nothing to checkpoint yet."""
+    from qa_dist.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
+
+    marker = Path(run_dir) / PREEMPTED_MARKER if run_dir is not None else None
+    before = _stamp(marker)
+    proc: subprocess.Popen | None = None
+    pending: list[int] = []
+    asked: set[int] = set()
+
+    def forward(signum: int, _frame=None) -> None:
+        if proc is None:
+            pending.append(signum)
+            return
+        if signum in (signal.SIGTERM, signal.SIGUSR1) and not (signum == signal.SIGTERM and signum in asked):
+            asked.add(signum)
+            workers = _children(proc.pid)
+            for pid in workers:
+                _kill(pid, signum)
+            if workers:
+                return
+            signum = signal.SIGTERM  # no training process yet: nothing to checkpoint, stop
+        _kill(proc.pid, signum)
+
+    handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+    previous = {sig: signal.signal(sig, forward) for sig in handled}
+    try:
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        for signum in pending:
+            forward(signum)
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if marker is not None and _stamp(marker) not in (None, before):
+        print(
+            f"qa-dist: training stopped on a signal after a checkpoint ({marker.read_text().strip()}); "
+            "continue with resume=auto",
+            file=sys.stderr,
+        )
+        return EXIT_PREEMPTED
+    return code if code >= 0 else 128 - code
+
+
+def _stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What tells a rewritten file from the one seen before (None: no file)."""
+    try:
+        st = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size) if st else None
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of ``pid``: the training processes torchrun's agent started."""
+    import psutil  # a dependency of accelerate
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
+
+
+def _kill(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+        os.kill(pid, signum)
 
 
 def submit(script_text: str, script_path: Path, dependency: str | None = None) -> str:

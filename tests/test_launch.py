@@ -1,13 +1,17 @@
 """qa-dist launch: the memory estimate behind --strategy auto, the accelerate line (num_processes
-over all nodes), the rendered sbatch script, and the environment checks."""
+over all nodes), the rendered sbatch script, the environment checks, and signals to a running launch."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from conftest import REPO
+from conftest import REPO, small_run_overrides
 
 from qa_dist import launch as L
 from qa_dist.config import load_config
@@ -87,3 +91,66 @@ def test_environment_checks_stop_a_launch_before_cluster_time_is_spent(tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "HF_DATASETS_CACHE" in done.stderr and "HF_HUB_OFLINE" in done.stderr
     assert "/nowhere/train.json does not exist" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def launch_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("launch-cache")
+
+
+def _processes_of(run_dir) -> list:
+    """Live processes whose command line names ``run_dir`` (the launcher and every training process)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(run_dir) in part for part in p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_qa_dist_launch_checkpoints_and_exits_75(tmp_path, tiny_model, launch_cache, sig):
+    """SIGTERM or SIGUSR1 to the qa-dist launch process alone (as a scheduler or `kill` sends it):
+    every training process checkpoints, the launch exits 75, and nothing is left running."""
+    from qa_dist.train.checkpoint import complete_checkpoints
+
+    run_dir = tmp_path / "run"
+    overrides = small_run_overrides(tiny_model, run_dir, launch_cache, "train.max_steps=100000")
+    log = tmp_path / "launch.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qa_dist", "launch", "--config", str(CONFIG), "--cpu", "--no-check", *overrides],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "step 2:" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        os.kill(proc.pid, sig)
+        code = proc.wait(timeout=60)
+        text = log.read_text()
+        assert code == 75, text[-3000:]
+        marker = json.loads((run_dir / "preempted.json").read_text())
+        assert marker == {"step": marker["step"], "signal": sig.name, "exit_code": 75} and marker["step"] >= 2
+        (checkpoint,) = complete_checkpoints(run_dir)
+        assert checkpoint.name == f"step-{marker['step']:08d}"
+        deadline = time.monotonic() + 10  # the launcher exits after its children; allow reaping
+        while (alive := _processes_of(run_dir)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, [p.info["cmdline"] for p in alive]
+    finally:
+        for p in _processes_of(run_dir):  # only what this test started: they name its run directory
+            p.kill()
+        if proc.poll() is None:
+            proc.kill()
