@@ -17,14 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_run_config_in_configs_loads(path):
     config = load_config(path)
     raw = yaml.safe_load(path.read_text())
+
     # Every key written in the file reached the config (nothing silently dropped).
-    for section, values in raw.items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                got = getattr(getattr(config, section), key)
-                assert got == value or got == float(value), (section, key)
-        else:
-            assert getattr(config, section) == values
+    def check(node, values, where):
+        for key, value in values.items():
+            got = getattr(node, key)
+            if isinstance(value, dict):
+                check(got, value, f"{where}{key}.")
+            else:
+                assert got == value or got == float(value), where + key
+
+    check(config, raw, "")
 
 
 def test_overrides_and_yaml_scalars(tmp_path):
