@@ -114,3 +114,30 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes_to_the_same
     assert "requeueing job" in text and "preempted at step" in text
     assert re.search(r"resum", text, re.I)
     assert _final_metrics(run_dir, steps) == _final_metrics(reference, steps)
+
+
+def test_a_run_dir_full_of_shell_and_sbatch_syntax_is_one_literal_path_on_slurm(slurm, tmp_path, tiny_model):
+    """The rendered scripts as sbatch and bash really read them (issue 14 item 1): spaces, quotes,
+    $(...), ;, #, % and backticks in the run directory neither run nor split anything; the job logs
+    land in that very directory and training writes there."""
+    run_dir = tmp_path / 'run $(touch pwned); `touch pwned` it\'s "100%j" a#b'
+    cmd = [sys.executable, "-m", "qa_dist", "launch", "--config", str(REPO / "configs/runs/cpu_sample_en.yaml")]
+    overrides = small_run_overrides(tiny_model, run_dir, tmp_path / "cache", "train.max_steps=2")
+    done = subprocess.run(
+        [*cmd, "--slurm", "--cpu", *overrides],
+        capture_output=True,
+        text=True,
+        env={**slurm.env, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,  # the jobs run here: a `touch pwned` that ran would leave its file here
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    prepare, train = re.findall(r"submitted (?:prepare|training) job (\d+)", done.stdout)
+    assert slurm.wait_for(prepare) == "COMPLETED", slurm.logs()
+    state = slurm.wait_for(train)
+    log = run_dir / f"slurm-{train}.out"  # sbatch read --output as one literal path (%% for %)
+    assert state == "COMPLETED" and log.exists(), sorted(str(p) for p in tmp_path.rglob("*.out"))
+    assert (run_dir / f"slurm-prepare-{prepare}.out").exists()
+    assert "training on 2 process(es)" in log.read_text()
+    assert (run_dir / "model" / "config.json").exists()
+    assert not list(tmp_path.rglob("pwned")) and not (REPO / "pwned").exists()
