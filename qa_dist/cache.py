@@ -11,11 +11,23 @@ Who builds: with a cache directory shared by all nodes, global rank 0; with a no
 local rank 0 of each node (``data.cache_shared``: ``shared``, ``local`` or ``auto``, which probes
 the directory). The others wait on a signal file rather than inside a collective, so a long build
 cannot trip a collective timeout; the builder's error, if any, is raised on every rank.
+
+A read-only cache directory serves its whole entries (a cache prepared once and mounted read-only
+on the compute nodes): nothing is written to read one. A missing or damaged entry there is an
+error, as is a full disk during a build; both name the directory and leave nothing under the key.
+Ranks whose cache directory is read-only cannot leave signal files, so they exchange the builder's
+outcome in a collective instead (no build can happen there, only the verification of checksums).
+
+Builders of one key are serialised across jobs by ``flock`` on ``.locks/<key>``, waiting at most
+``wait_timeout`` seconds. On a filesystem whose ``flock`` does not work (some NFS setups) the build
+goes ahead without the lock, with a warning: publishing is an atomic rename, so that costs at
+most duplicate work, never a wrong entry.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -44,6 +56,15 @@ _SIGNALS = ".signals"
 
 class CacheError(QaDistError):
     """The cache directory is unusable, or waiting for another process's build timed out."""
+
+
+def _reason(e: OSError) -> str:
+    """What went wrong, in a few words (pyarrow's OSErrors carry no errno, only a message)."""
+    return e.strerror or str(e) or type(e).__name__
+
+
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+"""``flock`` errors that mean the filesystem does not support it (not that someone holds the lock)."""
 
 
 def default_cache_dir(configured: str) -> Path:
@@ -156,9 +177,9 @@ class FeatureCache:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CacheError(f"{self.root}: cannot create the cache directory ({e.strerror})") from None
-        if not os.access(self.root, os.W_OK):
-            raise CacheError(f"{self.root}: cache directory is not writable")
+            raise CacheError(f"{self.root}: cannot create the cache directory ({_reason(e)})") from None
+        # A read-only directory still serves whole entries; building in it is the error (_ensure).
+        self.writable = os.access(self.root, os.W_OK)
 
     # -- who builds ----------------------------------------------------------------------------
 
@@ -175,7 +196,8 @@ class FeatureCache:
                 # (a slow NFS) costs a duplicate build, never a wrong entry: publishing is atomic.
                 probe = self.root / f".probe-{nonce}"
                 if d.rank == 0:
-                    probe.touch()
+                    with contextlib.suppress(OSError):  # read-only: no probe, so each node on its own
+                        probe.touch()
                 d.barrier()  # the probe exists before anyone looks
                 shared = probe.exists()
                 d.barrier()  # everyone has looked before it goes
@@ -194,13 +216,17 @@ class FeatureCache:
         # Collective at the start, when every rank is here anyway: a run-wide name for the signal,
         # and a check that all ranks want the same entry (a rank waiting for a key nobody builds
         # would wait forever).
-        gathered = d.all_gather((uuid.uuid4().hex, key))
-        nonce, keys = gathered[0][0], [k for _, k in gathered]
+        gathered = d.all_gather((uuid.uuid4().hex, key, self.writable))
+        nonce, keys = gathered[0][0], [k for _, k, _ in gathered]
         if len(set(keys)) > 1:
             raise CacheError(f"ranks computed different feature cache keys {keys}: their data or tokenizer differ")
+        # Signal files need a writable directory everywhere; otherwise the outcome goes through a
+        # collective, which is safe because a read-only directory only ever verifies an entry.
+        by_file = all(writable for _, _, writable in gathered)
         builder = self._is_builder(nonce)
         signal = self.root / _SIGNALS / f"{nonce}-{key}.json"
         built_here = False
+        outcome, outcomes = None, []
         if builder:
             try:
                 built_here = self._ensure(key, build, description)
@@ -216,10 +242,16 @@ class FeatureCache:
                 }
                 raise
             finally:
-                if d.is_distributed:
-                    atomic_write(signal, json.dumps(outcome))
-        else:
+                if d.is_distributed and by_file:
+                    self._signal(signal, outcome)
+                elif d.is_distributed:
+                    outcomes = d.all_gather(outcome)
+        elif by_file:
             self._wait_for(signal, key)
+        else:
+            outcomes = d.all_gather(None)
+        # (read-only directories: every rank raises any builder's error, none waits at the barrier)
+        _raise_outcome(next((o for o in outcomes if o is not None and o["status"] != "ok"), {"status": "ok"}))
         entry = self.root / key
         problem = check_entry(entry, key, full=False)
         if problem:
@@ -237,6 +269,12 @@ class FeatureCache:
         problem = check_entry(entry, key, full=True)
         if problem is None:
             return False
+        if not self.writable:
+            raise CacheError(
+                f"{self.root}: cache directory is not writable, and cache entry {key} is {problem}: "
+                "it cannot be built here; run `qa-dist prepare` where the directory is writable, or "
+                "set data.cache_dir to a writable directory"
+            )
         with self._lock(key):
             # Another job may have published while this one waited for the lock.
             problem = check_entry(entry, key, full=True)
@@ -250,30 +288,82 @@ class FeatureCache:
                     problem,
                     aside,
                 )
-                entry.rename(aside)
+                try:
+                    entry.rename(aside)
+                except OSError as e:
+                    raise CacheError(
+                        f"{self.root}: cannot move damaged cache entry {key} aside ({_reason(e)})"
+                    ) from None
                 shutil.rmtree(aside, ignore_errors=True)
             for stale in self.root.glob(f".tmp-{key}-*"):
                 shutil.rmtree(stale, ignore_errors=True)  # left by a killed build; we hold the lock
-            self._publish(key, build(), description)
+            built = build()
+            try:
+                self._publish(key, built, description)
+            except OSError as e:
+                raise CacheError(
+                    f"{self.root}: cannot write feature cache entry {key} ({_reason(e)}); nothing was "
+                    "published: free space there or set data.cache_dir elsewhere"
+                ) from None
         return True
 
     @contextlib.contextmanager
     def _lock(self, key: str):
+        """Hold ``.locks/<key>``, waiting at most ``wait_timeout`` seconds for another builder."""
         lock_path = self.root / ".locks" / key
-        lock_path.parent.mkdir(exist_ok=True)
-        # Serialises builders of one key across jobs; correctness never depends on it (publishing
-        # is an atomic rename), so a filesystem without working flock only costs duplicate work.
-        with open(lock_path, "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            lock_path.parent.mkdir(exist_ok=True)
+            f = open(lock_path, "a+")  # noqa: SIM115 (closed below, after the unlock)
+        except OSError as e:
+            raise CacheError(
+                f"{lock_path}: cannot create the lock file of the feature cache ({_reason(e)}); every "
+                "user of a shared cache directory needs write access to it and its .locks folder"
+            ) from None
+        with f:
+            locked = self._acquire(f, key, lock_path)
             try:
                 yield
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                if locked:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _acquire(self, f, key: str, lock_path: Path) -> bool:
+        """Take the lock (False: this filesystem has no working flock; go on without it)."""
+        deadline = time.monotonic() + self.wait_timeout
+        delay = 0.05
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                if e.errno not in _NO_FLOCK:
+                    raise CacheError(f"{lock_path}: cannot lock ({_reason(e)})") from None
+                log.warning(
+                    "%s: flock does not work on this filesystem (%s): building without the lock; "
+                    "another job building the same entry at the same time only duplicates work",
+                    lock_path,
+                    _reason(e),
+                )
+                return False
+            if time.monotonic() > deadline:
+                raise CacheError(self._timeout_message(key))
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    def _timeout_message(self, key: str) -> str:
+        return (
+            f"{self.root}: waited {self.wait_timeout:.0f} s for another process to build "
+            f"cache entry {key}. If data.cache_dir is not one filesystem for all nodes, set "
+            "data.cache_shared=local; otherwise raise data.cache_wait_timeout or run "
+            "`qa-dist prepare` before the job"
+        )
 
     def _publish(self, key: str, built: Built, description: str) -> None:
         tmp = self.root / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             files = {}
             for name, table in built.tables.items():
                 path = tmp / f"{name}.arrow"
@@ -304,6 +394,17 @@ class FeatureCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    def _signal(self, signal: Path, outcome: dict) -> None:
+        try:
+            atomic_write(signal, json.dumps(outcome))
+        except OSError as e:  # (a full disk) the other ranks will time out waiting
+            message = (
+                f"{self.root}: cannot write the signal that tells the other ranks the build is done ({_reason(e)})"
+            )
+            if outcome is not None and outcome["status"] == "ok":
+                raise CacheError(message) from None
+            log.error(message)  # the builder's own error, being raised, says more
+
     # -- waiting side --------------------------------------------------------------------------
 
     def _wait_for(self, signal: Path, key: str) -> None:
@@ -311,15 +412,14 @@ class FeatureCache:
         delay = 0.05
         while not signal.exists():
             if time.monotonic() > deadline:
-                raise CacheError(
-                    f"{self.root}: waited {self.wait_timeout:.0f} s for another process to build "
-                    f"cache entry {key}. If data.cache_dir is not one filesystem for all nodes, set "
-                    "data.cache_shared=local; otherwise raise data.cache_wait_timeout or run "
-                    "`qa-dist prepare` before the job"
-                )
+                raise CacheError(self._timeout_message(key))
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
-        outcome = json.loads(signal.read_text())
-        if outcome["status"] != "ok":
-            error = DataError if outcome["type"] == "DataError" else CacheError
-            raise error(outcome["message"])
+        _raise_outcome(json.loads(signal.read_text()))
+
+
+def _raise_outcome(outcome: dict) -> None:
+    """Raise the builder's error on a waiting rank (nothing when it succeeded)."""
+    if outcome["status"] != "ok":
+        error = DataError if outcome["type"] == "DataError" else CacheError
+        raise error(outcome["message"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -315,3 +316,130 @@ def test_tokenizer_fingerprint_ignores_runtime_truncation_and_padding(minilm_tok
     fresh("a question", "a context")
     fresh("x", truncation=True, max_length=5, padding="max_length")
     assert tokenizer_fingerprint(fresh) == before
+
+
+# -- full disks, read-only caches, locks (issue 14 item 8) ------------------------------------
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str):
+    """A real tmpfs of ``size`` at ``path`` (needs root; the test is skipped without it)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _run_prepare(config: Path, *overrides: str, timeout: float = 300):
+    cmd = [sys.executable, "-m", "qa_dist", "prepare", "-q", "--config", str(config), *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(done) -> str:
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("qa-dist: error:")]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_full_disk_during_a_build_is_a_one_line_error_and_leaves_nothing(tmp_path, squad_file, minilm_dir):
+    with _tmpfs(tmp_path / "small-disk", "64k") as cache:
+        config = _write_config(tmp_path, squad_file, minilm_dir, cache)
+        line = _one_line_error(_run_prepare(config))
+        assert f"{cache}: cannot write feature cache entry" in line and "No space left on device" in line, line
+        assert _entries(cache) == []
+        assert not list(cache.glob(".tmp-*"))  # the partial build is gone, its space free again
+
+
+def test_warm_entry_on_a_read_only_cache_is_usable(tmp_path, squad_file, minilm_dir):
+    with _tmpfs(tmp_path / "ro-cache", "32m") as cache:
+        config = _write_config(tmp_path, squad_file, minilm_dir, cache)
+        cold = _run_prepare(config)
+        assert cold.returncode == 0, cold.stderr
+        subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+        with pytest.raises(OSError):
+            (cache / "probe").touch()  # really read-only, even for root
+        warm = _run_prepare(config)
+        assert warm.returncode == 0, warm.stderr
+        assert "train verified (warm)" in warm.stdout
+        # An entry that is not there cannot be built: a clear error, not a traceback.
+        line = _one_line_error(_run_prepare(config, "data.max_length=96"))
+        assert f"{cache}: cache directory is not writable, and cache entry" in line
+        assert "is missing: it cannot be built here" in line
+
+
+def test_waiting_for_the_build_lock_is_bounded_by_cache_wait_timeout(tmp_path, squad_file, minilm_dir):
+    import fcntl
+
+    from qa_dist.cache import cache_key
+    from qa_dist.models import tokenizer_fingerprint
+    from qa_dist.prepare import split_key_parts
+
+    cache = tmp_path / "cache"
+    config_path = _write_config(tmp_path, squad_file, minilm_dir, cache, cache_wait_timeout=1)
+    config = load_config(str(config_path), [])
+    key = cache_key(split_key_parts(config, "train", tokenizer_fingerprint(load_tokenizer(config.model))))
+    (cache / ".locks").mkdir(parents=True)
+    with open(cache / ".locks" / key, "a+") as held:  # another job is building this entry
+        fcntl.flock(held, fcntl.LOCK_EX)
+        started = time.monotonic()
+        line = _one_line_error(_run_prepare(config_path, timeout=120))  # blocked forever before
+        assert time.monotonic() - started < 60
+    assert f"{cache}: waited 1 s for another process to build cache entry {key}" in line
+    assert "data.cache_wait_timeout" in line
+    assert _entries(cache) == []
+
+
+def test_lock_file_that_cannot_be_created_is_a_clear_error(tmp_path, squad_file, minilm_dir):
+    from qa_dist.cache import CacheError
+
+    config = _config(tmp_path, squad_file, minilm_dir)
+    (tmp_path / "cache" / ".locks").parent.mkdir(parents=True)
+    (tmp_path / "cache" / ".locks").write_text("not a directory")  # root ignores permission bits
+    with pytest.raises(CacheError, match=r"\.locks/[0-9a-f]+: cannot create the lock file of the feature cache"):
+        _prepare(config)
+    assert _entries(tmp_path / "cache") == []
+
+
+def test_filesystem_without_flock_builds_without_the_lock_with_a_warning(
+    tmp_path, squad_file, minilm_dir, monkeypatch, caplog
+):
+    import errno
+    import fcntl
+
+    def no_flock(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    config = _config(tmp_path, squad_file, minilm_dir)
+    with caplog.at_level(logging.WARNING, logger="qa_dist.cache"):
+        prepared = _prepare(config)
+    assert prepared["train"].entry.built_here
+    assert any("flock does not work" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_share_a_read_only_warm_cache(tmp_path, minilm_dir):
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps(subset_nested(SQUAD20_DEV, 20)))
+    with _tmpfs(tmp_path / "ro-cache", "32m") as cache:
+        config = _write_config(tmp_path, data, minilm_dir, cache)
+        cold = _run_prepare(config)
+        assert cold.returncode == 0, cold.stderr
+        subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+        # No signal files can be written: the ranks agree through a collective instead.
+        done, reports = _torchrun(tmp_path, config)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert [r["tokenize_calls"] for r in reports] == [0, 0]
+        assert reports[0]["train"]["sha256"] == reports[1]["train"]["sha256"]
+        # A missing entry: every rank fails with the same clear error, none waits for the other.
+        shutil.rmtree(tmp_path / "out")
+        done, reports = _torchrun(tmp_path, config, "data.max_length=96", timeout=120)
+        assert done.returncode != 0 and reports == []
+        assert done.stderr.count("cache directory is not writable, and cache entry") == 2, done.stderr[-3000:]
