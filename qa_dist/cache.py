@@ -258,7 +258,7 @@ class FeatureCache:
             raise CacheError(f"{entry}: cache entry is not usable after the build: {problem}")
         # Every rank has read the signal before the builder removes it.
         d.barrier()
-        if builder and d.is_distributed:
+        if builder and d.is_distributed and by_file:
             signal.unlink(missing_ok=True)
         return CacheEntry(key=key, path=entry, manifest=read_manifest(entry) or {}, built_here=built_here)
 
@@ -270,8 +270,9 @@ class FeatureCache:
         if problem is None:
             return False
         if not self.writable:
+            state = "missing" if problem == "missing" else f"damaged ({problem})"
             raise CacheError(
-                f"{self.root}: cache directory is not writable, and cache entry {key} is {problem}: "
+                f"{self.root}: cache directory is not writable, and cache entry {key} is {state}: "
                 "it cannot be built here; run `qa-dist prepare` where the directory is writable, or "
                 "set data.cache_dir to a writable directory"
             )
