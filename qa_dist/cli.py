@@ -111,6 +111,10 @@ def _read_json_mapping(path: str, what: str) -> dict:
         raise DataError(f"{path}: {what} file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: {what} file is not valid JSON ({e})") from None
+    except RecursionError:
+        raise DataError(f"{path}: {what} file is JSON nested too deeply to read") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the {what} file ({e.strerror or e})") from None
     if not isinstance(value, dict):
         raise DataError(f"{path}: {what} must be a JSON object mapping question ids to values")
     return value
@@ -118,14 +122,43 @@ def _read_json_mapping(path: str, what: str) -> dict:
 
 def cmd_score(args: argparse.Namespace) -> int:
     import json
+    import math
 
     from qa_dist.data import load_examples
+    from qa_dist.errors import DataError
     from qa_dist.metrics import score
 
     examples = load_examples(args.data)
     predictions = _read_json_mapping(args.predictions, "predictions")
+    for qid, text in predictions.items():
+        if text is not None and not isinstance(text, str):
+            raise DataError(
+                f"{args.predictions}: question {qid!r}: a prediction must be a string (empty for no "
+                f"answer, null for no prediction), got {type(text).__name__}"
+            )
+    predictions = {qid: text for qid, text in predictions.items() if text is not None}  # null: missing
     na_probs = _read_json_mapping(args.na_probs, "null odds") if args.na_probs else None
-    print(json.dumps(score(examples, predictions, na_probs=na_probs, metric=args.metric), indent=2))
+    for qid, odds in (na_probs or {}).items():
+        if isinstance(odds, bool) or not isinstance(odds, (int, float)) or not math.isfinite(odds):
+            got = repr(odds) if isinstance(odds, float) else type(odds).__name__
+            raise DataError(f"{args.na_probs}: question {qid!r}: null odds must be a finite number, got {got}")
+    try:
+        result = score(examples, predictions, na_probs=na_probs, metric=args.metric)
+    except DataError as e:
+        raise DataError(f"{args.data}: {e}") from None
+    # Predictions for questions the data does not have: often the wrong data file or split.
+    known = {ex["id"] for ex in examples}
+    extra = [qid for qid in predictions if qid not in known]
+    result["extra"] = len(extra)
+    if extra:
+        result["extra_ids"] = extra[:5]
+        logging.getLogger("qa_dist.score").warning(
+            "%d predictions are for questions not in %s (first: %r); they are not scored",
+            len(extra),
+            args.data,
+            extra[0],
+        )
+    print(json.dumps(result, indent=2, allow_nan=False))
     return 0
 
 

@@ -13,6 +13,8 @@ import re
 import string
 from collections.abc import Iterable
 
+from qa_dist.errors import DataError
+
 # -- SQuAD (official evaluate-v1.1.py / evaluate-v2.0.py) ---------------------------------------
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -264,9 +266,19 @@ def score(
     ``metric``: ``squad`` (v1.1 keys), ``squad_v2``, ``cmrc``, or ``auto``: CMRC style for Chinese
     contexts (SQuAD's whitespace tokens make every unsegmented Chinese answer one word), else SQuAD
     v2 when any question is unanswerable or null odds are given, else SQuAD v1.1.
-    Missing predictions count as wrong; ``missing`` and ``missing_ids`` report them.
+    Missing predictions (absent, or None) count as wrong; ``missing`` and ``missing_ids`` report
+    them. ``squad`` and ``cmrc`` have no unanswerable questions: on data with some, a DataError.
     """
     metric = resolve_metric(examples, metric, with_null_odds=na_probs is not None)
+    predictions = {qid: text for qid, text in predictions.items() if text is not None}
+    if metric in ("squad", "cmrc"):
+        unanswerable = [ex["id"] for ex in examples if ex["is_impossible"] or not ex["answers"]["text"]]
+        if unanswerable:
+            name = "squad (SQuAD v1.1)" if metric == "squad" else "cmrc (CMRC2018)"
+            raise DataError(
+                f"metric {name} cannot score unanswerable questions, and {len(unanswerable)} of the "
+                f"{len(examples)} questions are (first: {unanswerable[0]!r}); use metric squad_v2"
+            )
     if metric == "squad":
         result = score_squad_v1(examples, predictions)
     elif metric == "squad_v2":

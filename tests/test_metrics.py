@@ -107,3 +107,137 @@ def test_score_command_prints_json(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "predictions" in bad.stderr
+
+
+# -- qa-dist score on bad predictions and null odds (issue 14 item 14) --------------------------
+
+
+def _strict_json(text: str):
+    """Parse JSON as a strict parser does: NaN and Infinity are not JSON."""
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture()
+def score_files(tmp_path):
+    """Data with one answerable and one unanswerable question, and a writer for JSON files."""
+    data = tmp_path / "dev.jsonl"
+    answerable, unanswerable = _ex("a", "Paris is in France.", ["France"]), _ex("b", "Paris is in France.", [], True)
+    answerable["answers"]["answer_start"] = [12]
+    data.write_text(json.dumps(answerable) + "\n" + json.dumps(unanswerable) + "\n")
+
+    def write(name, text):
+        path = tmp_path / name
+        path.write_text(text if isinstance(text, str) else json.dumps(text))
+        return str(path)
+
+    return str(data), write
+
+
+def _score_cli(capsys, *args):
+    from qa_dist.cli import main
+
+    code = main(["score", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(code, err) -> str:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("qa-dist: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("value", [3, 0.5, True, ["France"], {"text": "France"}])
+def test_score_non_string_prediction_is_a_one_line_error(score_files, capsys, value):
+    data, write = score_files
+    preds = write("predictions.json", {"a": value, "b": ""})
+    code, out, err = _score_cli(capsys, "--data", data, "--predictions", preds)
+    line = _one_error_line(code, err)
+    assert f"{preds}: question 'a': a prediction must be a string" in line and out == ""
+
+
+def test_score_null_prediction_counts_as_missing(score_files, capsys):
+    data, write = score_files
+    preds = write("predictions.json", {"a": "France", "b": None})
+    code, out, err = _score_cli(capsys, "--data", data, "--predictions", preds)
+    assert code == 0, err
+    result = _strict_json(out)
+    assert result["missing"] == 1 and result["missing_ids"] == ["b"]
+    assert result["exact"] == 50.0 and result["HasAns_exact"] == 100.0 and result["NoAns_exact"] == 0.0
+    for metric in ("squad_v2", "auto"):
+        _, out, _ = _score_cli(capsys, "--data", data, "--predictions", preds, "--metric", metric)
+        assert _strict_json(out)["missing"] == 1
+
+
+@pytest.mark.parametrize(
+    ("odds", "got"),
+    [
+        ("NaN", "got nan"),
+        ("Infinity", "got inf"),
+        ("-Infinity", "got -inf"),
+        ('"0.5"', "got str"),
+        ("null", "got NoneType"),
+        ("true", "got bool"),
+    ],
+)
+def test_score_bad_null_odds_are_a_one_line_error(score_files, capsys, odds, got):
+    data, write = score_files
+    preds = write("predictions.json", {"a": "France", "b": ""})
+    na = write("null_odds.json", '{"a": 0.1, "b": ' + odds + "}")
+    code, out, err = _score_cli(capsys, "--data", data, "--predictions", preds, "--na-probs", na)
+    line = _one_error_line(code, err)
+    assert f"{na}: question 'b': null odds must be a finite number, {got}" in line and out == ""
+
+
+@pytest.mark.parametrize("metric", ["squad", "cmrc"])
+def test_score_metric_without_unanswerable_questions_on_v2_data_is_a_one_line_error(score_files, capsys, metric):
+    data, write = score_files
+    preds = write("predictions.json", {"a": "France", "b": ""})
+    code, out, err = _score_cli(capsys, "--data", data, "--predictions", preds, "--metric", metric)
+    line = _one_error_line(code, err)
+    assert f"{data}: metric {metric} (" in line and "1 of the 2 questions are (first: 'b')" in line
+    assert "use metric squad_v2" in line and out == ""
+
+
+def test_score_reports_predictions_for_questions_not_in_the_data(score_files, capsys, caplog):
+    data, write = score_files
+    preds = write("predictions.json", {"a": "France", "b": "", "zz-1": "x", "zz-2": None, "zz-3": ""})
+    with caplog.at_level("WARNING"):
+        code, out, err = _score_cli(capsys, "--data", data, "--predictions", preds)
+    assert code == 0, err
+    result = _strict_json(out)
+    assert result["extra"] == 2 and result["extra_ids"] == ["zz-1", "zz-3"]  # (a null is no prediction)
+    assert result["exact"] == 100.0 and result["total"] == 2 and result["missing"] == 0
+    assert any("2 predictions are for questions not in" in r.getMessage() for r in caplog.records)
+    plain = write("plain.json", {"a": "France", "b": ""})
+    _, out, _ = _score_cli(capsys, "--data", data, "--predictions", plain)
+    assert _strict_json(out)["extra"] == 0 and "extra_ids" not in _strict_json(out)
+
+
+def test_score_deeply_nested_predictions_file_is_a_one_line_error(score_files, capsys):
+    data, write = score_files
+    preds = write("predictions.json", '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    code, _, err = _score_cli(capsys, "--data", data, "--predictions", preds)
+    assert f"{preds}: predictions file is JSON nested too deeply to read" in _one_error_line(code, err)
+
+
+def test_score_command_nan_null_odds_exit_2_without_traceback(score_files):
+    """The same through a real process: exit code 2, one line, no traceback, no invalid JSON."""
+    data, write = score_files
+    preds = write("predictions.json", {"a": "France", "b": ""})
+    na = write("null_odds.json", '{"a": NaN, "b": 0.9}')
+    done = subprocess.run(
+        [sys.executable, "-m", "qa_dist", "score", "--data", data, "--predictions", preds, "--na-probs", na],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    assert done.stderr.strip().splitlines() == [
+        f"qa-dist: error: {na}: question 'a': null odds must be a finite number, got nan"
+    ]
