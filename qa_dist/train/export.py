@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from pathlib import Path
 
 import torch
 
+from qa_dist.fsutil import atomic_write, atomic_write_bytes
 from qa_dist.train.inference import LABELS, batch_logits
 
 
@@ -73,17 +75,16 @@ def check_export(accelerator, model, batch: dict, out_dir: Path, tolerance: floa
         with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
             again = exported(**inputs)
         loaded = torch.stack([again.start_logits, again.end_logits]).float()
-        torch.save(
-            {"inputs": inputs, "logits": trained},
-            out_dir.parent / "final_batch_logits.pt",
-        )
+        buffer = io.BytesIO()
+        torch.save({"inputs": inputs, "logits": trained}, buffer)
+        atomic_write_bytes(out_dir.parent / "final_batch_logits.pt", buffer.getvalue())
         report = {
             "max_abs_diff": float((loaded - trained).abs().max()),
             "scale": max(1.0, float(trained.abs().max())),
             "tolerance": tolerance,
             "windows": int(trained.shape[1]),
         }
-        (out_dir.parent / "export_check.json").write_text(json.dumps(report, indent=2))
+        atomic_write(out_dir.parent / "export_check.json", json.dumps(report, indent=2))
         if report["max_abs_diff"] > tolerance * report["scale"]:
             raise RuntimeError(f"exported model disagrees with the trained one: {report}")
     accelerator.wait_for_everyone()

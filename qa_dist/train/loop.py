@@ -22,7 +22,7 @@ from qa_dist.train.checkpoint import Checkpointer, TrainState
 from qa_dist.train.export import check_export, export_model
 from qa_dist.train.inference import batch_logits
 from qa_dist.train.optim import make_optimizer, make_scheduler
-from qa_dist.train.preemption import PREEMPTED_MARKER, PreemptionFlag
+from qa_dist.train.preemption import PREEMPTED_MARKER, PreemptionFlag, write_preempted_marker
 from qa_dist.train.tracking import make_tracker, wandb_wanted
 
 
@@ -220,7 +220,8 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
     scheduler = make_scheduler(optimizer, t, total_steps)
     _fill_deepspeed_config(acc, config)
     model, optimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(scheduler)
+    # Not registered with Accelerate (it pickles registered objects and loads them with
+    # weights_only=False): the checkpointer keeps the scheduler's state as JSON.
 
     if acc.is_main_process:
         print(
@@ -229,7 +230,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
             file=sys.stderr,
             flush=True,
         )
-    checkpointer = Checkpointer(acc, run_dir, t.checkpoint_every, t.keep_checkpoints)
+    checkpointer = Checkpointer(acc, run_dir, t.checkpoint_every, t.keep_checkpoints, scheduler)
     state = checkpointer.restore(config.resume) or TrainState()
     tracker = make_tracker(acc, config, state.wandb_run_id, config_to_dict(config))
     state.wandb_run_id = tracker.run_id
@@ -265,17 +266,23 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
             if state.step % config.logging.log_every == 0 or state.step == total_steps:
                 tracker.log(_step_metrics(meter, acc, scheduler, epoch, grad_norm, n_params), state.step)
                 meter.reset()
-            if (metrics := evaluator.maybe_run(state.step, model)) is not None:
-                tracker.log(metrics, state.step)
-            # Every rank learns whether any rank was signalled, so all save and stop together.
+            # Every rank learns whether any rank was signalled, so all save and stop together,
+            # before an evaluation (which a SIGTERM would end without a checkpoint).
             if signum := max_over_ranks(preemption.signum, acc.device):
                 checkpointer.save(state)
-                tracker.mark_preempted(run_dir, state.step, signal.Signals(signum).name)
+                if acc.is_main_process:
+                    write_preempted_marker(run_dir, state.step, signal.Signals(signum).name)
                 tracker.finish()
                 return TrainResult(state.step, preempted=True, export_dir=None)
+            with preemption.evaluation():
+                metrics = evaluator.maybe_run(state.step, model)
+            if metrics is not None:
+                tracker.log(metrics, state.step)
             checkpointer.maybe_save(state)
         checkpointer.ensure_saved(state)
-        if (metrics := evaluator.finish(state.step, model)) is not None:
+        with preemption.evaluation():
+            metrics = evaluator.finish(state.step, model)
+        if metrics is not None:
             tracker.log(metrics, state.step)
         export_dir = run_dir / "model"
         export_model(acc, model, tokenizer, export_dir)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import uuid
-from pathlib import Path
 
 from qa_dist.config import LoggingConfig
-from qa_dist.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
 
 
 def wandb_wanted(config: LoggingConfig) -> bool:
-    if not config.wandb_project or config.wandb_mode == "disabled":
+    """Whether to log to wandb: a project is set and the mode (see ``wandb_mode``) is not disabled.
+    The same answer on every rank (configuration and environment only)."""
+    if not config.wandb_project or wandb_mode(config) == "disabled":
         return False
     try:
         import wandb  # noqa: F401
@@ -26,11 +25,23 @@ def wandb_wanted(config: LoggingConfig) -> bool:
     return True
 
 
-def wandb_mode(config: LoggingConfig) -> str:
-    """auto: online with an API key, offline without one."""
+_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+
+
+def wandb_mode(config: LoggingConfig, environ=None) -> str:
+    """``logging.wandb_mode`` unless it is ``auto``. With ``auto`` the user's environment decides as
+    wandb's own does: ``WANDB_MODE`` (online, offline, disabled; run and dryrun as their old
+    names) wins, ``WANDB_DISABLED=true`` disables; without either, online with ``WANDB_API_KEY``
+    and offline without (a cluster node without a key has no business waiting for the network)."""
     if config.wandb_mode != "auto":
         return config.wandb_mode
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    env = os.environ if environ is None else environ
+    mode = env.get("WANDB_MODE", "").strip().lower()
+    if mode in _ENV_MODES:
+        return _ENV_MODES[mode]
+    if env.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
+        return "disabled"
+    return "online" if env.get("WANDB_API_KEY") else "offline"
 
 
 class NoopTracker:
@@ -50,9 +61,6 @@ class NoopTracker:
     def finish(self) -> None:
         pass
 
-    def mark_preempted(self, run_dir: Path, step: int, signal_name: str) -> None:
-        pass
-
 
 class MainTracker(NoopTracker):
     """Console lines, and wandb when configured (offline without an API key)."""
@@ -65,19 +73,29 @@ class MainTracker(NoopTracker):
         self.run_dir = config.run_dir
         self.bar = None
         if self.use_wandb:
-            os.environ["WANDB_MODE"] = self.mode
-            accelerator.init_trackers(
-                config.logging.wandb_project,
-                config=resolved,
-                init_kwargs={
-                    "wandb": {
-                        "id": self.run_id,
-                        "resume": "allow",
-                        "dir": config.run_dir,
-                        "name": os.path.basename(os.path.abspath(config.run_dir)),
-                    }
-                },
-            )
+            # The mode goes to wandb.init, not into os.environ: the user's environment stays theirs.
+            try:
+                accelerator.init_trackers(
+                    config.logging.wandb_project,
+                    config=resolved,
+                    init_kwargs={
+                        "wandb": {
+                            "id": self.run_id,
+                            "resume": "allow",
+                            "dir": config.run_dir,
+                            "name": os.path.basename(os.path.abspath(config.run_dir)),
+                            "mode": self.mode,
+                        }
+                    },
+                )
+            except Exception as e:  # wandb's own errors (no network, a bad key) carry long tracebacks
+                from qa_dist.errors import ConfigError
+
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(
+                    f"wandb could not start {self.mode} ({first}); run offline with WANDB_MODE=offline "
+                    "(upload later with wandb sync) or logging.wandb_mode=offline"
+                ) from e
 
     def log(self, metrics: dict, step: int) -> None:
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
@@ -107,12 +125,6 @@ class MainTracker(NoopTracker):
             import wandb
 
             self.accelerator.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
-
-    def mark_preempted(self, run_dir: Path, step: int, signal_name: str) -> None:
-        # Launchers (torchrun) report a worker's exit code only in their log: the marker tells a
-        # batch script that the run stopped on purpose, checkpointed, and wants a requeue.
-        marker = {"step": step, "signal": signal_name, "exit_code": EXIT_PREEMPTED}
-        (Path(run_dir) / PREEMPTED_MARKER).write_text(json.dumps(marker))
 
     def finish(self) -> None:
         if self.bar is not None:
