@@ -429,3 +429,27 @@ def test_data_folder_of_mixed_files_is_a_clear_error(tmp_path):
     # One kind of file, README aside: still read.
     (mixed / "more.csv").unlink()
     assert [e["id"] for e in load_examples(mixed)] == ["a", "b", "c"]
+
+
+def test_deeply_nested_json_in_a_data_folder_is_a_data_error_not_a_crash(tmp_path):
+    """datasets reads a folder with pyarrow's JSON reader, which crashed the process (SIGSEGV) on
+    this; through the command line, so that the old crash fails the test instead of the run."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    depth = 100_000
+    (folder / "train.jsonl").write_text('{"id": ' + "[" * depth + "]" * depth + "}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "qa_dist", "score", "--data", str(folder), "--predictions", str(folder / "none.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    errors = [line for line in done.stderr.splitlines() if line.startswith("qa-dist: error:")]
+    assert errors == [
+        f"qa-dist: error: {folder / 'train.jsonl'}: JSON nested too deeply to read (no SQuAD-format file nests so deep)"
+    ]
+    assert "Traceback" not in done.stderr

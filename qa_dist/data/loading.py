@@ -229,6 +229,7 @@ def _open_hf_dataset(name: str, split: str):
     saved = Path(name).is_dir() and any((Path(name) / f).exists() for f in ("state.json", "dataset_dict.json"))
     if Path(name).is_dir() and not saved:
         _check_one_format(Path(name))
+        _check_json_depth(Path(name))
     try:
         if saved:
             dataset = datasets.load_from_disk(name)
@@ -281,6 +282,38 @@ def _check_one_format(folder: Path) -> None:
             f"{folder}: data folder mixes kinds of files ({found}); datasets would read only one kind: "
             "keep one format per folder, or give the file itself"
         )
+
+
+def _check_json_depth(folder: Path) -> None:
+    """pyarrow's JSON reader, which ``datasets`` uses, crashes the process (a segmentation fault) on
+    deeply nested JSON; Python's parser raises RecursionError there, so JSON files of a folder are
+    parsed once here first. Malformed files are left to ``datasets``, which reports them."""
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        name = path.name.lower().removesuffix(".gz")
+        if (
+            not path.is_file()
+            or any(part.startswith(".") for part in relative.parts)
+            or not name.endswith((".json", ".jsonl", ".ndjson"))
+        ):
+            continue
+        text, _ = _read_text(path)
+        try:
+            json.loads(text)
+            continue
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to read (no SQuAD-format file nests so deep)") from None
+        except ValueError:
+            pass  # JSON Lines, or malformed
+        for n, line in _json_lines(text):
+            try:
+                json.loads(line)
+            except RecursionError:
+                raise DataError(
+                    f"{path}: JSON nested too deeply to read at line {n} (no SQuAD-format file nests so deep)"
+                ) from None
+            except ValueError:
+                pass
 
 
 def load_hub_dataset(name: str, split: str, *, strict: bool = False, labelled: bool = True) -> LoadedData:
