@@ -134,7 +134,7 @@ def _fsync_dir(path: Path) -> None:
 def read_manifest(entry: Path) -> dict | None:
     try:
         manifest = json.loads((entry / MANIFEST).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
 
@@ -316,9 +316,13 @@ class FeatureCache:
             lock_path.parent.mkdir(exist_ok=True)
             f = open(lock_path, "a+")  # noqa: SIM115 (closed below, after the unlock)
         except OSError as e:
+            hint = (
+                "; every user of a shared cache directory needs write access to it and its .locks folder"
+                if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+                else ""
+            )
             raise CacheError(
-                f"{lock_path}: cannot create the lock file of the feature cache ({_reason(e)}); every "
-                "user of a shared cache directory needs write access to it and its .locks folder"
+                f"{lock_path}: cannot create the lock file of the feature cache ({_reason(e)}){hint}"
             ) from None
         with f:
             locked = self._acquire(f, key, lock_path)
