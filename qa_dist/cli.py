@@ -146,12 +146,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         result = score(examples, predictions, na_probs=na_probs, metric=args.metric)
     except DataError as e:
         raise DataError(f"{args.data}: {e}") from None
-    # Predictions for questions the data does not have: often the wrong data file or split.
+    # Predictions for questions the data does not have: often the wrong data file or split. (Keys
+    # only when there are some: the output stays what the evaluator reports for the same data.)
     known = {ex["id"] for ex in examples}
     extra = [qid for qid in predictions if qid not in known]
-    result["extra"] = len(extra)
     if extra:
-        result["extra_ids"] = extra[:5]
+        result["extra"], result["extra_ids"] = len(extra), extra[:5]
         logging.getLogger("qa_dist.score").warning(
             "%d predictions are for questions not in %s (first: %r); they are not scored",
             len(extra),
