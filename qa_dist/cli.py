@@ -266,28 +266,52 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     if not args.config:
         raise ConfigError("qa-dist launch needs --config RUN.yaml")
+    if args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0:
+        raise ConfigError(f"--gpu-memory-gib: must be > 0, got {args.gpu_memory_gib}")
     config = load_config(args.config, args.overrides)
-    # Before anything runs: no control characters in what goes into the line or the script.
-    L.check_launch_values(
-        args.config, args.overrides, config, partition=args.partition, time_limit=args.time, head=args.head
+    slurm = L.SlurmOptions.resolve(
+        config,
+        partition=args.partition,
+        time_limit=args.time,
+        account=args.account,
+        exclusive=args.exclusive,
+        cpus_per_task=args.cpus_per_task,
     )
+    # Before anything runs: no control characters in what goes into the line or the script.
+    L.check_launch_values(args.config, args.overrides, config, head=args.head, slurm=slurm)
     gpus, gpu_gib = L.gpus_available()
     cpu = args.cpu or (gpus == 0 and not args.slurm)
-    per_node = args.gpus_per_node or config.launch.gpus_per_node or (gpus if gpus and not cpu else 2)
     nodes = args.nodes or config.launch.nodes
     strategy = args.strategy or config.launch.strategy
     if strategy == "single":
         strategy, per_node, nodes = "ddp", 1, 1
+    else:
+        per_node = args.gpus_per_node or config.launch.gpus_per_node or (2 if cpu else gpus)
+    # A login node without GPUs says nothing about the compute nodes': never guess them.
+    if not per_node:
+        raise ConfigError(
+            "--slurm on a machine without visible GPUs: give --gpus-per-node (or launch.gpus_per_node), the GPUs "
+            "of each compute node (--cpu plans a CPU job)"
+        )
     if strategy == "auto":
         if cpu:
             strategy = "ddp"
             print("strategy auto: no GPU, so DDP over CPU processes with gloo", file=sys.stderr)
         else:
+            memory = args.gpu_memory_gib or config.launch.gpu_memory_gib or gpu_gib
+            if not memory:
+                raise ConfigError(
+                    "--strategy auto on a machine without visible GPUs: give --gpu-memory-gib (or "
+                    "launch.gpu_memory_gib), the memory of one compute node's GPU, or choose --strategy"
+                )
             shape = L.model_shape(config.model.name_or_path)
-            memory = args.gpu_memory_gib or gpu_gib or 80.0
             sizes = (nodes * per_node, config.train.per_device_batch_size, config.data.max_length)
-            strategy, estimates = L.choose_strategy(shape, *sizes, memory)
-            print(L.describe(shape, estimates, strategy, *sizes, memory), file=sys.stderr)
+            choice = L.choose_strategy(shape, *sizes, memory, checkpointing=config.train.gradient_checkpointing)
+            print(L.describe(shape, choice, *sizes, memory), file=sys.stderr)
+            strategy = choice.strategy
+            if choice.checkpointing and not config.train.gradient_checkpointing:
+                args.overrides = [*args.overrides, "train.gradient_checkpointing=true"]
+    L.check_nvme_path(strategy, config.launch.nvme_path)
     plan = L.Plan(strategy=strategy, nodes=nodes, processes_per_node=per_node, cpu=cpu)
     _ = plan.accelerate_config  # (raises for strategies without a CPU path)
     if not args.no_check:
@@ -295,14 +319,18 @@ def cmd_launch(args: argparse.Namespace) -> int:
         if problems:
             raise ConfigError("environment check failed:\n  " + "\n  ".join(problems))
     overrides = list(args.overrides)
+    # The resolved Accelerate/DeepSpeed configs go into RUN_DIR/launch/ and the line or script names
+    # them, also with --dry-run: what is printed must work when copied.
+    plan = L.write_launch_configs(plan, config.run_dir, config.launch.nvme_path)
+    print(f"launch configs: {plan.launch_dir}", file=sys.stderr)
     if args.slurm:
         from qa_dist.models import load_tokenizer
         from qa_dist.prepare import cache_is_warm
 
-        text = L.render_sbatch(plan, config, args.config, overrides, partition=args.partition, time_limit=args.time)
+        text = L.render_sbatch(plan, config, args.config, overrides, slurm=slurm)
         cold = not cache_is_warm(config, load_tokenizer(config.model))
         prepare = (
-            L.render_sbatch(plan, config, args.config, overrides, script="prepare.sbatch", partition=args.partition)
+            L.render_sbatch(plan, config, args.config, overrides, script="prepare.sbatch", slurm=slurm)
             if cold
             else None
         )
@@ -401,16 +429,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument(
         "--strategy",
-        choices=["auto", "single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"],
+        choices=["auto", "single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload", "zero3_nvme"],
         help="parallelism (default: the config's launch.strategy); auto picks by memory",
     )
-    p.add_argument("--gpus-per-node", type=int, help="processes per node (default: visible GPUs, 2 on CPU)")
-    p.add_argument("--nodes", type=int, help="machines (default: the config's launch.nodes)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=_at_least(1),
+        help="processes per node (default: launch.gpus_per_node, else the visible GPUs, 2 on CPU; "
+        "required with --slurm where no GPU is visible)",
+    )
+    p.add_argument("--nodes", type=_at_least(1), help="machines (default: the config's launch.nodes)")
     p.add_argument("--cpu", action="store_true", help="CPU processes with gloo (automatic without GPUs)")
-    p.add_argument("--gpu-memory-gib", type=float, help="memory per GPU for --strategy auto (default: this GPU's)")
+    p.add_argument(
+        "--gpu-memory-gib",
+        type=_finite_float,
+        help="memory per GPU for --strategy auto (default: launch.gpu_memory_gib, else this GPU's; "
+        "required where no GPU is visible)",
+    )
     p.add_argument("--slurm", action="store_true", help="render slurm/train.sbatch for the run and submit it")
-    p.add_argument("--partition", help="Slurm partition")
-    p.add_argument("--time", help="Slurm time limit, e.g. 24:00:00")
+    p.add_argument("--partition", help="Slurm partition (default: launch.partition)")
+    p.add_argument("--time", help="Slurm time limit, e.g. 24:00:00 (default: launch.time)")
+    p.add_argument("--account", help="Slurm account (default: launch.account)")
+    p.add_argument(
+        "--exclusive",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whole nodes for the Slurm job (default: launch.exclusive)",
+    )
+    p.add_argument(
+        "--cpus-per-task",
+        type=_at_least(1),
+        help="CPUs of the one Slurm task per node (default: launch.cpus_per_task, else 4 per GPU process)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the line or the script, run nothing")
     p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank when started by hand")
     p.add_argument("--head", default="127.0.0.1", help="head node address when started by hand")

@@ -172,6 +172,8 @@ class TrainConfig:
     """Complete checkpoints kept; older ones are deleted."""
     collective_timeout: float = 1800.0
     """Seconds a collective may wait before the job fails (the process group timeout)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass (the model's non-reentrant ``gradient_checkpointing_enable``): far less activation memory for about a third more compute. ``qa-dist launch --strategy auto`` turns it on when nothing fits without it."""
 
     def __post_init__(self) -> None:
         _positive(self, "lr")
@@ -231,16 +233,46 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    strategy: Literal["auto", "single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"] = "auto"
-    """Parallelism strategy; selects the Accelerate and DeepSpeed configs in configs/."""
+    strategy: Literal["auto", "single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload", "zero3_nvme"] = "auto"
+    """Parallelism strategy; selects the Accelerate and DeepSpeed configs in qa_dist/configs/ (auto: the cheapest that fits in memory)."""
     gpus_per_node: int = 0
-    """Processes per node (0: all visible GPUs, or 2 CPU processes without GPUs)."""
+    """Processes per node (0: all visible GPUs, or 2 CPU processes without GPUs; required for --slurm where no GPU is visible)."""
     nodes: int = 1
     """Number of machines."""
+    gpu_memory_gib: float = 0.0
+    """Memory of one GPU, in GiB, for strategy auto (0: the visible GPU's; required where no GPU is visible)."""
+    nvme_path: str | None = None
+    """Absolute path of a node-local NVMe directory for strategy zero3_nvme (DeepSpeed swaps optimizer state and parameters there)."""
+    partition: str | None = None
+    """Slurm partition (--partition overrides it)."""
+    time: str | None = None
+    """Slurm time limit, e.g. 24:00:00 or 2-00:00:00 (--time overrides it)."""
+    account: str | None = None
+    """Slurm account to charge (--account overrides it)."""
+    exclusive: bool = False
+    """Ask Slurm for whole nodes (#SBATCH --exclusive; --exclusive/--no-exclusive override it)."""
+    cpus_per_task: int = 0
+    """CPUs of the one Slurm task per node, shared by its training processes (0: 4 per process on GPU jobs, 1 per process on CPU jobs); OMP_NUM_THREADS is this divided by the processes per node."""
+    srun_wait: int = 120
+    """Seconds srun lets the other nodes run after the first node's task ended (srun --wait; 0: Slurm's WaitTime, by default forever). A node that stops early then ends the job instead of leaving the others waiting in a collective."""
 
     def __post_init__(self) -> None:
         _at_least(self, "gpus_per_node", 0)
         _at_least(self, "nodes", 1)
+        _at_least(self, "gpu_memory_gib", 0)
+        _at_least(self, "cpus_per_task", 0)
+        _at_least(self, "srun_wait", 0)
+        if self.nvme_path is not None and not Path(self.nvme_path).is_absolute():
+            raise ConfigError(
+                f"nvme_path: {_shown(self.nvme_path)} must be an absolute path (it is used on every node)"
+            )
+        if self.strategy == "zero3_nvme" and not self.nvme_path:
+            raise ConfigError("nvme_path: required for strategy zero3_nvme (an absolute path on node-local NVMe)")
+        if self.time is not None and self.time.isdigit():
+            raise ConfigError(
+                f"time: {_shown(self.time)} is ambiguous: YAML reads an unquoted 24:00:00 as the number 86400; write the "
+                "limit quoted, with a colon or a dash ('24:00:00', '2-00:00:00', '90:00')"
+            )
 
 
 @dataclass(frozen=True)

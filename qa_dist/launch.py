@@ -6,6 +6,7 @@ few side effects (environment checks, running the line, calling ``sbatch``)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shlex
@@ -20,11 +21,36 @@ from pathlib import Path
 from qa_dist.config import RunConfig
 from qa_dist.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-SLURM_DIR = ROOT / "slurm"
-STRATEGIES = ("ddp", "fsdp", "zero2", "zero3", "zero3_offload")
-AUTO_ORDER = ("ddp", "zero2", "zero3", "zero3_offload")  # cheapest first
+
+def _package_dir(name: str) -> Path:
+    """A directory shipped inside the qa_dist package (package data), found through
+    ``importlib.resources`` so that an installed wheel finds its own copy wherever it runs from. In a
+    checkout, ``configs/`` and ``slurm/`` at the repository root are symlinks to these."""
+    from importlib.resources import files
+
+    return Path(str(files("qa_dist") / name))
+
+
+CONFIGS = _package_dir("configs")
+SLURM_DIR = _package_dir("slurm")
+STRATEGIES = ("ddp", "fsdp", "zero2", "zero3", "zero3_offload", "zero3_nvme")
+AUTO_ORDER = ("ddp", "zero2", "fsdp", "zero3", "zero3_offload")
+"""Cheapest first, in communication and speed, among what fits:
+
+- DDP: one all-reduce of the gradients per step, nothing gathered.
+- ZeRO-2: the same volume (a reduce-scatter of the gradients and an all-gather of the updated
+  16-bit weights) with the optimizer state and gradients sharded; the weights stay whole.
+- FSDP (FSDP2, full sharding) before ZeRO-3: both shard everything and move 1.5x DDP's volume
+  (weights all-gathered in the forward and again in the backward, gradients reduce-scattered);
+  FSDP2 does it per layer with PyTorch's own collectives on flat units, without DeepSpeed's
+  per-parameter hooks, and is at least as fast. Its estimate is a little higher (it holds whole
+  units unsharded, and the root unit, embeddings included, for the whole step), so ZeRO-3, which
+  gathers finer pieces, still comes next for the margin where FSDP does not fit.
+- ZeRO-3 with offload to host memory last: the optimizer step runs on the CPU.
+
+zero3_nvme is never chosen automatically: its GPU memory is zero3_offload's (it only moves the
+host's share to NVMe), so it fits exactly where zero3_offload does; ask for it when host memory
+is what runs out."""
 GIB = 2**30
 
 
@@ -36,11 +62,28 @@ class ModelShape:
     hidden: int
     layers: int
     heads: int
+    layer_parameters: int = 0
+    """Parameters of the largest unit FSDP wraps on its own (a transformer layer, or the embeddings
+    where the model's ``_no_split_modules`` names them, as BERT's does); 0: 12h^2 + 13h, one layer."""
+    root_parameters: int = -1
+    """Parameters in no such unit (FSDP's root unit: the QA head, and the embeddings when they are
+    not a unit); -1: ``parameters`` minus ``layers`` standard layers."""
+
+    @property
+    def layer_size(self) -> int:
+        return self.layer_parameters or 12 * self.hidden**2 + 13 * self.hidden
+
+    @property
+    def root_size(self) -> int:
+        if self.root_parameters >= 0:
+            return self.root_parameters
+        return max(0, self.parameters - self.layers * self.layer_size)
 
 
 def model_shape(name_or_path: str) -> ModelShape:
     """Parameter count and sizes from the model's config alone (the model is built on the meta
-    device: no weights are read or allocated)."""
+    device: no weights are read or allocated). The units are the modules of the model's
+    ``_no_split_modules`` classes, which FSDP's transformer wrap policy wraps one by one."""
     import torch
     from transformers import AutoConfig, AutoModelForQuestionAnswering
 
@@ -52,34 +95,64 @@ def model_shape(name_or_path: str) -> ModelShape:
         raise ConfigError(f"model.name_or_path: cannot read the config of {name_or_path!r}: {e}") from None
     with torch.device("meta"):
         model = AutoModelForQuestionAnswering.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    unit_classes = set(getattr(model, "_no_split_modules", None) or ())
+    units = [sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in unit_classes]
     return ModelShape(
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=total,
         hidden=config.hidden_size,
         layers=config.num_hidden_layers,
         heads=config.num_attention_heads,
+        layer_parameters=max(units, default=0),
+        root_parameters=total - sum(units) if units else -1,
     )
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int) -> float:
-    """Activations kept for the backward pass of one micro-batch in 16-bit precision, per layer
-    ``s*b*h*(34 + 5*a*s/h)`` bytes (Korthikanti et al. 2022, without recomputation)."""
+def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: bool = False) -> float:
+    """Activations kept for the backward pass of one micro-batch in 16-bit precision (Korthikanti et
+    al. 2022, "Reducing Activation Recomputation in Large Transformer Models"): per layer
+    ``s*b*h*(34 + 5*a*s/h)`` bytes without recomputation. With gradient checkpointing (full
+    recomputation) each layer keeps only its input, ``2*s*b*h`` bytes, and one layer at a time
+    holds its full activations again while it is recomputed in the backward pass."""
     s, b, h, a = seq_len, micro_batch, shape.hidden, shape.heads
-    return shape.layers * s * b * h * (34 + 5 * a * s / h)
+    full_layer = s * b * h * (34 + 5 * a * s / h)
+    if checkpointing:
+        return shape.layers * 2 * s * b * h + full_layer
+    return shape.layers * full_layer
 
 
 def state_bytes(strategy: str, parameters: int, gpus: int) -> tuple[float, float]:
     """(device, host) bytes per GPU of weights, gradients and AdamW state under mixed precision:
-    16 bytes per parameter (2 weights + 2 gradients + 4 fp32 master + 8 Adam moments)."""
+    16 bytes per parameter (2 weights + 2 gradients + 4 fp32 master + 8 Adam moments; under
+    Accelerate's autocast DDP and FSDP keep fp32 weights and gradients instead: 4 + 4 + 8, the same 16).
+    DDP adds 4 more: its reducer copies the fp32 gradients into flat buckets for the all-reduce
+    (``gradient_as_bucket_view`` is off by default), so 20 bytes per parameter."""
     p, n = float(parameters), max(gpus, 1)
     if strategy == "ddp":
-        return 16 * p, 0.0
+        return 20 * p, 0.0
     if strategy == "zero2":  # optimizer state and gradients sharded, 16-bit weights replicated
         return 2 * p + 14 * p / n, 0.0
-    if strategy in ("zero3", "fsdp"):  # everything sharded
+    if strategy in ("zero3", "fsdp"):  # everything sharded (FSDP: fp32 weights + fp32 gradients + Adam)
         return 16 * p / n, 0.0
-    if strategy == "zero3_offload":  # shards of 16-bit weights and gradients stay; the rest on the host
-        return 4 * p / n, 12 * p / n
+    if strategy in ("zero3_offload", "zero3_nvme"):
+        # shards of 16-bit weights and gradients stay; the rest on the host (or, zero3_nvme, on NVMe)
+        return 4 * p / n, (12 * p / n if strategy == "zero3_offload" else 0.0)
     raise ConfigError(f"unknown strategy {strategy!r}: {', '.join(STRATEGIES)}")
+
+
+def gathered_bytes(strategy: str, shape: ModelShape) -> float:
+    """Weights held unsharded at a time by the strategies that shard them (16-bit copies).
+
+    ZeRO-3 (and its offload variants) gathers one submodule at a time and prefetches about the
+    next one: two units' weights. FSDP2 all-gathers whole units: the one it computes and the one it
+    prefetches, plus that unit's unsharded 16-bit gradient before the reduce-scatter; and its root
+    unit (what no wrapped unit holds) stays unsharded for the whole step (FSDP2 does not reshard
+    the root after the forward). The largest unit stands for every unit: a little high, never low."""
+    if strategy == "fsdp":
+        return 2 * shape.root_size + 3 * 2 * shape.layer_size
+    if strategy.startswith("zero3"):
+        return 2 * 2 * shape.layer_size
+    return 0.0
 
 
 @dataclass(frozen=True)
@@ -88,42 +161,91 @@ class Estimate:
     device_gib: float
     host_gib: float
     fits: bool
+    checkpointing: bool = False
 
 
-def estimate(shape: ModelShape, strategy: str, gpus: int, micro_batch: int, seq_len: int, gpu_gib: float) -> Estimate:
+def estimate(
+    shape: ModelShape,
+    strategy: str,
+    gpus: int,
+    micro_batch: int,
+    seq_len: int,
+    gpu_gib: float,
+    checkpointing: bool = False,
+) -> Estimate:
     device, host = state_bytes(strategy, shape.parameters, gpus)
-    device += activation_bytes(shape, micro_batch, seq_len)
+    device += gathered_bytes(strategy, shape)
+    device += activation_bytes(shape, micro_batch, seq_len, checkpointing)
     device_gib = device / GIB + 1.5  # CUDA context, allocator slack, communication buffers
-    return Estimate(strategy, device_gib, host / GIB, device_gib <= 0.9 * gpu_gib)
+    return Estimate(strategy, device_gib, host / GIB, device_gib <= 0.9 * gpu_gib, checkpointing)
 
 
-def describe(
-    shape: ModelShape, estimates: list[Estimate], chosen: str, gpus: int, micro_batch: int, seq_len: int, gpu_gib: float
-) -> str:
+@dataclass(frozen=True)
+class Choice:
+    """What ``--strategy auto`` settled on, and every estimate it made on the way."""
+
+    strategy: str
+    checkpointing: bool
+    estimates: list[Estimate]
+
+
+def describe(shape: ModelShape, choice: Choice, gpus: int, micro_batch: int, seq_len: int, gpu_gib: float) -> str:
     """The estimate behind ``--strategy auto``, as printed."""
     lines = [
         f"strategy auto: {shape.parameters / 1e6:,.0f}M parameters, micro-batch {micro_batch} x {seq_len} "
         f"tokens, {gpus} GPUs of {gpu_gib:.0f} GiB (90% usable):"
     ]
-    for e in estimates:
+    for e in choice.estimates:
         host = f", host {e.host_gib:.1f} GiB" if e.host_gib else ""
-        mark = "<- chosen" if e.strategy == chosen else ("fits" if e.fits else "does not fit")
-        lines.append(f"  {e.strategy:14s} {e.device_gib:7.1f} GiB per GPU{host}   {mark}")
+        chosen = e.strategy == choice.strategy and e.checkpointing == choice.checkpointing
+        mark = "<- chosen" if chosen else ("fits" if e.fits else "does not fit")
+        name = e.strategy + (" + checkpointing" if e.checkpointing else "")
+        lines.append(f"  {name:30s} {e.device_gib:7.1f} GiB per GPU{host}   {mark}")
+    if choice.checkpointing:
+        lines.append(
+            "  gradient checkpointing on (activations recomputed in the backward pass, about a third more compute): "
+            "the run gets train.gradient_checkpointing=true"
+        )
     return "\n".join(lines)
 
 
 def choose_strategy(
-    shape: ModelShape, gpus: int, micro_batch: int, seq_len: int, gpu_gib: float
-) -> tuple[str, list[Estimate]]:
-    """The cheapest strategy that fits (DDP, then ZeRO-2, ZeRO-3, offload), and every estimate."""
-    estimates = [estimate(shape, s, gpus, micro_batch, seq_len, gpu_gib) for s in AUTO_ORDER]
-    chosen = next((e.strategy for e in estimates if e.fits), None)
-    if chosen is None:
-        raise ConfigError(
-            f"no strategy fits {shape.parameters / 1e6:,.0f}M parameters in {gpu_gib:.0f} GiB per GPU at micro-batch "
-            f"{micro_batch} x {seq_len} tokens; lower train.per_device_batch_size or add GPUs"
-        )
-    return chosen, estimates
+    shape: ModelShape,
+    gpus: int,
+    micro_batch: int,
+    seq_len: int,
+    gpu_gib: float,
+    *,
+    checkpointing: bool = False,
+) -> Choice:
+    """The cheapest strategy that fits, in ``AUTO_ORDER``, first without gradient checkpointing
+    (unless the config already turns it on), then with it; a ConfigError proposing a smaller
+    micro-batch (with the accumulation that keeps the batch) when nothing fits even then."""
+    estimates: list[Estimate] = []
+    for with_checkpointing in (True,) if checkpointing else (False, True):
+        tried = [estimate(shape, s, gpus, micro_batch, seq_len, gpu_gib, with_checkpointing) for s in AUTO_ORDER]
+        estimates += tried
+        chosen = next((e for e in tried if e.fits), None)
+        if chosen is not None:
+            return Choice(chosen.strategy, with_checkpointing, estimates)
+    smaller = next(
+        (
+            b
+            for b in range(micro_batch - 1, 0, -1)
+            if any(estimate(shape, s, gpus, b, seq_len, gpu_gib, True).fits for s in AUTO_ORDER)
+        ),
+        None,
+    )
+    proposal = (
+        f"lower train.per_device_batch_size to {smaller} (with gradient checkpointing; raise "
+        f"train.gradient_accumulation_steps by {-(-micro_batch // smaller)}x to keep the batch) or add GPUs"
+        if smaller
+        else "even one window per GPU does not fit: add GPUs, shorten data.max_length, or use strategy zero3_nvme"
+    )
+    raise ConfigError(
+        f"no strategy fits {shape.parameters / 1e6:,.0f}M parameters in {gpu_gib:.0f} GiB per GPU at micro-batch "
+        f"{micro_batch} x {seq_len} tokens, even with gradient checkpointing; {proposal}"
+    )
 
 
 @dataclass(frozen=True)
@@ -134,6 +256,8 @@ class Plan:
     nodes: int
     processes_per_node: int
     cpu: bool
+    launch_dir: Path | None = None
+    """Where ``write_launch_configs`` wrote the resolved configs (``RUN_DIR/launch``); None: the templates."""
 
     @property
     def num_processes(self) -> int:
@@ -141,7 +265,8 @@ class Plan:
         return self.nodes * self.processes_per_node
 
     @property
-    def accelerate_config(self) -> Path:
+    def template(self) -> Path:
+        """The shipped Accelerate config for this plan."""
         if self.cpu:
             if self.strategy != "ddp":
                 raise ConfigError(
@@ -152,8 +277,79 @@ class Plan:
         return CONFIGS / "accelerate" / f"{self.strategy}.yaml"
 
     @property
-    def deepspeed_config(self) -> Path | None:
+    def deepspeed_template(self) -> Path | None:
         return CONFIGS / "deepspeed" / f"{self.strategy}.json" if self.strategy.startswith("zero") else None
+
+    @property
+    def accelerate_config(self) -> Path:
+        template = self.template
+        return self.launch_dir / "accelerate.yaml" if self.launch_dir is not None else template
+
+    @property
+    def deepspeed_config(self) -> Path | None:
+        if self.deepspeed_template is None:
+            return None
+        return self.launch_dir / "deepspeed.json" if self.launch_dir is not None else self.deepspeed_template
+
+
+NVME_PLACEHOLDER = "/local_nvme"
+"""The ``nvme_path`` of the shipped zero3_nvme.json, replaced by ``launch.nvme_path``."""
+
+
+def check_nvme_path(strategy: str, nvme_path: str | None) -> None:
+    """zero3_nvme needs ``launch.nvme_path``: absolute (every node resolves it on its own disk)."""
+    if strategy != "zero3_nvme":
+        return
+    if not nvme_path:
+        raise ConfigError("strategy zero3_nvme needs launch.nvme_path (an absolute path on node-local NVMe)")
+    if not Path(check_printable("launch.nvme_path", nvme_path)).is_absolute():
+        raise ConfigError(f"launch.nvme_path: {nvme_path!r} must be an absolute path")
+
+
+def resolved_configs(plan: Plan, nvme_path: str | None = None) -> tuple[str, str | None]:
+    """The text of the Accelerate config (YAML) and DeepSpeed config (JSON) of ``plan`` as
+    ``write_launch_configs`` writes them: the number of processes and machines filled in, the
+    DeepSpeed file named by its absolute path in ``plan.launch_dir`` (Accelerate resolves a relative
+    one against the directory it is started from), and for zero3_nvme ``nvme_path`` filled in."""
+    import json
+
+    import yaml
+
+    if plan.launch_dir is None:
+        raise ValueError("resolved_configs needs a plan with a launch_dir")
+    accelerate = yaml.safe_load(plan.template.read_text())
+    accelerate["num_processes"] = plan.num_processes
+    accelerate["num_machines"] = plan.nodes
+    deepspeed = None
+    if plan.deepspeed_template is not None:
+        ds = json.loads(plan.deepspeed_template.read_text())
+        if plan.strategy == "zero3_nvme":
+            check_nvme_path(plan.strategy, nvme_path)
+            for key in ("offload_optimizer", "offload_param"):
+                ds["zero_optimization"][key]["nvme_path"] = nvme_path
+        accelerate["deepspeed_config"]["deepspeed_config_file"] = str(plan.deepspeed_config)
+        deepspeed = json.dumps(ds, indent=2) + "\n"
+    header = (
+        f"# Written by qa-dist launch from {plan.template.name} (qa_dist/configs/accelerate/) for this run:\n"
+        f"# {plan.nodes} machine(s), {plan.num_processes} process(es) in all"
+        + (", the DeepSpeed JSON beside it by its absolute path" if deepspeed else "")
+        + ". Usable from any directory:\n"
+        "#   accelerate launch --config_file THIS_FILE -m qa_dist train --config RUN.yaml\n"
+    )
+    return header + yaml.safe_dump(accelerate, sort_keys=False), deepspeed
+
+
+def write_launch_configs(plan: Plan, run_dir: str | Path, nvme_path: str | None = None) -> Plan:
+    """Write the resolved configs into ``RUN_DIR/launch/`` (atomically) and return the plan that
+    launches from them. Done for ``--dry-run`` too: the printed line must name files that exist."""
+    from qa_dist.fsutil import atomic_write
+
+    resolved = dataclasses.replace(plan, launch_dir=Path(run_dir).resolve() / "launch")
+    accelerate, deepspeed = resolved_configs(resolved, nvme_path)
+    if deepspeed is not None:
+        atomic_write(resolved.deepspeed_config, deepspeed)
+    atomic_write(resolved.accelerate_config, accelerate)
+    return resolved
 
 
 SLURM_SHELL_VALUES = {"machine_rank": "$SLURM_PROCID", "head": "$HEAD_NODE", "port": "$PORT"}
@@ -195,7 +391,91 @@ def _override_key(override: str) -> str:
 
 
 PARTITION = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
+ACCOUNT = re.compile(r"[A-Za-z0-9_.-]+")
 TIME_LIMIT = re.compile(r"(\d+-)?\d+(:\d+){0,2}|(?i:infinite|unlimited)")
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """The ``#SBATCH`` choices of a run: flags where given, else the config's ``launch.*`` keys."""
+
+    partition: str | None = None
+    time_limit: str | None = None
+    account: str | None = None
+    exclusive: bool = False
+    cpus_per_task: int = 0
+    """0: 4 CPUs per training process on GPU jobs, 1 per process on CPU jobs (see ``cpus_for``)."""
+    srun_wait: int = 120
+    names: tuple[tuple[str, str], ...] = ()
+    """(field, where the value came from: a flag or a config key), for error messages."""
+
+    @classmethod
+    def resolve(
+        cls,
+        config: RunConfig,
+        *,
+        partition: str | None = None,
+        time_limit: str | None = None,
+        account: str | None = None,
+        exclusive: bool | None = None,
+        cpus_per_task: int | None = None,
+    ) -> SlurmOptions:
+        """Flags override the config's keys; each value remembers where it came from."""
+        launch = config.launch
+        picked = {
+            "partition": (partition, "--partition", launch.partition, "launch.partition"),
+            "time_limit": (time_limit, "--time", launch.time, "launch.time"),
+            "account": (account, "--account", launch.account, "launch.account"),
+            "cpus_per_task": (cpus_per_task, "--cpus-per-task", launch.cpus_per_task, "launch.cpus_per_task"),
+        }
+        values, names = {}, []
+        for field_name, (flag_value, flag, key_value, key) in picked.items():
+            use_flag = flag_value is not None
+            values[field_name] = flag_value if use_flag else key_value
+            names.append((field_name, flag if use_flag else key))
+        return cls(
+            **values,
+            exclusive=launch.exclusive if exclusive is None else exclusive,
+            srun_wait=launch.srun_wait,
+            names=tuple(names),
+        )
+
+    def name(self, field_name: str) -> str:
+        flags = {"partition": "--partition", "time_limit": "--time", "account": "--account"}
+        return dict(self.names).get(field_name, flags.get(field_name, "--cpus-per-task"))
+
+    def check(self) -> None:
+        """Strict patterns for what lands in ``#SBATCH`` lines (sbatch parses them itself)."""
+        if self.partition is not None and not PARTITION.fullmatch(
+            check_printable(self.name("partition"), self.partition)
+        ):
+            raise ConfigError(
+                f"{self.name('partition')}: {self.partition!r} is not a partition name (letters, digits, '_.-', commas)"
+            )
+        if self.time_limit is not None and not TIME_LIMIT.fullmatch(
+            check_printable(self.name("time_limit"), self.time_limit)
+        ):
+            raise ConfigError(
+                f"{self.name('time_limit')}: {self.time_limit!r} is not a Slurm time limit "
+                "(minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS, ...)"
+            )
+        if self.account is not None and not ACCOUNT.fullmatch(check_printable(self.name("account"), self.account)):
+            raise ConfigError(
+                f"{self.name('account')}: {self.account!r} is not an account name (letters, digits, '_.-')"
+            )
+        if self.cpus_per_task < 0:
+            raise ConfigError(f"{self.name('cpus_per_task')}: {self.cpus_per_task} must be >= 0")
+
+    def cpus_for(self, plan: Plan) -> int:
+        """CPUs of the one task per node. Default: 4 per training process on GPU jobs (each has a
+        few threads besides its GPU: the data loader, host-side ops, NCCL's; features come
+        memory-mapped from the cache, so no tokenizer runs there), conservative because the login
+        node cannot see the compute nodes' cores and asking for more than a node has makes the job
+        unschedulable; 1 per process on CPU jobs, as the tests' one-node cluster has 2 cores. Raise
+        launch.cpus_per_task for zero3_offload/zero3_nvme: DeepSpeed's CPU Adam uses every thread."""
+        if self.cpus_per_task:
+            return self.cpus_per_task
+        return plan.processes_per_node * (1 if plan.cpu else 4)
 
 
 def check_launch_values(
@@ -206,6 +486,7 @@ def check_launch_values(
     partition: str | None = None,
     time_limit: str | None = None,
     head: str | None = None,
+    slurm: SlurmOptions | None = None,
 ) -> None:
     """Every value ``qa-dist launch`` writes into a script or a command line, checked before anything
     runs; a ConfigError names the key or flag."""
@@ -217,12 +498,11 @@ def check_launch_values(
     check_printable("the Python interpreter path (sys.executable)", sys.executable)
     if head is not None:
         check_printable("--head", head)
-    if partition is not None and not PARTITION.fullmatch(check_printable("--partition", partition)):
-        raise ConfigError(f"--partition: {partition!r} is not a partition name (letters, digits, '_.-', commas)")
-    if time_limit is not None and not TIME_LIMIT.fullmatch(check_printable("--time", time_limit)):
-        raise ConfigError(
-            f"--time: {time_limit!r} is not a Slurm time limit (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS, ...)"
-        )
+    if config.launch.nvme_path is not None:
+        check_printable("launch.nvme_path", config.launch.nvme_path)
+    if slurm is None:
+        slurm = SlurmOptions.resolve(config, partition=partition, time_limit=time_limit)
+    slurm.check()
 
 
 def sbatch_word(value: str) -> str:
@@ -292,16 +572,22 @@ def render_sbatch(
     script: str = "train.sbatch",
     partition: str | None = None,
     time_limit: str | None = None,
+    slurm: SlurmOptions | None = None,
 ) -> str:
     """``slurm/<script>`` with the run's values filled in (the file's own comments stay).
 
-    A value is written for where it lands: shell-quoted (``shlex.quote``) in the shell part, escaped
-    for Slurm's own parser (``sbatch_word``) in ``#SBATCH`` lines, whose partition and time limit must
-    match strict patterns and whose job name is reduced to a safe label. Control characters anywhere
-    are refused (ConfigError naming the key or flag)."""
-    check_launch_values(config_path, overrides, config, partition=partition, time_limit=time_limit)
+    ``slurm`` holds the ``#SBATCH`` choices (default: the config's ``launch.*`` keys, with
+    ``partition``/``time_limit`` overriding theirs). A value is written for where it lands:
+    shell-quoted (``shlex.quote``) in the shell part, escaped for Slurm's own parser
+    (``sbatch_word``) in ``#SBATCH`` lines, whose partition, time limit and account must match strict
+    patterns and whose job name is reduced to a safe label. Control characters anywhere are refused
+    (ConfigError naming the key or flag)."""
+    if slurm is None:
+        slurm = SlurmOptions.resolve(config, partition=partition, time_limit=time_limit)
+    check_launch_values(config_path, overrides, config, slurm=slurm)
     run_dir = str(Path(config.run_dir).resolve())
     name = job_name(config.run_dir)
+    cpus = slurm.cpus_for(plan)
     shell_args = []
     for a in accelerate_args(plan, **SLURM_SHELL_VALUES):
         # Only the fixed expressions of SLURM_SHELL_VALUES stay expandable; any other value is quoted.
@@ -309,6 +595,8 @@ def render_sbatch(
     in_shell = {
         "@NODES@": str(plan.nodes),
         "@PROCESSES_PER_NODE@": str(plan.processes_per_node),
+        "@CPUS_PER_TASK@": str(cpus),
+        "@SRUN_WAIT@": f"--wait={slurm.srun_wait}" if slurm.srun_wait else "",
         "@JOB_NAME@": shlex.quote(name),
         "@RUN_DIR@": shlex.quote(run_dir),
         "@QA_DIST_PYTHON@": shlex.quote(sys.executable),
@@ -321,6 +609,7 @@ def render_sbatch(
     in_sbatch = {
         "@NODES@": str(plan.nodes),
         "@PROCESSES_PER_NODE@": str(plan.processes_per_node),
+        "@CPUS_PER_TASK@": str(cpus),
         "@JOB_NAME@": name,
         "@RUN_DIR@": sbatch_output_dir(run_dir),
     }
@@ -329,10 +618,15 @@ def render_sbatch(
         values = in_sbatch if line.startswith("#SBATCH") else in_shell
         # One pass: a value that happens to hold "@...@" is never substituted again.
         lines.append(PLACEHOLDER.sub(lambda m, values=values: _fill(m.group(), values, script), line))
-    extra = [f"#SBATCH --partition={partition}"] if partition else []
-    extra += [f"#SBATCH --time={time_limit}"] if time_limit else []
-    if extra:
-        lines[1:1] = extra
+    extra = [f"#SBATCH --partition={slurm.partition}"] if slurm.partition else []
+    # The prepare job is short and CPU-only: no time limit, account or whole node of the GPU job's.
+    if script == "train.sbatch":
+        extra += [f"#SBATCH --time={slurm.time_limit}"] if slurm.time_limit else []
+        extra += ["#SBATCH --exclusive"] if slurm.exclusive else []
+    extra += [f"#SBATCH --account={slurm.account}"] if slurm.account else []
+    if extra:  # before the script's own #SBATCH lines, after its opening comment
+        first = next(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+        lines[first:first] = extra
     return "\n".join(lines) + "\n"
 
 

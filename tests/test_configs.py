@@ -27,18 +27,28 @@ def test_the_expected_configs_exist():
         "zero2",
         "zero3",
         "zero3_offload",
+        "zero3_nvme",
         "ddp_multinode",
         "zero3_multinode",
     }
-    assert {p.stem for p in DEEPSPEED_CONFIGS} == {"zero2", "zero3", "zero3_offload"}
+    assert {p.stem for p in DEEPSPEED_CONFIGS} == {"zero2", "zero3", "zero3_offload", "zero3_nvme"}
+    # Shipped inside the package (the repository's configs/ is a symlink to it).
+    assert (REPO / "configs").resolve() == REPO / "qa_dist" / "configs"
+    assert (REPO / "slurm").resolve() == REPO / "qa_dist" / "slurm"
 
 
 def _launch_env(config: Path) -> dict:
     """The environment `accelerate launch --config_file config` gives the training processes."""
+    # A free port: Accelerate refuses a port in use (29500, the configs' default, may be another run's).
+    import socket
+
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-    args = launch_command_parser().parse_args(["--config_file", str(config), "train.py"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    args = launch_command_parser().parse_args(["--config_file", str(config), "--main_process_port", port, "train.py"])
     args, _, _ = _validate_launch_command(args)
     if args.use_deepspeed:
         args.deepspeed_fields_from_accelerate_config = getattr(args, "deepspeed_fields_from_accelerate_config", [])
@@ -90,6 +100,26 @@ def test_deepspeed_configs_fit_what_qa_dist_fills(path):
     if "offload" in path.stem:
         assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
         assert ds["zero_force_ds_cpu_optimizer"] is False  # qa-dist brings its own AdamW
+    if "nvme" in path.stem:
+        assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "nvme"
+        # A placeholder that qa-dist launch replaces with launch.nvme_path (tests/test_launch.py).
+        assert zero["offload_optimizer"]["nvme_path"] == zero["offload_param"]["nvme_path"] == "/local_nvme"
+        assert ds["zero_force_ds_cpu_optimizer"] is False
+        from deepspeed.runtime.swap_tensor.aio_config import get_aio_config
+
+        aio = get_aio_config(ds)
+        assert set(ds["aio"]) <= set(aio) and all(aio[k] == v for k, v in ds["aio"].items())
+    # DeepSpeed's own schema (pydantic, extra keys forbidden): every ZeRO key is one it knows.
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    parsed = DeepSpeedZeroConfig(**{k: v for k, v in zero.items() if v != "auto"})
+    assert parsed.stage == zero["stage"]
+    for key in ("offload_optimizer", "offload_param"):
+        if key in zero:
+            device = getattr(parsed, key).device
+            assert getattr(device, "value", device) == zero[key]["device"]
+            if zero[key]["device"] == "nvme":
+                assert str(getattr(parsed, key).nvme_path) == zero[key]["nvme_path"]
     plugin = DeepSpeedPlugin(hf_ds_config=str(path))
     assert plugin.zero_stage == zero["stage"]
 

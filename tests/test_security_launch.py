@@ -136,7 +136,8 @@ def test_hostile_run_dir_and_overrides_never_run_in_the_training_script(tmp_path
     overrides = [f"run_dir={run_dir}", f"data.train=/data/{name}.json", f"data.cache_dir={tmp_path}/c {name}"]
     config = load_config(str(config_path), overrides)
     run_dir = Path(config.run_dir)  # as the config reads it (YAML: " #" starts a comment there)
-    plan = L.Plan("ddp", nodes=2, processes_per_node=1, cpu=True)
+    # Launched from the resolved configs written into the hostile run directory, as qa-dist launch does.
+    plan = L.write_launch_configs(L.Plan("ddp", nodes=2, processes_per_node=1, cpu=True), run_dir)
     script = L.render_sbatch(plan, config, str(config_path), overrides, partition="cpu,debug", time_limit="1-02:00:00")
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
@@ -167,6 +168,7 @@ def test_hostile_run_dir_and_overrides_never_run_in_the_training_script(tmp_path
         f"--job-name={L.job_name(str(run_dir))}",
         "--nodes=2",
         "--ntasks-per-node=1",
+        "--cpus-per-task=1",
         "--signal=B:USR1@120",
         "--requeue",
         "--open-mode=append",
@@ -214,6 +216,11 @@ def test_only_the_fixed_slurm_expressions_stay_expandable():
         (["--partition", "gpu --account=other"], "--partition"),
         (["--time", "1:00:00\nhostname"], "--time"),
         (["--time", "1:00:00 --account=other"], "--time"),
+        (["--account", "a\n#SBATCH --qos=high"], "--account"),
+        (["--account", "a --qos=high"], "--account"),
+        (["launch.account=a b"], "launch.account"),
+        (["launch.partition=a#b"], "launch.partition"),
+        (["launch.nvme_path=/nv\nme"], "launch.nvme_path"),
     ],
 )
 def test_control_characters_and_unsafe_sbatch_values_stop_a_slurm_launch(tmp_path, capsys, args, key):
