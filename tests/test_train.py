@@ -246,6 +246,89 @@ def test_a_rank_that_dies_ends_the_job_quickly(tmp_path, tiny_model, cache_dir):
     assert time.monotonic() - started < 90
 
 
+@pytest.mark.multiprocess
+def test_a_rank_that_dies_during_evaluation_ends_the_job_quickly(tmp_path, tiny_model, cache_dir):
+    """Rank 1 is killed while both ranks evaluate (two minutes of forwards each). torchrun sends the
+    survivor SIGTERM; the preemption handler used to note it for the next step boundary and evaluate
+    on until torchrun's SIGKILL 30 s later. Now a SIGTERM during evaluation ends the process at once."""
+    log = tmp_path / "run.log"
+    args = _args(tiny_model, cache_dir, tmp_path / "run", "train.max_steps=100000")[5:]  # the overrides only
+    script = str(REPO / "tests" / "train_with_evaluator.py")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [*_launch("cpu_ddp"), script, str(tmp_path / "calls.json"), "2", "data.train=sample:en-train", *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "QA_DIST_TEST_EVAL_SECONDS": "120"},
+        )
+        deadline = time.monotonic() + 300
+        while not all(f"rank {r} evaluating at step 2" in log.read_text() for r in (0, 1)):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(_workers(proc.pid)[1], signal.SIGKILL)
+        started = time.monotonic()
+        proc.wait(timeout=120)
+    took = time.monotonic() - started
+    print(f"the job ended {took:.1f} s after rank 1 was killed")
+    assert proc.returncode != 0
+    assert took < 15, f"{took:.1f} s: {log.read_text()[-2000:]}"
+
+
+def test_wandb_mode_in_the_environment_wins_over_an_api_key(tmp_path, tiny_model, cache_dir):
+    """WANDB_API_KEY made qa-dist go online by itself (and overwrite the user's WANDB_MODE=offline),
+    then fail after 108 s on a machine without network. The wandb server here is a closed port:
+    any attempt to reach it would fail or hang."""
+    run_dir = tmp_path / "run"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_API_KEY": "dummy" * 8,
+        "WANDB_MODE": "offline",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+    }
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            *_args(tiny_model, cache_dir, run_dir, "train.max_steps=2", "data.eval=null"),
+            "logging.wandb_project=qa-dist-tests",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-4000:]
+    (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    assert [row["_step"] for row in history(log) if "loss" in row] == [2]
+    assert "wandb sync" in done.stderr
+    assert took < 90, took
+
+
+@pytest.mark.parametrize(
+    ("configured", "environ", "expected"),
+    [
+        ("auto", {}, "offline"),
+        ("auto", {"WANDB_API_KEY": "k"}, "online"),
+        ("auto", {"WANDB_API_KEY": "k", "WANDB_MODE": "offline"}, "offline"),
+        ("auto", {"WANDB_API_KEY": "k", "WANDB_MODE": "dryrun"}, "offline"),
+        ("auto", {"WANDB_MODE": "online"}, "online"),
+        ("auto", {"WANDB_API_KEY": "k", "WANDB_MODE": "disabled"}, "disabled"),
+        ("auto", {"WANDB_API_KEY": "k", "WANDB_DISABLED": "true"}, "disabled"),
+        ("offline", {"WANDB_API_KEY": "k", "WANDB_MODE": "online"}, "offline"),
+    ],
+)
+def test_wandb_mode_follows_the_environment_under_auto(configured, environ, expected):
+    from qa_dist.config import LoggingConfig
+    from qa_dist.train.tracking import wandb_mode
+
+    assert wandb_mode(LoggingConfig(wandb_project="p", wandb_mode=configured), environ) == expected
+
+
 def test_single_process_trains_and_export_loads(single_run):
     from transformers import AutoModelForQuestionAnswering
 
