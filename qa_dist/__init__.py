@@ -22,6 +22,7 @@ _PUBLIC = {
     "load_examples": "qa_dist.data",
     "postprocess": "qa_dist.eval.postprocess",
     "score": "qa_dist.metrics",
+    "tune_threshold": "qa_dist.metrics",
 }
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "load_examples",
     "postprocess",
     "score",
+    "tune_threshold",
 ]
 assert sorted(__all__) == sorted(_PUBLIC)
 
@@ -60,4 +62,4 @@ if TYPE_CHECKING:
     from qa_dist.eval.postprocess import postprocess
     from qa_dist.evaluate_modules import evaluate_module
     from qa_dist.features import build_eval_features, build_train_features
-    from qa_dist.metrics import score
+    from qa_dist.metrics import score, tune_threshold

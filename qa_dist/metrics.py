@@ -220,21 +220,58 @@ def cmrc_em(gold: str, pred: str) -> int:
     return int(cmrc_strip_punctuation(gold) == cmrc_strip_punctuation(pred))
 
 
-def score_cmrc(examples: list[dict], predictions: dict[str, str]) -> dict:
-    """``F1``, ``EM``, ``AVERAGE``, ``TOTAL``, ``SKIP`` as cmrc2018_evaluate.py computes them (as numbers)."""
-    f1 = em = 0.0
+def score_cmrc(examples: list[dict], predictions: dict[str, str], na_probs: dict[str, float] | None = None) -> dict:
+    """``F1``, ``EM``, ``AVERAGE``, ``TOTAL``, ``SKIP`` as cmrc2018_evaluate.py computes them (as numbers).
+
+    Data with unanswerable questions (which the official script cannot score) is scored the way
+    SQuAD v2 extends v1.1: an unanswerable question scores 100 when the prediction is empty, else 0;
+    an answerable one scores the official EM/F1 (an empty prediction 0). Then ``HasAns_*`` and
+    ``NoAns_*`` (``EM``, ``F1``, ``total``) are added, and with ``na_probs`` the best thresholds
+    (``best_EM``, ``best_EM_thresh``, ``best_F1``, ``best_F1_thresh``) as evaluate-v2.0.py searches
+    them. On answerable-only data the output is the official script's alone."""
+    em, f1 = {}, {}
     skip = 0
     for ex in examples:
-        if ex["id"] not in predictions:
+        qid = ex["id"]
+        if qid not in predictions:
             skip += 1
+            em[qid] = f1[qid] = 0.0
             continue
-        pred = str(predictions[ex["id"]])
+        pred = str(predictions[qid])
+        if _unanswerable(ex):
+            em[qid] = f1[qid] = float(_empty(pred))
+            continue
         golds = ex["answers"]["text"]
-        f1 += max(cmrc_f1(g, pred) for g in golds)
-        em += max(cmrc_em(g, pred) for g in golds)
+        f1[qid] = max(cmrc_f1(g, pred) for g in golds)
+        em[qid] = max(cmrc_em(g, pred) for g in golds)
+
+    def block(ids: list[str]) -> tuple[float, float]:
+        n = len(ids)
+        return (100.0 * sum(em[q] for q in ids) / n, 100.0 * sum(f1[q] for q in ids) / n) if n else (0.0, 0.0)
+
     total = len(examples)
-    f1_score, em_score = 100.0 * f1 / total, 100.0 * em / total
-    return {"AVERAGE": (em_score + f1_score) * 0.5, "F1": f1_score, "EM": em_score, "TOTAL": total, "SKIP": skip}
+    em_score, f1_score = block(list(em))
+    result = {"AVERAGE": (em_score + f1_score) * 0.5, "F1": f1_score, "EM": em_score, "TOTAL": total, "SKIP": skip}
+    has_ans = {ex["id"]: not _unanswerable(ex) for ex in examples}
+    if all(has_ans.values()):
+        return result
+    for prefix, ids in (("HasAns", [q for q in em if has_ans[q]]), ("NoAns", [q for q in em if not has_ans[q]])):
+        if ids:
+            result[f"{prefix}_EM"], result[f"{prefix}_F1"] = block(ids)
+            result[f"{prefix}_total"] = len(ids)
+    if na_probs is not None:
+        preds = {q: ("" if _empty(str(predictions.get(q, ""))) else predictions[q]) for q in em}
+        result["best_EM"], result["best_EM_thresh"] = _best_threshold(preds, em, na_probs, has_ans)
+        result["best_F1"], result["best_F1_thresh"] = _best_threshold(preds, f1, na_probs, has_ans)
+    return result
+
+
+def _unanswerable(example: dict) -> bool:
+    return bool(example.get("is_impossible")) or not example["answers"]["text"]
+
+
+def _empty(prediction: str) -> bool:
+    return not prediction.strip()
 
 
 # -- choosing ---------------------------------------------------------------------------------
@@ -264,27 +301,27 @@ def score(
     """Score predictions (``{id: answer text}``, empty for no answer) against examples.
 
     ``metric``: ``squad`` (v1.1 keys), ``squad_v2``, ``cmrc``, or ``auto``: CMRC style for Chinese
-    contexts (SQuAD's whitespace tokens make every unsegmented Chinese answer one word), else SQuAD
-    v2 when any question is unanswerable or null odds are given, else SQuAD v1.1.
+    contexts (SQuAD's whitespace tokens make every unsegmented Chinese answer one word; unanswerable
+    questions scored as SQuAD v2 does, see ``score_cmrc``), else SQuAD v2 when any question is
+    unanswerable or null odds are given, else SQuAD v1.1.
     Missing predictions (absent, or None) count as wrong; ``missing`` and ``missing_ids`` report
-    them. ``squad`` and ``cmrc`` have no unanswerable questions: on data with some, a DataError.
+    them. ``squad`` has no unanswerable questions: on data with some, a DataError.
     """
     metric = resolve_metric(examples, metric, with_null_odds=na_probs is not None)
     predictions = {qid: text for qid, text in predictions.items() if text is not None}
-    if metric in ("squad", "cmrc"):
-        unanswerable = [ex["id"] for ex in examples if ex["is_impossible"] or not ex["answers"]["text"]]
+    if metric == "squad":
+        unanswerable = [ex["id"] for ex in examples if _unanswerable(ex)]
         if unanswerable:
-            name = "squad (SQuAD v1.1)" if metric == "squad" else "cmrc (CMRC2018)"
             raise DataError(
-                f"metric {name} cannot score unanswerable questions, and {len(unanswerable)} of the "
-                f"{len(examples)} questions are (first: {unanswerable[0]!r}); use metric squad_v2"
+                f"metric squad (SQuAD v1.1) cannot score unanswerable questions, and {len(unanswerable)} of the "
+                f"{len(examples)} questions are (first: {unanswerable[0]!r}); use metric squad_v2 (or cmrc)"
             )
     if metric == "squad":
         result = score_squad_v1(examples, predictions)
     elif metric == "squad_v2":
         result = score_squad_v2(examples, predictions, na_probs)
     elif metric == "cmrc":
-        result = score_cmrc(examples, predictions)
+        result = score_cmrc(examples, predictions, na_probs)
     else:
         raise ValueError(f"unknown metric {metric!r}: auto, squad, squad_v2 or cmrc")
     missing = _missing(examples, predictions)
@@ -292,3 +329,55 @@ def score(
     if missing:
         result["missing_ids"] = missing[:5]
     return result
+
+
+# -- the null threshold ------------------------------------------------------------------------
+
+
+def tune_threshold(
+    examples: list[dict], predictions: dict[str, str], null_odds: dict[str, float], *, metric: str = "auto"
+) -> dict:
+    """The null threshold that maximises F1 on these examples, and the metrics that applying it gives.
+
+    ``predictions``: each question's best non-empty span (what is answered when the question is
+    not abstained on); ``null_odds``: null score minus best span score. Applying a threshold ``t``
+    answers a question when its null odds are ``<= t`` and abstains (empty answer) when they are
+    ``> t``. Returns ``{"threshold": t, **score(...)}`` of the predictions with ``t`` applied, so the
+    F1 reported is the one that applying ``t`` gives, exactly.
+
+    Unlike the official script's search (``best_f1_thresh``), the threshold always reproduces its F1:
+    tied null odds are answered or abstained on together, and when abstaining on every question is
+    best the threshold lies below every null odds value (the official script reports 0.0 then,
+    which, for null odds, answers every question with negative odds). ``metric``: ``squad_v2``, or
+    ``cmrc`` (unanswerable questions scored as ``score_cmrc`` does); ``auto`` picks by language."""
+    metric = resolve_metric(examples, metric, with_null_odds=True)
+    if metric not in ("squad_v2", "cmrc"):
+        raise DataError(f"metric {metric}: tuning the null threshold needs squad_v2 or cmrc")
+    missing = [ex["id"] for ex in examples if ex["id"] not in null_odds]
+    if missing:
+        raise DataError(f"no null odds for {len(missing)} questions (first: {missing[0]!r})")
+
+    def question_f1(example: dict, text: str) -> float:
+        if _unanswerable(example):
+            return float(_empty(text))
+        if metric == "cmrc":
+            return max(cmrc_f1(g, text) for g in example["answers"]["text"])
+        golds = [t for t in example["answers"]["text"] if normalize_answer(t)] or [""]
+        return max(squad_f1(g, text) for g in golds)
+
+    # Gain of answering each question instead of abstaining, summed per distinct null odds value.
+    gain: dict[float, float] = {}
+    for ex in examples:
+        answered = question_f1(ex, str(predictions.get(ex["id"], "")))
+        gain[null_odds[ex["id"]]] = gain.get(null_odds[ex["id"]], 0.0) + answered - question_f1(ex, "")
+    values = sorted(gain)
+    best, current = 0.0, 0.0
+    threshold = values[0] - 1.0 if values else 0.0  # below every value: abstain on all
+    for value in values:
+        current += gain[value]
+        if current > best + 1e-12:
+            best, threshold = current, value
+    applied = {
+        ex["id"]: ("" if null_odds[ex["id"]] > threshold else str(predictions.get(ex["id"], ""))) for ex in examples
+    }
+    return {"threshold": threshold, **score(examples, applied, metric=metric)}

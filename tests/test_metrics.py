@@ -194,7 +194,7 @@ def test_score_bad_null_odds_are_a_one_line_error(score_files, capsys, odds, got
     assert f"{na}: question 'b': null odds must be a finite number, {got}" in line and out == ""
 
 
-@pytest.mark.parametrize("metric", ["squad", "cmrc"])
+@pytest.mark.parametrize("metric", ["squad"])
 def test_score_metric_without_unanswerable_questions_on_v2_data_is_a_one_line_error(score_files, capsys, metric):
     data, write = score_files
     preds = write("predictions.json", {"a": "France", "b": ""})
@@ -241,3 +241,111 @@ def test_score_command_nan_null_odds_exit_2_without_traceback(score_files):
     assert done.stderr.strip().splitlines() == [
         f"qa-dist: error: {na}: question 'a': null odds must be a finite number, got nan"
     ]
+
+
+# -- CMRC-style scoring of unanswerable questions, and the tuned null threshold ------------------
+
+
+def test_cmrc_with_unanswerable_questions_hand_computed():
+    examples = [
+        _ex("a", "中文的上下文", ["中文"]),
+        _ex("b", "中文的上下文", [], impossible=True),
+        _ex("c", "中文的上下文", [], impossible=True),
+        _ex("d", "中文的上下文", ["上下文"]),
+    ]
+    preds = {"a": "中文", "b": "", "c": "上下", "d": ""}
+    result = score(examples, preds, metric="cmrc", na_probs={"a": -2.0, "b": 3.0, "c": 0.5, "d": 1.0})
+    # a right (100), b right to abstain (100), c wrong to answer (0), d empty on an answerable one (0).
+    assert (result["EM"], result["F1"], result["TOTAL"], result["SKIP"]) == (50.0, 50.0, 4, 0)
+    assert (result["HasAns_EM"], result["HasAns_F1"], result["HasAns_total"]) == (50.0, 50.0, 2)
+    assert (result["NoAns_EM"], result["NoAns_F1"], result["NoAns_total"]) == (50.0, 50.0, 2)
+    # The official search: answer in order of null odds, a (+1) first: 2 (b, c abstained) + 1 = 3 of 4.
+    assert result["best_F1"] == 75.0 and result["best_F1_thresh"] == -2.0
+    assert result["best_EM"] == 75.0 and result["best_EM_thresh"] == -2.0
+    assert score(examples, preds, metric="auto")["NoAns_total"] == 2  # Chinese contexts: CMRC style
+
+
+def test_cmrc_dev_with_questions_made_unanswerable_matches_the_official_numbers_on_the_rest():
+    from conftest import CMRC_DEV
+
+    from qa_dist import load_examples
+
+    examples = load_examples(str(CMRC_DEV))
+    preds = {}
+    for i, ex in enumerate(examples):
+        gold = ex["answers"]["text"][0]
+        preds[ex["id"]] = [gold, gold[:-1] or gold, "", ex["context"][:8]][i % 4]
+    answerable = [ex for i, ex in enumerate(examples) if i % 5]
+    made_unanswerable = [
+        {**ex, "is_impossible": True, "answers": {"text": [], "answer_start": []}}
+        for i, ex in enumerate(examples)
+        if i % 5 == 0
+    ]
+    official = score(answerable, preds, metric="cmrc")  # answerable only: the official script's output
+    assert set(official) == {"AVERAGE", "F1", "EM", "TOTAL", "SKIP", "missing", "missing_ids"} - {"missing_ids"}
+    mixed = score(answerable + made_unanswerable, preds, metric="cmrc")
+    assert mixed["HasAns_F1"] == pytest.approx(official["F1"], rel=1e-12)
+    assert mixed["HasAns_EM"] == pytest.approx(official["EM"], rel=1e-12)
+    assert mixed["HasAns_total"] == len(answerable) and mixed["NoAns_total"] == len(made_unanswerable)
+    empty = sum(1 for ex in made_unanswerable if preds[ex["id"]] == "")
+    assert mixed["NoAns_EM"] == mixed["NoAns_F1"] == pytest.approx(100.0 * empty / len(made_unanswerable))
+    assert mixed["TOTAL"] == len(examples) and "best_F1" not in mixed
+
+
+def test_tuned_threshold_when_abstaining_everywhere_is_best():
+    from qa_dist import tune_threshold
+
+    # One unanswerable question and one wrongly answered one. The official search reports threshold
+    # 0.0 with best F1 50, but 0.0 applied to these null odds answers both: F1 0.
+    examples = [_ex("u", "c", [], impossible=True), _ex("w", "c", ["Paris"])]
+    spans, odds = {"u": "London", "w": "Berlin"}, {"u": -1.0, "w": -2.0}
+    official = score(examples, spans, na_probs=odds)
+    assert official["best_f1"] == 50.0 and official["best_f1_thresh"] == 0.0
+    tuned = tune_threshold(examples, spans, odds)
+    assert tuned["threshold"] < -2.0 and tuned["f1"] == 50.0 and tuned["exact"] == 50.0
+    applied = {q: "" if odds[q] > tuned["threshold"] else spans[q] for q in spans}
+    assert score(examples, applied)["f1"] == tuned["f1"]
+
+
+def test_tuned_threshold_answers_tied_null_odds_together():
+    from qa_dist import tune_threshold
+
+    examples = [_ex("r", "c", ["Paris"]), _ex("u", "c", [], impossible=True), _ex("s", "c", ["Rome"])]
+    spans, odds = {"r": "Paris", "u": "x", "s": "Rome"}, {"r": 0.5, "u": 0.5, "s": 0.5}
+    tuned = tune_threshold(examples, spans, odds)
+    # Answering the tied three scores 2 of 3; abstaining on all 1 of 3. (The official search counts
+    # "r" alone, 2 of 3 too, but its threshold 0.5 then answers all three.)
+    assert tuned["threshold"] == 0.5 and tuned["f1"] == pytest.approx(200 / 3)
+
+
+def test_tuned_threshold_chinese():
+    from qa_dist import tune_threshold
+
+    examples = [_ex("a", "中文的上下文", ["中文"]), _ex("b", "中文的上下文", [], impossible=True)]
+    tuned = tune_threshold(examples, {"a": "中文", "b": "上下"}, {"a": -1.0, "b": 2.0})
+    assert tuned["threshold"] == -1.0 and tuned["F1"] == 100.0 and tuned["HasAns_total"] == 1
+
+
+@pytest.mark.slow
+def test_tuned_threshold_on_squad_v2_dev_reaches_the_official_best_f1():
+    import random
+
+    from conftest import SQUAD20_DEV
+
+    from qa_dist import load_examples, tune_threshold
+
+    examples = load_examples(str(SQUAD20_DEV))
+    rng = random.Random(0)
+    spans, odds = {}, {}
+    for i, ex in enumerate(examples):
+        # An unanswerable question's span never normalises to "": the official search counts any
+        # non-empty text as answered (-1) where the metric would score "The ." as an abstention.
+        gold = ex["answers"]["text"][0] if ex["answers"]["text"] else "zzz"
+        spans[ex["id"]] = [gold, gold + " and more", ex["context"][:20] + " zzz"][i % 3]
+        # Odds that lean the right way, with noise: tuning has something to find.
+        odds[ex["id"]] = rng.gauss(1.0 if ex["is_impossible"] else -1.0, 2.0)
+    official = score(examples, spans, na_probs=odds)
+    tuned = tune_threshold(examples, spans, odds)
+    assert tuned["f1"] == pytest.approx(official["best_f1"], rel=1e-12)
+    assert tuned["threshold"] == official["best_f1_thresh"]
+    assert tuned["f1"] > score(examples, spans)["f1"]  # better than answering everything
