@@ -5,6 +5,8 @@ Supported sources:
 - flat JSON (a list of records, or ``{"data": [records]}`` as ``run_qa.py`` writes) and JSONL;
 - Hugging Face dataset names (``squad``, ``squad_v2``, ``cmrc2018``...) and local dataset folders
   through ``datasets.load_dataset`` (``load_from_disk`` for ``save_to_disk`` folders);
+- DuReader 2.0 JSONL, raw and preprocessed (also in ``.json`` files, which DuReader uses for JSONL),
+  recognised by its keys (``question_id``, ``documents``): see :mod:`qa_dist.data.dureader`;
 - ``sample:en-train``, ``sample:en-dev``, ``sample:en-train-v1``, ``sample:zh-train``, ``sample:zh-dev``: the small samples
   shipped with the package (see ``qa_dist/samples/LICENSE.md``).
 """
@@ -21,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from qa_dist.data.dureader import dureader_records, is_dureader
 from qa_dist.data.validate import ValidationReport, check_unique_ids, validate_record
 from qa_dist.errors import DataError
 
@@ -136,9 +139,17 @@ def _nested_records(data: list, path: Path):
 
 
 def _validate_all(
-    records, *, source: str, default_impossible, strict: bool, labelled: bool = True
+    records,
+    *,
+    source: str,
+    default_impossible,
+    strict: bool,
+    labelled: bool = True,
+    report: ValidationReport | None = None,
+    free_references: bool = False,
 ) -> tuple[list[dict], ValidationReport]:
-    report = ValidationReport(source=source)
+    if report is None:
+        report = ValidationReport(source=source)
     examples = [
         validate_record(
             record,
@@ -148,9 +159,15 @@ def _validate_all(
             strict=strict,
             report=report,
             labelled=labelled,
+            free_references=free_references,
         )
         for record, location in records
     ]
+    if not examples and report.skipped:
+        raise DataError(
+            f"{source}: contains no usable questions: all {len(report.skipped)} DuReader questions were skipped, "
+            f"no answer can be located in a paragraph (first: question {report.skipped[0]!r})"
+        )
     if not examples:
         raise DataError(f"{source}: contains no questions")
     check_unique_ids(examples, source)
@@ -164,6 +181,41 @@ def _records_from_flat(items: list, path: Path, locate):
         yield item, locate(i)
 
 
+def _records_from_items(items: list, path: Path, locate, *, strict: bool, labelled: bool, report: ValidationReport):
+    """(records, free_references): DuReader records when the items have DuReader's keys, else flat
+    SQuAD records; a file mixing the two is an error."""
+    dureader = [i for i, item in enumerate(items) if is_dureader(item)]
+    if not dureader:
+        return _records_from_flat(items, path, locate), False
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: {locate(i)}: a record must be an object, got {type(item).__name__}")
+        if not is_dureader(item):
+            raise DataError(
+                f"{path}: mixes DuReader records (question_id, documents; first at {locate(dureader[0])}) with "
+                f"SQuAD-style records (first at {locate(i)}): a file must hold one format"
+            )
+    return dureader_records(items, path, locate, strict=strict, labelled=labelled, report=report), True
+
+
+def _jsonl_items(text: str, path: Path) -> tuple[list, list[int]]:
+    items, lines = [], []
+    for n, line in _json_lines(text):
+        items.append(_parse_json(line, path, line=n))
+        lines.append(n)
+    return items, lines
+
+
+def _dureader_lines(text: str) -> bool:
+    """A ``.json`` file that is JSON Lines of DuReader records (as DuReader ships them)."""
+    for _, line in _json_lines(text):
+        try:
+            return is_dureader(json.loads(line))
+        except (ValueError, RecursionError):
+            return False
+    return False
+
+
 def load_file(path: str | Path, *, strict: bool = False, labelled: bool = True) -> LoadedData:
     """Read and validate one local file in any supported layout."""
     path = Path(path).expanduser()
@@ -171,18 +223,39 @@ def load_file(path: str | Path, *, strict: bool = False, labelled: bool = True) 
     fingerprint = "sha256:" + hashlib.sha256(raw).hexdigest()
     source = str(path)
     name = path.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        items, lines = [], []
-        for n, line in _json_lines(text):
-            items.append(_parse_json(line, path, line=n))
-            lines.append(n)
-        records = _records_from_flat(items, path, lambda i: f"line {lines[i]}")
-        examples, report = _validate_all(
-            records, source=source, default_impossible=None, strict=strict, labelled=labelled
+    report = ValidationReport(source=source)
+
+    def validate(records, default, free_references=False) -> LoadedData:
+        examples, _ = _validate_all(
+            records,
+            source=source,
+            default_impossible=default,
+            strict=strict,
+            labelled=labelled,
+            report=report,
+            free_references=free_references,
         )
         return LoadedData(examples, report, fingerprint, source)
 
-    parsed = _parse_json(text, path)
+    def from_items(items: list, locate) -> LoadedData:
+        records, free = _records_from_items(items, path, locate, strict=strict, labelled=labelled, report=report)
+        return validate(records, None, free)
+
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        items, lines = _jsonl_items(text, path)
+        return from_items(items, lambda i: f"line {lines[i]}")
+
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and _dureader_lines(text):
+            items, lines = _jsonl_items(text, path)
+            return from_items(items, lambda i: f"line {lines[i]}")
+        parsed = _parse_json(text, path)  # raises the error naming line and column
+    except RecursionError:
+        parsed = _parse_json(text, path)
+    if is_dureader(parsed):  # one DuReader record alone
+        return from_items([parsed], lambda i: "line 1")
     if isinstance(parsed, dict) and "data" in parsed:
         data_list = parsed["data"]
         if not isinstance(data_list, list):
@@ -191,24 +264,24 @@ def load_file(path: str | Path, *, strict: bool = False, labelled: bool = True) 
             records = _nested_records(data_list, path)
             default = False
         else:
-            records = _records_from_flat(data_list, path, lambda i: f"data[{i}]")
-            default = None
+            return from_items(data_list, lambda i: f"data[{i}]")
     elif isinstance(parsed, list):
-        records = _records_from_flat(parsed, path, lambda i: f"record {i}")
-        default = None
+        return from_items(parsed, lambda i: f"record {i}")
     else:
         raise DataError(
             f"{path}: not a SQuAD-format file: expected {{'data': [...]}} (nested or flat records) or a list of records"
         )
-    examples, report = _validate_all(
-        records, source=source, default_impossible=default, strict=strict, labelled=labelled
-    )
-    return LoadedData(examples, report, fingerprint, source)
+    return validate(records, default)
 
 
 def _from_dataset(dataset, source: str, strict: bool, labelled: bool = True) -> LoadedData:
     required = {"id", "question", "context", "answers"} if labelled else {"id", "question", "context"}
     missing = required - set(dataset.column_names)
+    if missing and {"question_id", "documents"} <= set(dataset.column_names):
+        raise DataError(
+            f"{source}: DuReader records are read from a file, not a dataset folder: give the .json or .jsonl "
+            "file itself"
+        )
     if missing:
         raise DataError(f"{source}: not a SQuAD-format dataset, missing columns {sorted(missing)}")
     records = ((row, f"row {i}") for i, row in enumerate(dataset))
@@ -361,6 +434,6 @@ def load_examples(
     ``labelled=False`` (data to predict on) records may come without ``answers``.
     """
     loaded = load_source(str(source), split, strict=strict, labelled=labelled)
-    if loaded.report.relocations:
+    if loaded.report.relocations or loaded.report.skipped:
         log.warning(loaded.report.summary())
     return loaded.examples
