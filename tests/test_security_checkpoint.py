@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -219,3 +220,62 @@ def test_scheduler_and_rng_state_survive_json_exactly():
     first = (random.random(), random.gauss(0, 1), np.random.normal(size=3).tolist(), torch.rand(3).tolist())
     set_rng_state(state)
     assert (random.random(), random.gauss(0, 1), np.random.normal(size=3).tolist(), torch.rand(3).tolist()) == first
+
+
+def test_fsdp_sharded_checkpoint_metadata_is_read_without_unpickling_code(tmp_path):
+    """FSDP's sharded checkpoints (torch.distributed.checkpoint) keep a ``.metadata`` that torch
+    reads with plain pickle.load. Inside safe_torch_load a real one still loads, and one whose
+    __reduce__ would call a function is refused without calling it."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from qa_dist.train.checkpoint import safe_torch_load
+
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save(state, checkpoint_id=str(tmp_path / "dcp"))
+    with safe_torch_load():
+        metadata = FileSystemReader(str(tmp_path / "dcp")).read_metadata()
+    assert "model.weight" in metadata.state_dict_metadata
+
+    marker = tmp_path / "code-ran"
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(_CreatesFile(marker)))
+    with safe_torch_load(), pytest.raises(pickle.UnpicklingError, match="io.open|builtins.open"):
+        FileSystemReader(str(tmp_path / "dcp")).read_metadata()
+    assert not marker.exists()
+    import torch.distributed.checkpoint.filesystem as filesystem
+
+    assert filesystem.pickle is pickle  # torch's own again outside
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_fall_back_together(tmp_path, tiny_model):
+    """2 processes (gloo): rank zero verifies, finds the newest checkpoint damaged, and both ranks
+    resume from the older one and finish (no rank loads what the other refused)."""
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+    ]
+    run_dir = tmp_path / "run"
+    first = _run([*launch, *_args(tiny_model, tmp_path / "cache", run_dir)[1:]])
+    assert first.returncode == 0, first.stderr[-4000:]
+    (run_dir / "checkpoints" / NEWEST / "rng_state_1.json").write_text("{}")  # rank 1's file
+    done = _run([*launch, *_args(tiny_model, tmp_path / "cache", run_dir, "resume=auto")[1:]])
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stderr.count(f"resumed from {run_dir / 'checkpoints' / OLDER} (step 2)") == 2  # each rank
+    assert "rng_state_1.json" in next(line for line in done.stderr.splitlines() if "not intact" in line)
+    assert f"resumed from {run_dir / 'checkpoints' / NEWEST}" not in done.stderr

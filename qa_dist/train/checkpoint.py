@@ -109,6 +109,20 @@ def write_manifest(checkpoint: Path, step: int) -> None:
     atomic_write(checkpoint / COMPLETE, json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}))
 
 
+def _well_formed(name, entry) -> bool:
+    """A relative path inside the checkpoint with a size and a digest."""
+    if not isinstance(name, str) or not name:
+        return False
+    parts = Path(name).parts
+    return (
+        not Path(name).is_absolute()
+        and ".." not in parts
+        and isinstance(entry, dict)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("sha256"), str)
+    )
+
+
 def verify(checkpoint: Path) -> str | None:
     """What is wrong with ``checkpoint`` (None: intact). Reads every file."""
     checkpoint = Path(checkpoint)
@@ -120,7 +134,9 @@ def verify(checkpoint: Path) -> str | None:
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         return f"{COMPLETE} holds no checksums (written by an older qa-dist, or damaged): unverifiable"
-    expected = manifest.get("files") or {}
+    expected = manifest.get("files")
+    if not isinstance(expected, dict) or not all(_well_formed(name, entry) for name, entry in expected.items()):
+        return f"{COMPLETE} is malformed"
     for name, entry in sorted(expected.items()):
         path = checkpoint / name
         if not path.is_file():
@@ -138,7 +154,8 @@ def verify(checkpoint: Path) -> str | None:
         return f"{refused[0]} is a pickle qa-dist does not write (it is never loaded)"
     try:
         read_state(checkpoint)
-        json.loads((checkpoint / SCHEDULER).read_text())
+        if (checkpoint / SCHEDULER).exists():
+            json.loads((checkpoint / SCHEDULER).read_text())
     except (OSError, ValueError, TypeError) as e:
         return f"unreadable trainer or scheduler state ({e})"
     return None
@@ -210,23 +227,92 @@ def _allowed_globals() -> list:
     return allowed
 
 
+_DCP_MODULES = {
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch",
+    "torch.serialization",
+    "pathlib",
+    "collections",
+}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """For the ``.metadata`` file of a torch.distributed.checkpoint directory (FSDP's sharded
+    state), which torch reads with plain ``pickle.load``: only the data classes and enums of
+    torch.distributed.checkpoint, torch's sizes, dtypes, layouts and memory formats, paths."""
+
+    def find_class(self, module: str, name: str):
+        import dataclasses
+        import enum
+
+        if module not in _DCP_MODULES:  # refused before anything is imported
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name} in a checkpoint's metadata")
+        found = super().find_class(module, name)
+        if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem") and (
+            (isinstance(found, type) and dataclasses.is_dataclass(found)) or (isinstance(found, enum.EnumMeta))
+        ):
+            return found
+        if module == "torch" and (
+            found is torch.Size or isinstance(found, (torch.dtype, torch.layout, torch.memory_format))
+        ):
+            return found
+        if (module, name) in {
+            ("torch.serialization", "_get_layout"),
+            ("pathlib", "PosixPath"),
+            ("pathlib", "WindowsPath"),
+            ("pathlib", "Path"),
+            ("collections", "OrderedDict"),
+        }:
+            return found
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name} in a checkpoint's metadata")
+
+
+class _RestrictedPickle:
+    """Stands in for the ``pickle`` module where torch.distributed.checkpoint reads metadata."""
+
+    dump = staticmethod(pickle.dump)
+    dumps = staticmethod(pickle.dumps)
+    UnpicklingError = pickle.UnpicklingError
+
+    @staticmethod
+    def load(file):
+        return _DcpMetadataUnpickler(file).load()
+
+    @staticmethod
+    def loads(data: bytes):
+        import io
+
+        return _DcpMetadataUnpickler(io.BytesIO(data)).load()
+
+
 @contextlib.contextmanager
 def safe_torch_load():
     """Every ``torch.load`` inside is ``weights_only=True`` whatever its caller asks: DeepSpeed loads
     its shards with ``weights_only=False``. Tensors, containers, numbers and ``_allowed_globals``
-    load; anything else (a ``__reduce__`` that calls a function) is refused by torch."""
+    load; anything else (a ``__reduce__`` that calls a function) is refused by torch. The
+    ``.metadata`` of FSDP's sharded checkpoints (plain ``pickle.load`` in torch) goes through
+    ``_DcpMetadataUnpickler``."""
     original = torch.load
 
     def load(*args, **kwargs):
         kwargs["weights_only"] = True
         return original(*args, **kwargs)
 
+    try:
+        from torch.distributed.checkpoint import filesystem as dcp_filesystem
+    except ImportError:
+        dcp_filesystem = None
     torch.load = load
+    if dcp_filesystem is not None:
+        dcp_filesystem.pickle = _RestrictedPickle
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             yield
     finally:
         torch.load = original
+        if dcp_filesystem is not None:
+            dcp_filesystem.pickle = pickle
 
 
 def _missing_on_main(path: Path, acc) -> str | None:
