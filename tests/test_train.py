@@ -309,6 +309,35 @@ def test_wandb_mode_in_the_environment_wins_over_an_api_key(tmp_path, tiny_model
     assert took < 90, took
 
 
+def test_wandb_that_cannot_go_online_is_one_line_error(tmp_path, tiny_model, cache_dir):
+    """An API key and no WANDB_MODE: online, as wandb itself would. When the server cannot be
+    reached (a closed port; wandb's init timeout shortened from 90 s), one line and exit 2."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_API_KEY": "dummy" * 8,
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_INIT_TIMEOUT": "10",
+    }
+    env.pop("WANDB_MODE", None)
+    done = subprocess.run(
+        [
+            sys.executable,
+            *_args(tiny_model, cache_dir, tmp_path / "run", "train.max_steps=2", "data.eval=null"),
+            "logging.wandb_project=qa-dist-tests",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr[-4000:]
+    assert "Traceback" not in done.stderr, done.stderr[-4000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("qa-dist: error:")]
+    assert "wandb could not start online" in line and "WANDB_MODE=offline" in line
+
+
 @pytest.mark.parametrize(
     ("configured", "environ", "expected"),
     [
