@@ -8,6 +8,12 @@ warm-up round on a few questions; the best of each is kept. Target: at least 20x
 how often the two choose the same span, and, where they differ, whether qa-dist's exact search
 found the higher-scoring span (the notebook looks only at the 20 best starts x 20 best ends).
 
+``qa_dist.postprocess`` is timed on three forms of the same windows, against the same notebook
+loop: the notebook's features as a ``datasets.Dataset`` (Arrow), the features of
+``qa_dist.build_eval_features`` with the examples of ``qa_dist.load_examples`` (the README's
+example), and the notebook's ``prepare_validation_features`` called directly, which gives Python
+lists (padded to 384). All three must give identical predictions.
+
     python bench/postprocess.py [--limit N] [--repeats R]
 """
 
@@ -26,7 +32,7 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from qa_dist import load_examples, postprocess  # noqa: E402
+from qa_dist import build_eval_features, load_examples, postprocess  # noqa: E402
 from qa_dist.models import resolve_model_path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -199,12 +205,20 @@ def main() -> None:
     if args.limit:
         examples = examples[: args.limit]
     examples_ds = datasets.Dataset.from_list(examples)
+    kwargs = {"tokenizer": tokenizer, "max_length": args.max_length, "doc_stride": args.doc_stride}
     features = examples_ds.map(
-        tutorial_prepare_validation_features,
-        batched=True,
-        remove_columns=examples_ds.column_names,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": args.max_length, "doc_stride": args.doc_stride},
+        tutorial_prepare_validation_features, batched=True, remove_columns=examples_ds.column_names, fn_kwargs=kwargs
     )
+    # The README's path: qa_dist's own windows (the same windows, unpadded) for the same examples.
+    built = build_eval_features(examples, tokenizer, args.max_length, args.doc_stride)
+    assert built["example_id"] == features["example_id"], "the builder's windows must be the notebook's"
+
+    def as_lists(examples):
+        """The notebook's function called directly: a dict of Python lists (tuples for offsets)."""
+        columns = {k: [e[k] for e in examples] for k in ("id", "question", "context")}
+        return dict(tutorial_prepare_validation_features(columns, **kwargs))
+
+    lists = as_lists(examples)
     rng = np.random.default_rng(0)
     start = rng.standard_normal((len(features), args.max_length), dtype=np.float32)
     end = rng.standard_normal((len(features), args.max_length), dtype=np.float32)
@@ -212,7 +226,7 @@ def main() -> None:
 
     best = collections.defaultdict(lambda: float("inf"))
 
-    def run_all(examples_ds, features, start, end, record=True):
+    def run_all(examples, examples_ds, features, built, lists, start, end, record=True):
         def timed(name, fn):
             t0 = time.perf_counter()
             out = fn()
@@ -224,6 +238,8 @@ def main() -> None:
             "notebook", lambda: tutorial_postprocess_qa_predictions(examples_ds, features, start, end, tokenizer)
         )
         ours = timed("ours", lambda: postprocess(examples_ds, features, start, end, version_2_with_negative=True))
+        ours_built = timed("built", lambda: postprocess(examples, built, start, end, version_2_with_negative=True))
+        ours_lists = timed("lists", lambda: postprocess(examples, lists, start, end, version_2_with_negative=True))
         run_qa = timed("run_qa", lambda: run_qa_postprocess_qa_predictions(examples_ds, features, start, end))
 
         def with_lists():
@@ -231,23 +247,39 @@ def main() -> None:
             return out, dict(out.nbest)  # every n-best list built, as run_qa's function does
 
         timed("ours_full", with_lists)
-        return tutorial, ours, run_qa
+        return tutorial, ours, ours_built, ours_lists, run_qa
 
     # One untimed round on the first 200 questions: first calls pay one-off costs (torch's and
     # numpy's lazy set-up, allocator growth) that a training run pays once, not per evaluation.
     first_ids = set(examples_ds["id"][:200])
     warm = sum(q in first_ids for q in features["example_id"])
-    small = (examples_ds.select(range(min(200, len(examples_ds)))), features.select(range(warm)))
+    few = examples[:200]
+    small = (
+        few,
+        examples_ds.select(range(len(few))),
+        features.select(range(warm)),
+        build_eval_features(few, tokenizer, args.max_length, args.doc_stride),
+        as_lists(few),
+    )
     run_all(*small, start[:warm], end[:warm], record=False)
     for _ in range(args.repeats):
-        (tutorial, tutorial_spans), ours, run_qa = run_all(examples_ds, features, start, end)
+        (tutorial, tutorial_spans), ours, ours_built, ours_lists, run_qa = run_all(
+            examples, examples_ds, features, built, lists, start, end
+        )
+    notebook = best["notebook"]
     print("answers and null odds (the notebook's loop returns only answers):")
-    print(f"  notebook loop              {best['notebook']:7.2f} s")
-    print(f"  qa_dist.postprocess        {best['ours']:7.2f} s   {best['notebook'] / best['ours']:5.1f}x")
+    print(f"  notebook loop (features: datasets.Dataset)            {notebook:7.2f} s")
+    for name, label in [
+        ("ours", "features: the notebook's, datasets.Dataset"),
+        ("built", "features: qa_dist.build_eval_features"),
+        ("lists", "features: the notebook's, Python lists"),
+    ]:
+        print(f"  qa_dist.postprocess ({label:43s}) {best[name]:7.3f} s   {notebook / best[name]:5.1f}x")
     print("answers, every n-best list with probabilities, null odds:")
     print(f"  run_qa.py's utils_qa loop  {best['run_qa']:7.2f} s")
     print(f"  qa_dist.postprocess        {best['ours_full']:7.2f} s   {best['run_qa'] / best['ours_full']:5.1f}x")
     print("(target: 20x)")
+    print(f"identical predictions from the three feature forms: {ours == ours_built == ours_lists}")
     same_v2 = sum(ours.answers[q] == run_qa[0][q] for q in ours.answers)
     print(f"answers equal to run_qa's: {same_v2:,} of {len(examples):,}")
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +26,103 @@ from qa_dist.errors import DataError
 
 FEATURE_BUILDER_VERSION = "2"  # 2: eval windows carry cls_index
 """Bump when the features built for the same inputs change; it is part of the cache key."""
+
+
+class OffsetMapping(Sequence):
+    """The ``offset_mapping`` column of :func:`build_eval_features`: a read-only sequence with one
+    entry per window, held as three flat numpy arrays instead of millions of Python tuples.
+
+    ``offsets[i]`` is window ``i``'s offset mapping as the tutorials index it: a new list with one
+    ``(start, end)`` character span per token of a context token and ``None`` for every other token
+    (question, special tokens). Iteration, ``len``, slicing and ``==`` with a list of such lists work
+    as on a list; :meth:`tolist` gives the plain lists. ``pyarrow.array`` (so ``features_table``
+    and ``datasets.Dataset.from_dict``) converts it without a Python loop, through
+    ``__arrow_array__``; :func:`qa_dist.postprocess` reads the arrays as they are.
+    """
+
+    __slots__ = ("base", "char_start", "char_end")
+
+    def __init__(self, base: np.ndarray, char_start: np.ndarray, char_end: np.ndarray) -> None:
+        self.base = np.asarray(base, dtype=np.int64)  # window i owns tokens base[i]:base[i + 1]
+        self.char_start = np.asarray(char_start, dtype=np.int32)  # -1: not a context token
+        self.char_end = np.asarray(char_end, dtype=np.int32)
+        if self.base.ndim != 1 or len(self.base) == 0 or self.base[0] != 0 or self.base[-1] != len(self.char_start):
+            raise ValueError("OffsetMapping: base must run from 0 to the number of tokens")
+        if self.char_end.shape != self.char_start.shape:
+            raise ValueError("OffsetMapping: char_start and char_end differ in length")
+
+    def __len__(self) -> int:
+        return len(self.base) - 1
+
+    def _row(self, i: int) -> list:
+        lo, hi = int(self.base[i]), int(self.base[i + 1])
+        return [
+            None if a < 0 else (a, b)
+            for a, b in zip(self.char_start[lo:hi].tolist(), self.char_end[lo:hi].tolist(), strict=True)
+        ]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return [self._row(i) for i in range(start, stop, step)]
+            stop = max(start, stop)
+            lo, hi = self.base[start], self.base[stop]
+            return OffsetMapping(self.base[start : stop + 1] - lo, self.char_start[lo:hi], self.char_end[lo:hi])
+        n = len(self)
+        i = index.__index__()
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("OffsetMapping index out of range")
+        return self._row(i)
+
+    def __iter__(self):
+        starts, ends, base = self.char_start.tolist(), self.char_end.tolist(), self.base.tolist()
+        for lo, hi in zip(base, base[1:], strict=False):
+            yield [None if a < 0 else (a, b) for a, b in zip(starts[lo:hi], ends[lo:hi], strict=True)]
+
+    def tolist(self) -> list[list[tuple[int, int] | None]]:
+        """Plain Python lists (as ``json`` or code that mutates rows needs)."""
+        return list(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, OffsetMapping):
+            return (
+                np.array_equal(self.base, other.base)
+                and np.array_equal(self.char_start, other.char_start)
+                and np.array_equal(
+                    np.where(self.char_start < 0, -1, self.char_end), np.where(other.char_start < 0, -1, other.char_end)
+                )
+            )
+        if isinstance(other, (list, tuple)):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"OffsetMapping({len(self)} windows, {len(self.char_start)} tokens)"
+
+    def __arrow_array__(self, type: Any = None):  # noqa: A002  (the protocol's argument name)
+        """``list<fixed_size_list<int32, 2>>`` with null pairs outside the context, or ``type``."""
+        import pyarrow as pa
+
+        present = self.char_start >= 0
+        values = np.stack([self.char_start, self.char_end], axis=1).reshape(-1)
+        pairs = pa.FixedSizeListArray.from_arrays(pa.array(values), 2, mask=pa.array(~present))
+        if self.base[-1] < 2**31:
+            column = pa.ListArray.from_arrays(pa.array(self.base.astype(np.int32)), pairs)
+        else:
+            column = pa.LargeListArray.from_arrays(pa.array(self.base), pairs)
+        return column if type is None or column.type == type else column.cast(type)
+
+    def __getstate__(self):
+        return (self.base, self.char_start, self.char_end)
+
+    def __setstate__(self, state) -> None:
+        for name, value in zip(self.__slots__, state, strict=True):
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True)
@@ -164,18 +263,34 @@ def _answer_token_spans(
     return np.where(ok, first - base, -1), np.where(ok, last - base, -1)
 
 
-def _first_answer_tokens(examples, example_ctx, ctx_offsets, contexts) -> tuple[list[int], list[int]]:
-    """First and last context token of each example's first answer (-1 when unanswerable)."""
+def _flat_offsets(ctx_offsets: list[list[tuple[int, int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every context's token offsets end to end: ``(token_base, char_start, char_end)``; context
+    ``c`` owns tokens ``token_base[c]:token_base[c + 1]``."""
     lengths = np.fromiter((len(o) for o in ctx_offsets), dtype=np.int64, count=len(ctx_offsets))
-    token_base = np.concatenate([[0], np.cumsum(lengths)])
-    char_base = np.concatenate([[0], np.cumsum([len(c) + 1 for c in contexts])])[:-1]
+    token_base = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.fromiter(
         itertools.chain.from_iterable(itertools.chain.from_iterable(ctx_offsets)),
         dtype=np.int64,
         count=2 * int(token_base[-1]),
     ).reshape(-1, 2)
+    return token_base, flat[:, 0], flat[:, 1]
+
+
+def _answerable(ex: dict) -> bool:
+    """Whether a record has an answer to label: ``is_impossible`` where given (qa-dist's records),
+    else whether it has any answer text (the rows of the hub's ``squad``/``squad_v2``, whose
+    unanswerable questions have ``answers={"text": [], "answer_start": []}``)."""
+    answers = ex.get("answers")
+    return bool(answers and answers["text"]) and not ex.get("is_impossible", False)
+
+
+def _first_answer_tokens(examples, example_ctx, flat_offsets, contexts) -> tuple[list[int], list[int]]:
+    """First and last context token of each example's first answer (-1 when unanswerable)."""
+    token_base, flat_start, flat_end = flat_offsets
+    lengths = np.diff(token_base)
+    char_base = np.concatenate([[0], np.cumsum([len(c) + 1 for c in contexts])])[:-1].astype(np.int64)
     shift = np.repeat(char_base, lengths)
-    answerable = np.fromiter((not ex["is_impossible"] for ex in examples), dtype=bool, count=len(examples))
+    answerable = np.fromiter((_answerable(ex) for ex in examples), dtype=bool, count=len(examples))
     starts = np.fromiter(
         (ex["answers"]["answer_start"][0] if ok else 0 for ex, ok in zip(examples, answerable, strict=True)),
         dtype=np.int64,
@@ -192,10 +307,40 @@ def _first_answer_tokens(examples, example_ctx, ctx_offsets, contexts) -> tuple[
         starts + lengths_chars,
         token_base,
         char_base,
-        flat[:, 0] + shift,
-        flat[:, 1] + shift,
+        flat_start + shift,
+        flat_end + shift,
     )
     return np.where(answerable, first, -1).tolist(), np.where(answerable, last, -1).tolist()
+
+
+def _window_offsets(
+    flat_offsets, window_ctx: list[int], window_span: list[tuple[int, int]], ctx_at: list[int], lengths: list[int]
+) -> OffsetMapping:
+    """The eval windows' offset mapping from where each window's context tokens sit, in array steps."""
+    token_base, flat_start, flat_end = flat_offsets
+    lengths_a = np.asarray(lengths, dtype=np.int64)
+    base = np.concatenate([[0], np.cumsum(lengths_a)]).astype(np.int64)
+    span = np.asarray(window_span, dtype=np.int64).reshape(-1, 2)
+    n = span[:, 1] - span[:, 0]
+    src0 = token_base[np.asarray(window_ctx, dtype=np.int64)] + span[:, 0] if len(n) else n
+    dst0 = base[:-1] + np.asarray(ctx_at, dtype=np.int64)
+    within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+    src, dst = np.repeat(src0, n) + within, np.repeat(dst0, n) + within
+    char_start = np.full(int(base[-1]), -1, dtype=np.int32)
+    char_end = np.full(int(base[-1]), -1, dtype=np.int32)
+    char_start[dst], char_end[dst] = flat_start[src], flat_end[src]
+    return OffsetMapping(base, char_start, char_end)
+
+
+def _rows(examples: Any) -> list:
+    """Records as a list of dicts: a list as it is, a ``datasets.Dataset`` or ``pyarrow.Table``
+    (the hub's ``squad``/``squad_v2``) converted once, any other iterable listed."""
+    if isinstance(examples, list):
+        return examples
+    to_pylist = getattr(examples, "to_pylist", None) or getattr(examples, "to_list", None)
+    if callable(to_pylist) and hasattr(examples, "column_names"):
+        return to_pylist()
+    return list(examples)
 
 
 @contextlib.contextmanager
@@ -212,7 +357,7 @@ def _gc_paused():
 
 
 def _build(
-    examples: list[dict],
+    examples: Any,
     tokenizer,
     max_length: int,
     doc_stride: int,
@@ -220,6 +365,7 @@ def _build(
     progress: bool = False,
     source: str | None = None,
 ) -> dict[str, list]:
+    examples = _rows(examples)
     layout = pair_layout(tokenizer)
     with_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ["token_type_ids"])
 
@@ -230,16 +376,19 @@ def _build(
     backend = _backend(tokenizer)
     ctx_ids, ctx_offsets = _tokenize(backend, contexts)
     q_ids, _ = _tokenize(backend, [ex["question"].lstrip() for ex in examples], offsets=False)
+    flat_offsets = _flat_offsets(ctx_offsets)
+    del ctx_offsets  # (the arrays hold them)
     if train:
         example_ctx = np.asarray(example_ctx_list, dtype=np.int64)
-        tok_first, tok_last = _first_answer_tokens(examples, example_ctx, ctx_offsets, contexts)
+        tok_first, tok_last = _first_answer_tokens(examples, example_ctx, flat_offsets, contexts)
 
     pre, mid, post = list(layout.pre), list(layout.mid), list(layout.post)
     pre_t, mid_t, post_t = list(layout.pre_types), list(layout.mid_types), list(layout.post_types)
     first_t, second_t = layout.first_type, layout.second_type
     n_special = layout.num_special
     input_ids, attention_mask, token_type_ids, example_index = [], [], [], []
-    start_positions, end_positions, offset_mapping, example_id, cls_indices = [], [], [], [], []
+    start_positions, end_positions, example_id, cls_indices = [], [], [], []
+    window_ctx, window_span, window_ctx_at = [], [], []  # where each eval window's context tokens sit
 
     rows = enumerate(examples)
     if progress:
@@ -279,18 +428,21 @@ def _build(
                     start_positions.append(cls_index)
                     end_positions.append(cls_index)
             else:
-                after = len(ids) - ctx_at - len(window)
-                offset_mapping.append([None] * ctx_at + ctx_offsets[c][w0:w1] + [None] * after)
+                window_ctx.append(c)
+                window_span.append((w0, w1))
+                window_ctx_at.append(ctx_at)
                 example_id.append(ex["id"])
                 cls_indices.append(_cls_index(layout, len(first), len(second)))
 
-    cols: dict[str, list] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    cols: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if with_types:
         cols["token_type_ids"] = token_type_ids
     if train:
         cols["start_positions"], cols["end_positions"] = start_positions, end_positions
     else:
-        cols["offset_mapping"], cols["example_id"], cols["cls_index"] = offset_mapping, example_id, cls_indices
+        lengths = [len(ids) for ids in input_ids]
+        cols["offset_mapping"] = _window_offsets(flat_offsets, window_ctx, window_span, window_ctx_at, lengths)
+        cols["example_id"], cols["cls_index"] = example_id, cls_indices
     cols["example_index"] = example_index
     return cols
 
@@ -309,7 +461,7 @@ def _cls_index(layout: PairLayout, n_first: int, n_second: int) -> int:
 
 
 def build_train_features(
-    examples: list[dict],
+    examples: Any,
     tokenizer,
     max_length: int = 384,
     doc_stride: int = 128,
@@ -319,7 +471,10 @@ def build_train_features(
 ) -> dict[str, list]:
     """Training windows with labels.
 
-    Columns: ``input_ids``, ``attention_mask``, ``token_type_ids`` (where the tokenizer makes
+    ``examples``: records with ``id``, ``question``, ``context`` and ``answers``
+    (``{"text": [...], "answer_start": [...]}``), as :func:`qa_dist.load_examples` gives them, or the
+    hub's ``squad`` / ``squad_v2`` rows (a ``datasets.Dataset`` or a list of its rows): a record
+    without answer text, or with ``is_impossible`` true, is unanswerable. Columns: ``input_ids``, ``attention_mask``, ``token_type_ids`` (where the tokenizer makes
     them), ``start_positions``, ``end_positions``, ``example_index``. Labels follow each example's
     first answer: the first and last tokens that overlap its characters. A window that does not
     hold the whole answer, and every window of an unanswerable question, points at the CLS token.
@@ -330,17 +485,22 @@ def build_train_features(
 
 
 def build_eval_features(
-    examples: list[dict],
+    examples: Any,
     tokenizer,
     max_length: int = 384,
     doc_stride: int = 128,
     *,
     progress: bool = False,
     source: str | None = None,
-) -> dict[str, list]:
+) -> dict[str, Any]:
     """Evaluation windows: ``input_ids``, ``attention_mask``, ``token_type_ids`` (where made),
     ``offset_mapping`` (character spans of context tokens, None elsewhere), ``example_index``,
-    ``example_id``, ``cls_index`` (where the null answer is scored). Unpadded. ``source`` as for
-    :func:`build_train_features`."""
+    ``example_id``, ``cls_index`` (where the null answer is scored). Unpadded. ``examples`` and
+    ``source`` as for :func:`build_train_features` (answers not needed).
+
+    ``offset_mapping`` is an :class:`OffsetMapping`: indexed like a list of lists
+    (``features["offset_mapping"][i][k]`` is a ``(start, end)`` tuple or None), held as flat arrays,
+    so that :func:`qa_dist.postprocess` and ``pyarrow`` read it without a Python loop; the other
+    columns are lists."""
     with _gc_paused():
         return _build(examples, tokenizer, max_length, doc_stride, train=False, progress=progress, source=source)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import CMRC_DEV, DRCD_DEV, SQUAD11_TRAIN, SQUAD20_DEV, subset_nested
 from hypothesis import given, settings
@@ -291,3 +292,106 @@ def test_window_spans_match_tokenizers_overflow(minilm_tokenizer, n, budget, dat
         return_overflowing_tokens=True,
     )
     assert [len(ids) - 4 for ids in enc["input_ids"]] == [b - a for a, b in spans]
+
+
+# The tutorials' own inputs: the rows of datasets.load_dataset("squad") / ("squad_v2"), built here
+# from the real files as the hub's loading script builds them (no is_impossible column; an
+# unanswerable question has empty answers), with the hub's declared features.
+
+
+def _hub_dataset(nested: dict):
+    import datasets
+
+    rows = [
+        {
+            "id": qa["id"],
+            "title": article.get("title", ""),
+            "context": paragraph["context"],
+            "question": qa["question"],
+            "answers": {
+                "text": [a["text"] for a in qa["answers"]],
+                "answer_start": [a["answer_start"] for a in qa["answers"]],
+            },
+        }
+        for article in nested["data"]
+        for paragraph in article["paragraphs"]
+        for qa in paragraph["qas"]
+    ]
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "title": datasets.Value("string"),
+            "context": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "answers": datasets.Sequence({"text": datasets.Value("string"), "answer_start": datasets.Value("int32")}),
+        }
+    )
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+@pytest.mark.parametrize(
+    ("path", "paragraphs"), [(SQUAD11_TRAIN, 40), (SQUAD20_DEV, 60)], ids=["squad-v1.1", "squad-v2"]
+)
+def test_hub_squad_rows_give_the_windows_of_load_examples(tmp_path, minilm_tokenizer, path, paragraphs):
+    import json
+
+    nested = subset_nested(path, paragraphs)
+    target = tmp_path / "subset.json"
+    target.write_text(json.dumps(nested), encoding="utf-8")
+    examples = load_examples(target)
+    ds = _hub_dataset(nested)
+    assert "is_impossible" not in ds.column_names and len(ds) == len(examples)
+    assert ds[0]["answers"].keys() == {"text", "answer_start"}  # a dict of lists, as the hub gives it
+    unanswerable = sum(not ex["answers"]["text"] for ex in examples)
+    assert (unanswerable > 50) == (path == SQUAD20_DEV)
+    train = build_train_features(examples, minilm_tokenizer, 128, 48)
+    evalf = build_eval_features(examples, minilm_tokenizer, 128, 48)
+    assert len(train["input_ids"]) > len(examples)  # answers fall in some windows and not in others
+    for form in (ds, list(ds), ds.to_list()):
+        assert build_train_features(form, minilm_tokenizer, 128, 48) == train
+        assert build_eval_features(form, minilm_tokenizer, 128, 48) == evalf
+
+
+def test_offset_mapping_reads_like_lists_and_converts_to_arrow_in_one_step(tmp_path, minilm_tokenizer):
+    import pickle
+
+    import datasets
+    import pyarrow as pa
+
+    from qa_dist.eval import WindowOffsets
+    from qa_dist.features import OffsetMapping
+    from qa_dist.prepare import features_table
+
+    examples = _examples(SQUAD20_DEV, 8, tmp_path)
+    evalf = build_eval_features(examples, minilm_tokenizer, 96, 32)
+    offsets = evalf["offset_mapping"]
+    assert isinstance(offsets, OffsetMapping) and len(offsets) == len(evalf["input_ids"])
+    # What the pair call gives, None outside the context: the rows of a list of lists.
+    ref = _reference(minilm_tokenizer, examples, 96, 32)
+    rows = [
+        [tuple(o) if s == 1 else None for o, s in zip(ref["offset_mapping"][i], ref.sequence_ids(i), strict=True)]
+        for i in range(len(ref["input_ids"]))
+    ]
+    assert offsets.tolist() == rows and list(offsets) == rows
+    assert offsets == rows and rows == offsets and evalf == {**evalf, "offset_mapping": rows}
+    assert offsets != rows[:-1] and offsets != [*rows[:-1], [None]]
+    assert offsets[-1] == rows[-1] and offsets[3] == rows[3] and type(offsets[3]) is list
+    assert offsets[2:7] == rows[2:7] and isinstance(offsets[2:7], OffsetMapping) and offsets[::3] == rows[::3]
+    assert offsets[5:2] == [] and len(offsets[5:2]) == 0
+    with pytest.raises(IndexError):
+        offsets[len(rows)]
+    with pytest.raises(TypeError):
+        offsets[0] = rows[0]  # read-only: tolist() for lists to change
+    assert pickle.loads(pickle.dumps(offsets)) == offsets
+    # Arrow: the cache's column type, the same values as converting the lists.
+    cache_type = pa.list_(pa.list_(pa.int32(), 2))
+    assert pa.array(offsets, type=cache_type).equals(pa.array(rows, type=cache_type))
+    assert features_table(evalf).equals(features_table({**evalf, "offset_mapping": rows}))
+    assert pa.array(offsets[4:9]).to_pylist() == [[list(p) if p else None for p in r] for r in rows[4:9]]
+    dataset = datasets.Dataset.from_dict(evalf)
+    assert dataset["offset_mapping"] == [[list(p) if p else None for p in r] for r in rows]
+    from_arrow = WindowOffsets.from_arrow(pa.array(offsets))
+    direct = WindowOffsets.from_lists(offsets)
+    for name in ("base", "char_start", "char_end"):
+        assert np.array_equal(getattr(from_arrow, name), getattr(direct, name))
+        assert np.array_equal(getattr(WindowOffsets.from_lists(rows), name), getattr(direct, name))

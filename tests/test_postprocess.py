@@ -161,3 +161,70 @@ def test_diagnostics():
     assert metrics["gold_rank_mean"] == 1.5
     assert metrics["confident_wrong"] == pytest.approx(200 / 3)
     assert [row[0] for row in wrong] == ["2", "3"]  # most confident first
+
+
+def test_builder_features_plain_lists_and_arrow_give_identical_predictions(tmp_path, minilm_tokenizer):
+    """The README's path (features straight from build_eval_features, whose offset mapping is held
+    as arrays), the same columns as plain Python lists, and the Arrow path (the notebook's padded
+    features through datasets.map, and the feature cache's table): identical predictions."""
+    import sys
+    from pathlib import Path
+
+    import datasets
+
+    from qa_dist.features import OffsetMapping
+    from qa_dist.prepare import examples_table, features_table
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from postprocess import tutorial_prepare_validation_features
+
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps(subset_nested(SQUAD20_DEV, 25)))
+    examples = load_examples(path)
+    length, stride = 96, 32
+    built = build_eval_features(examples, minilm_tokenizer, length, stride)
+    assert isinstance(built["offset_mapping"], OffsetMapping)
+    examples_ds = datasets.Dataset.from_list(examples)
+    kwargs = {"tokenizer": minilm_tokenizer, "max_length": length, "doc_stride": stride}
+    notebook = examples_ds.map(
+        tutorial_prepare_validation_features, batched=True, remove_columns=examples_ds.column_names, fn_kwargs=kwargs
+    )
+    assert notebook["example_id"] == built["example_id"] and len(built["example_id"]) > len(examples) + 20
+    columns = {k: [e[k] for e in examples] for k in ("id", "question", "context")}
+    notebook_lists = tutorial_prepare_validation_features(columns, **kwargs)  # a BatchEncoding of lists
+    g = torch.Generator().manual_seed(3)
+    start, end = (torch.randn(len(notebook), length, generator=g).numpy() for _ in range(2))
+    start[:, 0] += 2.5  # a null score (at CLS) that wins for some questions and not for others
+    end[:, 0] += 2.5
+
+    def run(examples, features):
+        return postprocess(examples, features, start, end, version_2_with_negative=True, max_answer_length=20)
+
+    arrow = run(examples_ds, notebook)
+    assert 0 < sum(a == "" for a in arrow.answers.values()) < len(examples)
+    forms = {
+        "build_eval_features": run(examples, built),
+        "build_eval_features, examples as a Dataset": run(examples_ds, built),
+        "plain lists": run(examples, {**built, "offset_mapping": built["offset_mapping"].tolist()}),
+        "rows of plain lists": run(
+            examples, [dict(zip(built, r, strict=True)) for r in zip(*built.values(), strict=True)]
+        ),
+        "the notebook's lists": run(examples, notebook_lists),
+        "the notebook's Dataset as a dict of lists": run(examples, notebook.to_dict()),
+        "the cache's tables": run(examples_table(examples), features_table(built)),
+        "Dataset.from_dict(build_eval_features)": run(examples, datasets.Dataset.from_dict(built)),
+    }
+    for name, got in forms.items():
+        assert got == arrow, name
+        assert dict(got.nbest) == dict(arrow.nbest), name
+
+
+def test_plain_list_offsets_are_checked():
+    start = np.zeros((1, 4))
+    bad = [{"offset_mapping": [None, (0, 3, 5), (4,), None], "example_id": "a"}]
+    with pytest.raises(ValueError, match="pairs or None"):
+        postprocess([{"id": "a", "context": CONTEXT}], bad, start, start)
+    arrays = [{"offset_mapping": np.array([[0, 0], [0, 3], [4, 7], [0, 0]]), "example_id": "a"}]
+    logits = np.array([[0.0, 5, 0, 0]])
+    got = postprocess([{"id": "a", "context": CONTEXT}], arrays, logits, logits)  # rows as numpy arrays
+    assert got.answers == {"a": "the"}
