@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
+KILL_WAIT = 10
+"""Seconds between Slurm's SIGTERM and its SIGKILL when it ends a job (KillWait; Slurm's default is
+30): a preempted run must checkpoint and ask for its requeue within this."""
 
 
 def available() -> str | None:
@@ -63,7 +66,7 @@ ReturnToService=2
 SchedulerType=sched/backfill
 MpiDefault=none
 JobRequeue=1
-KillWait=10
+KillWait={KILL_WAIT}
 InactiveLimit=0
 MinJobAge=600
 NodeName={self.host} CPUs={os.cpu_count()} RealMemory={memory} State=UNKNOWN

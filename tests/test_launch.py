@@ -282,7 +282,8 @@ def test_slurm_options_from_keys_and_flags(tmp_path, capsys):
         assert f"#SBATCH {line}\n" in train, line
     assert 'srun --kill-on-bad-exit=1 --wait=30 --cpus-per-task="$CPUS_PER_TASK" bash -c launch_on_node' in train
     assert "CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-6}" in train and "THREADS=$((CPUS_PER_TASK / 2))" in train
-    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=" in train and "' TERM" in train
+    assert "export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT" in train and "trap '' TERM" in train
+    assert "' TERM" in train and "' USR1" in train
     # Flags override the keys.
     flags = ["--partition", "a100", "--time", "30:00", "--account", "other", "--no-exclusive", "--cpus-per-task", "3"]
     code, out, err = _main(capsys, *base, *keys, *flags)

@@ -1,6 +1,7 @@
 """On a real one-node Slurm (started by the fixture): qa-dist launch --slurm trains, evaluates and
 writes metrics; two srun tasks as two machines rendezvous and train together; USR1 before the time
-limit leads to a checkpoint, a requeue and a resume that ends with the uninterrupted run's results."""
+limit, and the scheduler's SIGTERM to every process of the job (its preemption path), lead to a
+checkpoint, a requeue and a resume that ends with the uninterrupted run's results."""
 
 from __future__ import annotations
 
@@ -88,32 +89,104 @@ def test_two_srun_tasks_as_two_machines_train_together(slurm, tmp_path, tiny_mod
     assert (run_dir / "model" / "config.json").exists()
 
 
-def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes_to_the_same_result(slurm, tmp_path, tiny_model):
-    steps = 80
-    reference = tmp_path / "reference"
-    cache = tmp_path / "cache"
+STEPS = 80
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, tmp_path_factory, tiny_model):
+    """An uninterrupted run of STEPS steps (and the warm cache the interrupted runs share)."""
+    root = tmp_path_factory.mktemp("reference")
+    run_dir, cache = root / "run", root / "cache"
     done = _launch(
-        slurm, "--slurm", "--cpu", *small_run_overrides(tiny_model, reference, cache, f"train.max_steps={steps}")
+        slurm, "--slurm", "--cpu", *small_run_overrides(tiny_model, run_dir, cache, f"train.max_steps={STEPS}")
     )
     assert done.returncode == 0, done.stderr
     jobs = re.findall(r"submitted (?:prepare|training) job (\d+)", done.stdout)
-    assert slurm.wait_for(jobs[-1]) == "COMPLETED"
+    assert slurm.wait_for(jobs[-1]) == "COMPLETED", slurm.logs()
+    return run_dir, cache
 
-    run_dir = tmp_path / "run"
+
+def _start_and_wait_for_training(slurm, run_dir, cache, tiny_model):
     done = _launch(
-        slurm, "--slurm", "--cpu", *small_run_overrides(tiny_model, run_dir, cache, f"train.max_steps={steps}")
+        slurm, "--slurm", "--cpu", *small_run_overrides(tiny_model, run_dir, cache, f"train.max_steps={STEPS}")
     )
+    assert done.returncode == 0, done.stderr
     (job,) = re.findall(r"submitted training job (\d+)", done.stdout)
     log = run_dir / f"slurm-{job}.out"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.exists() and re.search(r"^step [1-9]\d*: loss", log.read_text(), re.M)):
         time.sleep(0.2)
+    return job, log
+
+
+def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes_to_the_same_result(
+    slurm, tmp_path, tiny_model, reference
+):
+    reference_dir, cache = reference
+    run_dir = tmp_path / "run"
+    job, log = _start_and_wait_for_training(slurm, run_dir, cache, tiny_model)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=slurm.env)
     assert slurm.wait_for(job, timeout=600) == "COMPLETED", log.read_text()[-4000:]
     text = log.read_text()
     assert "requeueing job" in text and "preempted at step" in text
     assert re.search(r"resum", text, re.I)
-    assert _final_metrics(run_dir, steps) == _final_metrics(reference, steps)
+    assert _final_metrics(run_dir, STEPS) == _final_metrics(reference_dir, STEPS)
+
+
+def _signal_and_time_the_requeue(slurm, job, log, *scancel_args) -> tuple[float, dict]:
+    """Send the signal; (seconds until the script asks for the requeue, the preempted.json it saw)."""
+    seen = log.read_text().count("requeueing job")
+    signalled = time.monotonic()
+    subprocess.run(["scancel", *scancel_args, job], check=True, env=slurm.env)
+    while log.read_text().count("requeueing job") == seen and time.monotonic() - signalled < 120:
+        time.sleep(0.1)
+    took = time.monotonic() - signalled
+    text = log.read_text()
+    assert text.count("requeueing job") == seen + 1, text[-4000:]
+    return took, json.loads(text.split("checkpoint written (")[-1].split(")")[0])
+
+
+def test_sigterm_from_the_scheduler_checkpoints_within_killwait_requeues_and_resumes(
+    slurm, tmp_path, tiny_model, reference
+):
+    """The scheduler's own preemption path. Slurm's preemption (preempt.html): the job "is
+    immediately sent SIGCONT and SIGTERM signals", then at the end of the partition's GraceTime
+    SIGCONT, SIGTERM and, KillWait later, SIGKILL. That first SIGTERM goes to every task of every
+    step (torchrun's agent and the training processes; slurmctld signals a job without the batch
+    step for anything but SIGKILL), which is exactly what `scancel --signal=TERM JOB` sends. The run
+    must checkpoint and the script ask for the requeue well before the SIGKILL: the test allows
+    KillWait (10 s on this cluster), the least a GraceTime of 0 would leave. Then, after the resume,
+    a SIGTERM to the batch shell alone (`scancel --signal=TERM --batch`, as `--signal=B:TERM@...`
+    sends it): the trapped shell passes it on, and the run checkpoints and requeues again. The
+    twice-resumed run ends with the uninterrupted run's metrics and predictions.
+
+    Not reproducible with checkpointing, on Slurm 22.05: a SIGTERM to the batch step too (plain
+    scancel, `scancel --full`, a preemption with GraceTime=0): srun itself gets it and answers with
+    SIGKILL to its tasks at once ("forcing job termination"); see the README."""
+    reference_dir, cache = reference
+    run_dir = tmp_path / "run"
+    job, log = _start_and_wait_for_training(slurm, run_dir, cache, tiny_model)
+    took, marker = _signal_and_time_the_requeue(slurm, job, log, "--signal=TERM")
+    assert took < slurm_cluster.KILL_WAIT, f"{took:.1f} s from SIGTERM to the requeue: more than KillWait"
+    assert marker["signal"] == "SIGTERM" and marker["exit_code"] == 75
+    first = marker["step"]
+
+    # The requeued job resumes; wait for it to train past the checkpoint, then signal its batch shell.
+    def trains_again() -> bool:
+        text = log.read_text()
+        return "resumed from" in text and bool(re.search(r"^step \d+: loss", text.split("resumed from")[-1], re.M))
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not trains_again():
+        time.sleep(0.2)
+    took, marker = _signal_and_time_the_requeue(slurm, job, log, "--signal=TERM", "--batch")
+    assert took < slurm_cluster.KILL_WAIT, f"{took:.1f} s from SIGTERM to the requeue: more than KillWait"
+    assert marker["signal"] == "SIGTERM" and marker["step"] > first
+
+    assert slurm.wait_for(job, timeout=600) == "COMPLETED", log.read_text()[-4000:]
+    text = log.read_text()
+    assert "SIGTERM (preemption" in text and text.count("resumed from") >= 2
+    assert _final_metrics(run_dir, STEPS) == _final_metrics(reference_dir, STEPS)
 
 
 def test_a_run_dir_full_of_shell_and_sbatch_syntax_is_one_literal_path_on_slurm(slurm, tmp_path, tiny_model):
