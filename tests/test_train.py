@@ -246,11 +246,9 @@ def test_a_rank_that_dies_ends_the_job_quickly(tmp_path, tiny_model, cache_dir):
     assert time.monotonic() - started < 90
 
 
-@pytest.mark.multiprocess
-def test_a_rank_that_dies_during_evaluation_ends_the_job_quickly(tmp_path, tiny_model, cache_dir):
-    """Rank 1 is killed while both ranks evaluate (two minutes of forwards each). torchrun sends the
-    survivor SIGTERM; the preemption handler used to note it for the next step boundary and evaluate
-    on until torchrun's SIGKILL 30 s later. Now a SIGTERM during evaluation ends the process at once."""
+def _evaluating(tmp_path, tiny_model, cache_dir):
+    """A 2-process run whose evaluation at step 2 computes for two minutes; returns (launcher, log)
+    once both ranks are evaluating."""
     log = tmp_path / "run.log"
     args = _args(tiny_model, cache_dir, tmp_path / "run", "train.max_steps=100000")[5:]  # the overrides only
     script = str(REPO / "tests" / "train_with_evaluator.py")
@@ -262,18 +260,47 @@ def test_a_rank_that_dies_during_evaluation_ends_the_job_quickly(tmp_path, tiny_
             cwd=REPO,
             env={**os.environ, "OMP_NUM_THREADS": "1", "QA_DIST_TEST_EVAL_SECONDS": "120"},
         )
-        deadline = time.monotonic() + 300
-        while not all(f"rank {r} evaluating at step 2" in log.read_text() for r in (0, 1)):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        os.kill(_workers(proc.pid)[1], signal.SIGKILL)
-        started = time.monotonic()
-        proc.wait(timeout=120)
+    deadline = time.monotonic() + 300
+    while not all(f"rank {r} evaluating at step 2" in log.read_text() for r in (0, 1)):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc, log
+
+
+@pytest.mark.multiprocess
+def test_a_rank_that_dies_during_evaluation_ends_the_job_quickly(tmp_path, tiny_model, cache_dir):
+    """Rank 1 is killed while both ranks evaluate. torchrun sends the survivor SIGTERM; the
+    preemption handler used to note it for the next step boundary while the survivor evaluated on
+    until torchrun's SIGKILL 30 s later. Now the ranks agree after every evaluation batch whether to
+    stop, and with a dead peer that agreement fails at once."""
+    proc, log = _evaluating(tmp_path, tiny_model, cache_dir)
+    os.kill(_workers(proc.pid)[1], signal.SIGKILL)
+    started = time.monotonic()
+    proc.wait(timeout=120)
     took = time.monotonic() - started
     print(f"the job ended {took:.1f} s after rank 1 was killed")
     assert proc.returncode != 0
     assert took < 15, f"{took:.1f} s: {log.read_text()[-2000:]}"
+
+
+@pytest.mark.multiprocess
+def test_sigterm_during_evaluation_checkpoints_at_once(tmp_path, tiny_model, cache_dir):
+    """A preemption's SIGTERM to one rank in the middle of a two-minute evaluation: every rank
+    leaves the evaluation at the same batch, the step is checkpointed and the job exits 75 (it used
+    to finish the evaluation first, past any scheduler's KillWait)."""
+    proc, log = _evaluating(tmp_path, tiny_model, cache_dir)
+    os.kill(_workers(proc.pid)[1], signal.SIGTERM)
+    started = time.monotonic()
+    proc.wait(timeout=300)
+    took = time.monotonic() - started
+    print(f"the job checkpointed and ended {took:.1f} s after SIGTERM")
+    text = log.read_text()
+    assert "exitcode  : 75" in text, text[-3000:]
+    marker = json.loads((tmp_path / "run" / "preempted.json").read_text())
+    assert marker == {"step": 2, "signal": "SIGTERM", "exit_code": 75}
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-00000002"]
+    assert took < 30, f"{took:.1f} s: {text[-2000:]}"
 
 
 def test_wandb_mode_in_the_environment_wins_over_an_api_key(tmp_path, tiny_model, cache_dir):

@@ -1,6 +1,7 @@
 """Run by the tests in its own process: train with an evaluator that records when it was called.
 With QA_DIST_TEST_EVAL_SECONDS set, every evaluation computes that long (forwards of the model in
-eval mode, as an evaluation does) and says so on stderr first, with the rank."""
+eval mode, asking qa_dist.train.preemption.check_stop after each, as the gathered evaluation does)
+and says so on stderr first, with the rank."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ import torch
 
 from qa_dist.config import load_config
 from qa_dist.train import PeriodicEvaluator, train
+
+try:
+    from qa_dist.train.preemption import check_stop
+except ImportError:  # an older qa-dist, for measuring what it did
+    check_stop = None
 
 
 class Recording(PeriodicEvaluator):
@@ -31,6 +37,8 @@ class Recording(PeriodicEvaluator):
             with torch.no_grad():
                 while time.monotonic() < deadline:
                     model(input_ids=ids, attention_mask=torch.ones_like(ids))
+                    if check_stop is not None:
+                        check_stop()  # as the gathered evaluation does after every batch
             model.train()
         return {"eval/score": float(step)}
 
@@ -40,3 +48,4 @@ evaluator = Recording(int(every), float(os.environ.get("QA_DIST_TEST_EVAL_SECOND
 result = train(load_config(None, overrides), evaluator=evaluator)
 with open(out, "w") as f:
     json.dump({"calls": evaluator.calls, "steps": result.steps}, f)
+sys.exit(75 if result.preempted else 0)  # as qa-dist train does

@@ -25,6 +25,7 @@ from qa_dist.metrics import resolve_metric, score
 from qa_dist.prepare import prepare_features
 from qa_dist.train.batches import FeatureColumns, eval_plan
 from qa_dist.train.loop import PeriodicEvaluator
+from qa_dist.train.preemption import check_stop
 
 Forward = Callable[[dict], torch.Tensor]
 """A batch of padded windows to ``[2, windows, length]`` start/end logits (on any device)."""
@@ -77,6 +78,9 @@ def rank_candidates(
     for windows, padding in plan:
         batch = data.columns.batch(windows, pad_token_id)
         logits = forward(batch)
+        # In training: all ranks agree, batch by batch, whether one was signalled (preemption, or
+        # the launcher ending the job because a rank died) and then stop together.
+        check_stop(logits.device)
         if padding:  # a repeat that kept this rank in step with the others' collectives
             continue
         device = logits.device

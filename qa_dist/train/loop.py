@@ -266,24 +266,31 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
             if state.step % config.logging.log_every == 0 or state.step == total_steps:
                 tracker.log(_step_metrics(meter, acc, scheduler, epoch, grad_norm, n_params), state.step)
                 meter.reset()
-            # Every rank learns whether any rank was signalled, so all save and stop together,
-            # before an evaluation (which a SIGTERM would end without a checkpoint).
+            metrics = None
+            with preemption.evaluation():  # a signal stops it on every rank, at the same batch
+                metrics = evaluator.maybe_run(state.step, model)
+            if metrics is not None:
+                tracker.log(metrics, state.step)
+            # Every rank learns whether any rank was signalled, so all save and stop together.
             if signum := max_over_ranks(preemption.signum, acc.device):
                 checkpointer.save(state)
                 if acc.is_main_process:
                     write_preempted_marker(run_dir, state.step, signal.Signals(signum).name)
                 tracker.finish()
                 return TrainResult(state.step, preempted=True, export_dir=None)
-            with preemption.evaluation():
-                metrics = evaluator.maybe_run(state.step, model)
-            if metrics is not None:
-                tracker.log(metrics, state.step)
             checkpointer.maybe_save(state)
         checkpointer.ensure_saved(state)
+        metrics = None
         with preemption.evaluation():
             metrics = evaluator.finish(state.step, model)
         if metrics is not None:
             tracker.log(metrics, state.step)
+        if signum := max_over_ranks(preemption.signum, acc.device):
+            # The last checkpoint is this step's; the requeued run evaluates and exports.
+            if acc.is_main_process:
+                write_preempted_marker(run_dir, state.step, signal.Signals(signum).name)
+            tracker.finish()
+            return TrainResult(state.step, preempted=True, export_dir=None)
         export_dir = run_dir / "model"
         export_model(acc, model, tokenizer, export_dir)
         sample = columns.batch(np.arange(min(8, len(columns))), pad_id)

@@ -1,10 +1,12 @@
 """SIGTERM / SIGUSR1: checkpoint at the next step boundary, on every rank, then exit.
 
-During an evaluation a SIGTERM ends the process at once instead: an evaluation has no step
-boundary to stop at for minutes, and the usual sender of a SIGTERM then is the launcher (torchrun)
-taking the job down because a peer rank died, which the surviving ranks would otherwise outlive
-by the launcher's whole grace period before it kills them. SIGUSR1 (what the Slurm script sends
-for a time limit or preemption notice) still waits for the evaluation and checkpoints after it.
+An evaluation inside training has no step boundary for minutes, and ignoring the signal there made
+a job whose rank died outlive it by the launcher's whole grace period: torchrun sends SIGTERM to
+the surviving ranks, which evaluated on until its SIGKILL 30 s later. So an evaluation asks
+``stop_requested`` after every batch: one collective in which the ranks agree whether any was
+signalled. Signalled: every rank leaves the evaluation at the same batch (``EvaluationStopped``)
+and the loop checkpoints and exits as at any step boundary (a scheduler's preemption during an
+evaluation still ends in a checkpoint and a requeue). A dead peer: that collective fails at once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import signal
 from pathlib import Path
 
+from qa_dist.dist import max_over_ranks
 from qa_dist.fsutil import atomic_write
 
 EXIT_PREEMPTED = 75
@@ -25,9 +28,8 @@ PREEMPTED_MARKER = "preempted.json"
 """Written into the run directory by rank zero after a preemption checkpoint (step, signal, exit code)."""
 
 
-class Terminated(SystemExit):
-    """Raised by the handler when SIGTERM arrives during an evaluation; the exit code is the
-    shell's for a death by SIGTERM (143)."""
+class EvaluationStopped(Exception):
+    """Raised on every rank at the same batch of an evaluation when a rank was signalled."""
 
 
 def write_preempted_marker(run_dir: Path, step: int, signal_name: str) -> None:
@@ -41,30 +43,45 @@ def write_preempted_marker(run_dir: Path, step: int, signal_name: str) -> None:
 class PreemptionFlag:
     """Set by a signal handler; the ranks agree on it at step boundaries (any rank asked: all stop)."""
 
+    active: PreemptionFlag | None = None
+    """The flag of the training run in this process, while it evaluates (for ``stop_requested``)."""
+
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
         self.signum = 0
         """The signal received here (0: none)."""
-        self.evaluating = False
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
-        if self.evaluating and signum == signal.SIGTERM:
-            raise Terminated(128 + signum)
 
     @contextlib.contextmanager
     def evaluation(self):
-        """While inside, SIGTERM ends this process at once (raises ``Terminated``)."""
-        if self.signum == signal.SIGTERM:
-            raise Terminated(128 + self.signum)
-        self.evaluating = True
+        """Every rank evaluates inside: ``stop_requested`` consults this flag, and an evaluation it
+        stopped ends here quietly (the caller then checkpoints at the step boundary)."""
+        PreemptionFlag.active = self
         try:
             yield
+        except EvaluationStopped:
+            pass
         finally:
-            self.evaluating = False
+            PreemptionFlag.active = None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def stop_requested(device=None) -> bool:
+    """Whether any rank was signalled during this evaluation. Every rank calls this at the same
+    points (after each batch of an evaluation); outside a training run's evaluation (``qa-dist
+    evaluate``) it is False without any collective."""
+    flag = PreemptionFlag.active
+    return flag is not None and max_over_ranks(flag.signum, device) > 0
+
+
+def check_stop(device=None) -> None:
+    """``stop_requested``, raising ``EvaluationStopped`` when it is true."""
+    if stop_requested(device):
+        raise EvaluationStopped
