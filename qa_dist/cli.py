@@ -315,7 +315,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     plan = L.Plan(strategy=strategy, nodes=nodes, processes_per_node=per_node, cpu=cpu)
     _ = plan.accelerate_config  # (raises for strategies without a CPU path)
     if not args.no_check:
-        problems = L.check_environment(config, plan)
+        problems = L.check_environment(config, plan, local=not args.slurm)
         if problems:
             raise ConfigError("environment check failed:\n  " + "\n  ".join(problems))
     overrides = list(args.overrides)

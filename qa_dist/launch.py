@@ -639,8 +639,9 @@ def _fill(placeholder: str, values: dict[str, str], script: str) -> str:
     return values[placeholder]
 
 
-def check_environment(config: RunConfig, plan: Plan) -> list[str]:
-    """Problems to fix before spending cluster time; empty when all is well."""
+def check_environment(config: RunConfig, plan: Plan, *, local: bool = True) -> list[str]:
+    """Problems to fix before spending cluster time; empty when all is well. ``local``: the run
+    starts on this machine (not through Slurm), so its NVMe directory must be here."""
     from qa_dist.cache import default_cache_dir
 
     problems = []
@@ -652,6 +653,9 @@ def check_environment(config: RunConfig, plan: Plan) -> list[str]:
         probe.unlink()
     except OSError as e:
         problems.append(f"data.cache_dir {cache}: not writable ({e})")
+    nvme = config.launch.nvme_path
+    if local and plan.strategy == "zero3_nvme" and nvme and not (Path(nvme).is_dir() and os.access(nvme, os.W_OK)):
+        problems.append(f"launch.nvme_path {nvme}: not a writable directory on this machine")
     if plan.nodes > 1 and config.data.cache_shared == "local":
         problems.append("data.cache_shared=local with several nodes: every node builds its own cache")
     for name in ("HF_HOME", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "HF_HUB_CACHE"):

@@ -226,6 +226,9 @@ def test_zero3_nvme_needs_an_absolute_nvme_path_and_gets_it_filled_in(tmp_path, 
     accelerate = yaml.safe_load((tmp_path / "launch" / "accelerate.yaml").read_text())
     assert accelerate["deepspeed_config"]["deepspeed_config_file"] == str(tmp_path / "launch" / "deepspeed.json")
     assert f"--deepspeed_config_file {tmp_path / 'launch' / 'deepspeed.json'}" in out
+    # Launched here (not through Slurm), the directory must exist on this machine.
+    code, out, err = _main(capsys, *[a for a in base if a != "--no-check"], "launch.nvme_path=/nonexistent/nvme")
+    assert code == 2 and "launch.nvme_path /nonexistent/nvme: not a writable directory" in err
 
 
 def test_slurm_on_a_login_node_without_gpus_never_guesses(tmp_path, capsys, no_gpu):
