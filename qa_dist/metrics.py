@@ -270,6 +270,12 @@ def _unanswerable(example: dict) -> bool:
     return bool(example.get("is_impossible")) or not example["answers"]["text"]
 
 
+def null_answer_competes(examples: list[dict], metric: str) -> bool:
+    """Whether evaluation predicts the null answer (and writes null odds): always for SQuAD v2;
+    for CMRC-style data when it has unanswerable questions (the official CMRC data has none)."""
+    return metric == "squad_v2" or (metric == "cmrc" and any(_unanswerable(ex) for ex in examples))
+
+
 def _empty(prediction: str) -> bool:
     return not prediction.strip()
 

@@ -174,6 +174,23 @@ def load_qa_model(model: ModelConfig, *, tokenizer=None, for_training: bool = Fa
         ) from None
 
 
+def parameter_count(model) -> int:
+    """Every parameter of ``model``, also where ZeRO-3 has already partitioned them (a loaded model
+    under DeepSpeed's ``zero.Init`` holds empty placeholders whose real size is ``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them: the
+    model's own switch, non-reentrant (works with DDP's hooks, ZeRO-3's and FSDP's parameter
+    gathering, and frozen inputs)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def save_small_bert(
     tokenizer, directory: Path, *, hidden_size: int, layers: int = 2, heads: int = 2, seed: int = 0
 ) -> Path:

@@ -21,7 +21,7 @@ from qa_dist.eval.candidates import Candidates, candidates_from_logits
 from qa_dist.eval.diagnostics import diagnostics, prediction_probability
 from qa_dist.eval.postprocess import Predictions, WindowOffsets, decode
 from qa_dist.fsutil import atomic_write
-from qa_dist.metrics import resolve_metric, score
+from qa_dist.metrics import null_answer_competes, resolve_metric, score, tune_threshold
 from qa_dist.prepare import prepare_features
 from qa_dist.train.batches import FeatureColumns, eval_plan
 from qa_dist.train.loop import PeriodicEvaluator
@@ -112,18 +112,6 @@ def write_predictions(out_dir: Path, predictions: Predictions, with_null_odds: b
         write_json(out_dir / "null_odds.json", predictions.null_odds)
 
 
-def _tuned(examples: list[dict], predictions: Predictions, metric: str) -> dict:
-    """Metrics at the null threshold that is best for F1 on this data (found as the official
-    script does, over the best non-empty spans), beside the raw ones."""
-    found = score(examples, predictions.span_answers, na_probs=predictions.null_odds, metric=metric)
-    threshold = found["best_f1_thresh"]
-    answers = {
-        qid: "" if predictions.null_odds.get(qid, 0.0) > threshold else text
-        for qid, text in predictions.span_answers.items()
-    }
-    return {"threshold": threshold, **score(examples, answers, na_probs=predictions.null_odds, metric=metric)}
-
-
 def _numbers(prefix: str, values: dict) -> dict:
     return {f"{prefix}{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -143,7 +131,7 @@ def finish_on_main(
     predictions."""
     examples = data.examples
     metric = resolve_metric(examples, config.metric)
-    version_2 = metric == "squad_v2"
+    version_2 = null_answer_competes(examples, metric)
     started = time.perf_counter()
     predictions = decode(
         gathered,
@@ -164,7 +152,7 @@ def finish_on_main(
             examples, predictions.answers, na_probs=predictions.null_odds if version_2 else None, metric=metric
         )
         if config.tune_threshold and version_2:
-            result["tuned"] = _tuned(examples, predictions, metric)
+            result["tuned"] = tune_threshold(examples, predictions.span_answers, predictions.null_odds, metric=metric)
         diag, wrong = diagnostics(examples, predictions.answers, predictions.nbest, metric)
         result["diagnostics"] = diag
         if tracker is not None:

@@ -15,7 +15,7 @@ import torch
 
 from qa_dist.config import RunConfig, config_to_dict, write_resolved_config
 from qa_dist.dist import context_of, make_accelerator, max_over_ranks, sum_over_ranks
-from qa_dist.models import load_tokenizer, resolve_model_path
+from qa_dist.models import enable_gradient_checkpointing, load_qa_model, load_tokenizer, parameter_count
 from qa_dist.prepare import prepare_features
 from qa_dist.train.batches import FeatureColumns, epoch_plan
 from qa_dist.train.checkpoint import Checkpointer, TrainState
@@ -119,16 +119,6 @@ class Meter:
         self.loss_count += 1
 
 
-def _load_model(config: RunConfig):
-    from transformers import AutoModelForQuestionAnswering
-
-    return AutoModelForQuestionAnswering.from_pretrained(
-        resolve_model_path(config.model.name_or_path),
-        revision=config.model.revision,
-        trust_remote_code=config.model.trust_remote_code,
-    )
-
-
 def _fill_deepspeed_config(accelerator, config: RunConfig) -> None:
     """Values Accelerate would take from a prepared dataloader (ours is not) or fill with defaults."""
     plugin = accelerator.state.deepspeed_plugin
@@ -214,8 +204,10 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
     steps_per_epoch = len(columns) // (t.per_device_batch_size * acc.num_processes) // t.gradient_accumulation_steps
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
 
-    model = _load_model(config)
-    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+    model = load_qa_model(config.model, tokenizer=tokenizer, for_training=True)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    n_params = parameter_count(model)
     optimizer = make_optimizer(model, t)
     scheduler = make_scheduler(optimizer, t, total_steps)
     _fill_deepspeed_config(acc, config)
@@ -225,7 +217,8 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
 
     if acc.is_main_process:
         print(
-            f"training on {acc.num_processes} process(es) ({acc.distributed_type.value}, {acc.device.type}): "
+            f"training on {acc.num_processes} process(es) ({acc.distributed_type.value}, {acc.device.type}"
+            f"{', gradient checkpointing' if t.gradient_checkpointing else ''}): {n_params / 1e6:,.1f}M parameters, "
             f"{len(columns):,} windows, {steps_per_epoch:,} optimizer steps per epoch, {total_steps:,} in all",
             file=sys.stderr,
             flush=True,
