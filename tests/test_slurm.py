@@ -31,6 +31,10 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
+TWO_PROCESSES = re.compile(r"^training .*on 2 process\(es\)", re.M)
+"""The training loop's start line (it may name the parameter count before the processes)."""
+
+
 def _launch(slurm, *args):
     cmd = [sys.executable, "-m", "qa_dist", "launch", "--config", str(REPO / "configs/runs/cpu_sample_en.yaml")]
     env = {**slurm.env, "OMP_NUM_THREADS": "1"}
@@ -53,7 +57,7 @@ def test_launch_slurm_runs_prepare_then_training_on_two_processes(slurm, tmp_pat
     assert slurm.wait_for(prepare) == "COMPLETED", slurm.logs()
     assert slurm.wait_for(train) == "COMPLETED", (run_dir / f"slurm-{train}.out").read_text()[-4000:]
     log = (run_dir / f"slurm-{train}.out").read_text()
-    assert "training on 2 process(es)" in log and "verified (warm)" not in log
+    assert TWO_PROCESSES.search(log) and "verified (warm)" not in log
     raw, predictions = _final_metrics(run_dir, 12)
     assert raw["missing"] == 0 and raw["total"] == len(json.loads(predictions))
     # A second launch finds the cache warm: one job, no prepare.
@@ -68,7 +72,9 @@ def test_two_srun_tasks_as_two_machines_train_together(slurm, tmp_path, tiny_mod
     overrides = small_run_overrides(tiny_model, run_dir, tmp_path / "cache", "train.max_steps=6")
     done = _launch(slurm, "--slurm", "--cpu", "--nodes", "2", "--gpus-per-node", "1", "--dry-run", *overrides)
     assert done.returncode == 0, done.stderr
-    run_dir.mkdir()  # Slurm opens the job's log there before the script runs
+    # The dry run wrote the configs the script launches from into the run directory (which Slurm
+    # needs before the script runs: the job's log goes there).
+    assert (run_dir / "launch" / "accelerate.yaml").exists()
     script = tmp_path / "train.sbatch"
     script.write_text(done.stdout[done.stdout.index("#!/bin/bash\n# qa-dist training") :])
     assert '--machine_rank "$SLURM_PROCID"' in script.read_text()
@@ -85,7 +91,7 @@ def test_two_srun_tasks_as_two_machines_train_together(slurm, tmp_path, tiny_mod
     state = slurm.wait_for(job)
     log = (run_dir / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", log[-4000:]
-    assert "training on 2 process(es)" in log
+    assert TWO_PROCESSES.search(log)
     assert (run_dir / "model" / "config.json").exists()
 
 
@@ -211,6 +217,6 @@ def test_a_run_dir_full_of_shell_and_sbatch_syntax_is_one_literal_path_on_slurm(
     log = run_dir / f"slurm-{train}.out"  # sbatch read --output as one literal path (%% for %)
     assert state == "COMPLETED" and log.exists(), sorted(str(p) for p in tmp_path.rglob("*.out"))
     assert (run_dir / f"slurm-prepare-{prepare}.out").exists()
-    assert "training on 2 process(es)" in log.read_text()
+    assert TWO_PROCESSES.search(log.read_text())
     assert (run_dir / "model" / "config.json").exists()
     assert not list(tmp_path.rglob("pwned")) and not (REPO / "pwned").exists()
