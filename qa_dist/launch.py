@@ -42,8 +42,8 @@ AUTO_ORDER = ("ddp", "zero2", "fsdp", "zero3", "zero3_offload")
   16-bit weights) with the optimizer state and gradients sharded; the weights stay whole.
 - FSDP (FSDP2, full sharding) before ZeRO-3: both shard everything and move 1.5x DDP's volume
   (weights all-gathered in the forward and again in the backward, gradients reduce-scattered);
-  FSDP2 does it per layer with PyTorch's own collectives on flat units, without DeepSpeed's
-  per-parameter hooks, and is at least as fast. Its estimate is a little higher (it holds whole
+  FSDP2 does it with one all-gather per wrapped layer in PyTorch's own collectives, without
+  DeepSpeed's per-submodule hooks and engine, and is at least as fast. Its estimate is a little higher (it holds whole
   units unsharded, and the root unit, embeddings included, for the whole step), so ZeRO-3, which
   gathers finer pieces, still comes next for the margin where FSDP does not fit.
 - ZeRO-3 with offload to host memory last: the optimizer step runs on the CPU.
