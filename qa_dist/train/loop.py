@@ -269,6 +269,9 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
                 checkpointer.save(state)
                 if acc.is_main_process:
                     write_preempted_marker(run_dir, state.step, signal.Signals(signum).name)
+                # No rank exits (75) before the marker exists: on several nodes srun's
+                # --kill-on-bad-exit would otherwise end rank zero before it wrote it, and no requeue.
+                acc.wait_for_everyone()
                 tracker.finish()
                 return TrainResult(state.step, preempted=True, export_dir=None)
             checkpointer.maybe_save(state)
@@ -282,6 +285,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
             # The last checkpoint is this step's; the requeued run evaluates and exports.
             if acc.is_main_process:
                 write_preempted_marker(run_dir, state.step, signal.Signals(signum).name)
+            acc.wait_for_everyone()  # the marker first, as above
             tracker.finish()
             return TrainResult(state.step, preempted=True, export_dir=None)
         export_dir = run_dir / "model"
