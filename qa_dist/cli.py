@@ -9,8 +9,11 @@ import os
 import signal
 import sys
 import time
+import typing
 
 import yaml
+
+from qa_dist.config import EvalConfig, LaunchConfig
 
 EXIT_USAGE = 2
 
@@ -40,6 +43,11 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def _choices(section: type, name: str) -> tuple[str, ...]:
+    """The values a config field's ``Literal`` type allows: argparse choices stated once, in config.py."""
+    return typing.get_args(typing.get_type_hints(section)[name])
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -258,99 +266,46 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     import shlex
-    from pathlib import Path
 
-    from qa_dist import launch as L
-    from qa_dist.config import load_config
-    from qa_dist.errors import ConfigError
+    from qa_dist.launch import LaunchPlan
 
-    if not args.config:
-        raise ConfigError("qa-dist launch needs --config RUN.yaml")
-    if args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0:
-        raise ConfigError(f"--gpu-memory-gib: must be > 0, got {args.gpu_memory_gib}")
-    config = load_config(args.config, args.overrides)
-    slurm = L.SlurmOptions.resolve(
-        config,
+    def report(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    plan = LaunchPlan.build(
+        args.config,
+        args.overrides,
+        strategy=args.strategy,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpu=args.cpu,
+        gpu_memory_gib=args.gpu_memory_gib,
+        slurm=args.slurm,
         partition=args.partition,
         time_limit=args.time,
         account=args.account,
         exclusive=args.exclusive,
         cpus_per_task=args.cpus_per_task,
-    )
-    # Before anything runs: no control characters in what goes into the line or the script.
-    L.check_launch_values(args.config, args.overrides, config, head=args.head, slurm=slurm)
-    gpus, gpu_gib = L.gpus_available()
-    cpu = args.cpu or (gpus == 0 and not args.slurm)
-    nodes = args.nodes or config.launch.nodes
-    strategy = args.strategy or config.launch.strategy
-    if strategy == "single":
-        strategy, per_node, nodes = "ddp", 1, 1
-    else:
-        per_node = args.gpus_per_node or config.launch.gpus_per_node or (2 if cpu else gpus)
-    # A login node without GPUs says nothing about the compute nodes': never guess them.
-    if not per_node:
-        raise ConfigError(
-            "--slurm on a machine without visible GPUs: give --gpus-per-node (or launch.gpus_per_node), the GPUs "
-            "of each compute node (--cpu plans a CPU job)"
-        )
-    if strategy == "auto":
-        if cpu:
-            strategy = "ddp"
-            print("strategy auto: no GPU, so DDP over CPU processes with gloo", file=sys.stderr)
-        else:
-            memory = args.gpu_memory_gib or config.launch.gpu_memory_gib or gpu_gib
-            if not memory:
-                raise ConfigError(
-                    "--strategy auto on a machine without visible GPUs: give --gpu-memory-gib (or "
-                    "launch.gpu_memory_gib), the memory of one compute node's GPU, or choose --strategy"
-                )
-            shape = L.model_shape(config.model.name_or_path)
-            sizes = (nodes * per_node, config.train.per_device_batch_size, config.data.max_length)
-            choice = L.choose_strategy(shape, *sizes, memory, checkpointing=config.train.gradient_checkpointing)
-            print(L.describe(shape, choice, *sizes, memory), file=sys.stderr)
-            strategy = choice.strategy
-            if choice.checkpointing and not config.train.gradient_checkpointing:
-                args.overrides = [*args.overrides, "train.gradient_checkpointing=true"]
-    L.check_nvme_path(strategy, config.launch.nvme_path)
-    plan = L.Plan(strategy=strategy, nodes=nodes, processes_per_node=per_node, cpu=cpu)
-    _ = plan.accelerate_config  # (raises for strategies without a CPU path)
-    if not args.no_check:
-        problems = L.check_environment(config, plan, local=not args.slurm)
-        if problems:
-            raise ConfigError("environment check failed:\n  " + "\n  ".join(problems))
-    overrides = list(args.overrides)
-    # The resolved Accelerate/DeepSpeed configs go into RUN_DIR/launch/ and the line or script names
-    # them, also with --dry-run: what is printed must work when copied.
-    plan = L.write_launch_configs(plan, config.run_dir, config.launch.nvme_path)
-    print(f"launch configs: {plan.launch_dir}", file=sys.stderr)
+        machine_rank=args.machine_rank,
+        head=args.head,
+        port=args.port,
+        check=not args.no_check,
+        report=report,
+    ).write_configs()
+    print(f"launch configs: {plan.plan.launch_dir}", file=sys.stderr)
     if args.slurm:
-        from qa_dist.models import load_tokenizer
-        from qa_dist.prepare import cache_is_warm
-
-        text = L.render_sbatch(plan, config, args.config, overrides, slurm=slurm)
-        cold = not cache_is_warm(config, load_tokenizer(config.model))
-        prepare = (
-            L.render_sbatch(plan, config, args.config, overrides, script="prepare.sbatch", slurm=slurm)
-            if cold
-            else None
-        )
         if args.dry_run:
-            if cold:
-                print(prepare)
-            print(text, end="")
+            scripts = plan.scripts()
+            if "prepare.sbatch" in scripts:
+                print(scripts["prepare.sbatch"])
+            print(scripts["train.sbatch"], end="")
             return 0
-        slurm_dir = Path(config.run_dir).resolve() / "slurm"
-        dependency = L.submit(prepare, slurm_dir / "prepare.sbatch") if cold else None
-        if dependency:
-            print(f"submitted prepare job {dependency} (the feature cache is cold)")
-        job = L.submit(text, slurm_dir / "train.sbatch", dependency=dependency)
-        print(f"submitted training job {job}" + (f" (after {dependency})" if dependency else ""))
+        plan.submit(report=print)
         return 0
-    line = L.launch_line(plan, args.config, overrides, machine_rank=args.machine_rank, head=args.head, port=args.port)
-    print(shlex.join(line), flush=True)
+    print(shlex.join(plan.line()), flush=True)
     if args.dry_run:
         return 0
-    return L.run(line, config.run_dir)
+    return plan.run()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -429,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument(
         "--strategy",
-        choices=["auto", "single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload", "zero3_nvme"],
+        choices=_choices(LaunchConfig, "strategy"),
         help="parallelism (default: the config's launch.strategy); auto picks by memory",
     )
     p.add_argument(
@@ -478,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data with gold answers (any format qa-dist reads)")
     p.add_argument("--predictions", required=True, help="predictions.json: {question id: answer text}")
     p.add_argument("--na-probs", help="null_odds.json: {question id: no-answer score}")
-    p.add_argument("--metric", default="auto", choices=["auto", "squad", "squad_v2", "cmrc"])
+    p.add_argument("--metric", default=EvalConfig.metric, choices=_choices(EvalConfig, "metric"))
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("config", help="print the resolved run config (or every valid key)")

@@ -14,11 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import typing
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from qa_dist.config import RunConfig
+from qa_dist.config import LaunchConfig, RunConfig
 from qa_dist.errors import ConfigError
 
 
@@ -33,7 +34,10 @@ def _package_dir(name: str) -> Path:
 
 CONFIGS = _package_dir("configs")
 SLURM_DIR = _package_dir("slurm")
-STRATEGIES = ("ddp", "fsdp", "zero2", "zero3", "zero3_offload", "zero3_nvme")
+STRATEGY_CHOICES: tuple[str, ...] = typing.get_args(typing.get_type_hints(LaunchConfig)["strategy"])
+"""What ``launch.strategy`` (and ``qa-dist launch --strategy``) accepts: the config's Literal."""
+STRATEGIES = tuple(s for s in STRATEGY_CHOICES if s not in ("auto", "single"))
+"""The strategies with configs of their own (auto picks one of them; single is DDP on one process)."""
 AUTO_ORDER = ("ddp", "zero2", "fsdp", "zero3", "zero3_offload")
 """Cheapest first, in communication and speed, among what fits:
 
@@ -815,3 +819,191 @@ def submit(script_text: str, script_path: Path, dependency: str | None = None) -
     if done.returncode != 0:
         raise ConfigError(f"sbatch refused {script_path}: {done.stderr.strip()}")
     return done.stdout.strip().split(";")[0]
+
+
+def _quiet(_message: str) -> None:
+    """The default ``report`` of ``LaunchPlan.build``: notes are kept in ``LaunchPlan.notes`` only."""
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything ``qa-dist launch`` decided, validated when built: ``LaunchPlan.build`` raises
+    ConfigError for every bad combination (values that cannot go into a script or command line,
+    nodes and strategy, zero3_nvme's path, a strategy without a CPU path, the environment checks).
+    What is left are its outputs: ``write_configs()`` (RUN_DIR/launch/, also for a dry run),
+    ``line()``/``run()`` for a launch from this machine, ``scripts()``/``submit()`` for Slurm."""
+
+    config: RunConfig
+    config_path: str
+    overrides: tuple[str, ...]
+    """The command line's overrides, plus ``train.gradient_checkpointing=true`` where strategy auto
+    found that only that fits."""
+    plan: Plan
+    slurm: SlurmOptions | None = None
+    """The ``#SBATCH`` choices; None: launched from this machine (``line()``)."""
+    machine_rank: int = 0
+    head: str = "127.0.0.1"
+    port: int = 29500
+    cold: bool = False
+    """Slurm only: the feature cache is cold, so a prepare job goes first."""
+    notes: tuple[str, ...] = ()
+    """What the build decided on its own (strategy auto's table), as it told ``report``."""
+
+    @classmethod
+    def build(
+        cls,
+        config_path: str | None,
+        overrides: list[str] | tuple[str, ...] = (),
+        *,
+        strategy: str | None = None,
+        nodes: int | None = None,
+        gpus_per_node: int | None = None,
+        cpu: bool = False,
+        gpu_memory_gib: float | None = None,
+        slurm: bool = False,
+        partition: str | None = None,
+        time_limit: str | None = None,
+        account: str | None = None,
+        exclusive: bool | None = None,
+        cpus_per_task: int | None = None,
+        machine_rank: int = 0,
+        head: str = "127.0.0.1",
+        port: int = 29500,
+        check: bool = True,
+        report=_quiet,
+    ) -> LaunchPlan:
+        """Resolve flags (None: the config's ``launch.*`` key) against the config and this machine.
+        ``report(message)`` is told each decision as it is made (``qa-dist launch`` prints them to
+        stderr); ``check=False`` skips the environment checks (``--no-check``)."""
+        from qa_dist.config import load_config
+
+        if not config_path:
+            raise ConfigError("qa-dist launch needs --config RUN.yaml")
+        if gpu_memory_gib is not None and gpu_memory_gib <= 0:
+            raise ConfigError(f"--gpu-memory-gib: must be > 0, got {gpu_memory_gib}")
+        overrides = list(overrides)
+        config = load_config(config_path, overrides)
+        options = SlurmOptions.resolve(
+            config,
+            partition=partition,
+            time_limit=time_limit,
+            account=account,
+            exclusive=exclusive,
+            cpus_per_task=cpus_per_task,
+        )
+        # Before anything runs: no control characters in what goes into the line or the script.
+        check_launch_values(config_path, overrides, config, head=head, slurm=options)
+        notes: list[str] = []
+
+        def note(message: str) -> None:
+            notes.append(message)
+            report(message)
+
+        gpus, gpu_gib = gpus_available()
+        cpu = cpu or (gpus == 0 and not slurm)
+        nodes = nodes or config.launch.nodes
+        strategy = strategy or config.launch.strategy
+        if strategy == "single":
+            strategy, per_node, nodes = "ddp", 1, 1
+        else:
+            per_node = gpus_per_node or config.launch.gpus_per_node or (2 if cpu else gpus)
+        # A login node without GPUs says nothing about the compute nodes': never guess them.
+        if not per_node:
+            raise ConfigError(
+                "--slurm on a machine without visible GPUs: give --gpus-per-node (or launch.gpus_per_node), the GPUs "
+                "of each compute node (--cpu plans a CPU job)"
+            )
+        if strategy == "auto":
+            if cpu:
+                strategy = "ddp"
+                note("strategy auto: no GPU, so DDP over CPU processes with gloo")
+            else:
+                memory = gpu_memory_gib or config.launch.gpu_memory_gib or gpu_gib
+                if not memory:
+                    raise ConfigError(
+                        "--strategy auto on a machine without visible GPUs: give --gpu-memory-gib (or "
+                        "launch.gpu_memory_gib), the memory of one compute node's GPU, or choose --strategy"
+                    )
+                shape = model_shape(config.model.name_or_path)
+                sizes = (nodes * per_node, config.train.per_device_batch_size, config.data.max_length)
+                choice = choose_strategy(shape, *sizes, memory, checkpointing=config.train.gradient_checkpointing)
+                note(describe(shape, choice, *sizes, memory))
+                strategy = choice.strategy
+                if choice.checkpointing and not config.train.gradient_checkpointing:
+                    overrides.append("train.gradient_checkpointing=true")
+        check_nvme_path(strategy, config.launch.nvme_path)
+        plan = Plan(strategy=strategy, nodes=nodes, processes_per_node=per_node, cpu=cpu)
+        _ = plan.accelerate_config  # (raises for strategies without a CPU path)
+        if check:
+            problems = check_environment(config, plan, local=not slurm)
+            if problems:
+                raise ConfigError("environment check failed:\n  " + "\n  ".join(problems))
+        cold = False
+        if slurm:
+            sbatch_output_dir(str(Path(config.run_dir).resolve()))  # (raises for a run_dir sbatch cannot carry)
+            from qa_dist.models import load_tokenizer
+            from qa_dist.prepare import cache_is_warm
+
+            cold = not cache_is_warm(config, load_tokenizer(config.model))
+        return cls(
+            config=config,
+            config_path=config_path,
+            overrides=tuple(overrides),
+            plan=plan,
+            slurm=options if slurm else None,
+            machine_rank=machine_rank,
+            head=head,
+            port=port,
+            cold=cold,
+            notes=tuple(notes),
+        )
+
+    def write_configs(self) -> LaunchPlan:
+        """Write the resolved Accelerate/DeepSpeed configs into RUN_DIR/launch/ and return the plan
+        that names them. Done for a dry run too: what is printed must work when copied."""
+        written = write_launch_configs(self.plan, self.config.run_dir, self.config.launch.nvme_path)
+        return dataclasses.replace(self, plan=written)
+
+    def line(self) -> list[str]:
+        """The ``accelerate launch`` command line, for a run started from this machine."""
+        return launch_line(
+            self.plan,
+            self.config_path,
+            list(self.overrides),
+            machine_rank=self.machine_rank,
+            head=self.head,
+            port=self.port,
+        )
+
+    def run(self) -> int:
+        """Run ``line()`` in the foreground (see ``run``); its exit code."""
+        return run(self.line(), self.config.run_dir)
+
+    def scripts(self) -> dict[str, str]:
+        """The Slurm batch scripts by file name, in submission order: ``prepare.sbatch`` when the
+        feature cache is cold, then ``train.sbatch``."""
+        if self.slurm is None:
+            raise ConfigError("scripts() is for a Slurm launch (build with slurm=True)")
+        overrides = list(self.overrides)
+        train = render_sbatch(self.plan, self.config, self.config_path, overrides, slurm=self.slurm)
+        scripts = {}
+        if self.cold:
+            scripts["prepare.sbatch"] = render_sbatch(
+                self.plan, self.config, self.config_path, overrides, script="prepare.sbatch", slurm=self.slurm
+            )
+        scripts["train.sbatch"] = train
+        return scripts
+
+    def submit(self, report=_quiet) -> str:
+        """Write the scripts into RUN_DIR/slurm/ and submit them with ``sbatch``, training after the
+        prepare job; ``report`` is told each submission. Returns the training job's id."""
+        scripts = self.scripts()
+        slurm_dir = Path(self.config.run_dir).resolve() / "slurm"
+        dependency = None
+        if "prepare.sbatch" in scripts:
+            dependency = submit(scripts["prepare.sbatch"], slurm_dir / "prepare.sbatch")
+            if dependency:
+                report(f"submitted prepare job {dependency} (the feature cache is cold)")
+        job = submit(scripts["train.sbatch"], slurm_dir / "train.sbatch", dependency=dependency)
+        report(f"submitted training job {job}" + (f" (after {dependency})" if dependency else ""))
+        return job

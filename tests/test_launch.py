@@ -379,3 +379,26 @@ def test_a_signal_to_qa_dist_launch_checkpoints_and_exits_75(tmp_path, tiny_mode
             p.kill()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_launch_plan_is_validated_when_built(tmp_path, no_gpu):
+    """qa-dist launch is parse, LaunchPlan.build (every check), then print or run: the plan alone
+    gives the line and the scripts, and a bad combination never gets past build."""
+    base = [f"run_dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}"]
+    plan = L.LaunchPlan.build(str(CONFIG), base, strategy="auto", check=False)
+    assert plan.plan == L.Plan("ddp", 1, 2, cpu=True) and plan.notes == (
+        "strategy auto: no GPU, so DDP over CPU processes with gloo",
+    )
+    line = plan.write_configs().line()
+    assert "--num_processes" in line and line[-2:] == base
+    with pytest.raises(ConfigError, match="needs GPUs"):
+        L.LaunchPlan.build(str(CONFIG), base, strategy="fsdp", check=False)
+    with pytest.raises(ConfigError, match="needs --config"):
+        L.LaunchPlan.build(None, base)
+    with pytest.raises(ConfigError, match="--gpus-per-node"):
+        L.LaunchPlan.build(str(CONFIG), base, slurm=True, check=False)
+    slurm = L.LaunchPlan.build(str(CONFIG), base, slurm=True, cpu=True, check=False).write_configs()
+    assert slurm.cold and list(slurm.scripts()) == ["prepare.sbatch", "train.sbatch"]
+    with pytest.raises(ConfigError, match="Slurm launch"):
+        plan.scripts()
+    assert tuple(s for s in L.STRATEGY_CHOICES if s not in ("auto", "single")) == L.STRATEGIES
