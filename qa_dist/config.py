@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import reprlib
 import types
 import typing
@@ -172,6 +173,8 @@ class TrainConfig:
     """Complete checkpoints kept; older ones are deleted."""
     collective_timeout: float = 1800.0
     """Seconds a collective may wait before the job fails (the process group timeout)."""
+    keep_best: str | None = None
+    """Keep the best model by an evaluation metric: ``eval/f1`` (larger is better), ``min:eval/loss`` or ``max:eval/exact`` with the direction spelled out; any key of the eval/ line works (SQuAD: ``eval/f1``, ``eval/exact``, ``eval/tuned_f1``; CMRC: ``eval/F1``, ``eval/EM``). Each improvement is checkpointed (never pruned by keep_checkpoints) and exported to run_dir/best/ with best.json (step, value); a resumed run remembers the best so far. None: off."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass (the model's non-reentrant ``gradient_checkpointing_enable``): far less activation memory for about a third more compute. ``qa-dist launch --strategy auto`` turns it on when nothing fits without it."""
 
@@ -192,6 +195,11 @@ class TrainConfig:
         _at_least(self, "checkpoint_every", 0)
         _at_least(self, "keep_checkpoints", 1)
         _positive(self, "collective_timeout")
+        if self.keep_best is not None and not re.fullmatch(r"((max|min):)?eval/\S+", self.keep_best):
+            raise ConfigError(
+                f"keep_best: {_shown(self.keep_best)} is not an eval key with an optional direction "
+                "(eval/f1, max:eval/exact, min:eval/loss)"
+            )
 
 
 @dataclass(frozen=True)
@@ -223,7 +231,9 @@ class LoggingConfig:
     log_every: int = 20
     """Optimizer steps between log lines."""
     wandb_project: str | None = None
-    """wandb project name; None disables wandb."""
+    """wandb project name. Setting it turns wandb on (whatever ``trackers`` says, as before trackers existed); None: wandb only if ``trackers`` lists it."""
+    trackers: list[Literal["wandb", "tensorboard"]] = field(default_factory=list)
+    """Accelerate trackers that rank zero logs to, several at once allowed: ``[wandb, tensorboard]``. tensorboard writes event files to run_dir/tensorboard/; wandb without ``wandb_project`` logs to the project ``qa-dist``. Besides these, wandb is on whenever ``wandb_project`` is set."""
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     """auto: online with an API key, offline without one."""
 
@@ -327,6 +337,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {_shown(value)}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):  # one name: logging.trackers=tensorboard
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_shown(value)}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:

@@ -65,3 +65,17 @@ def config(path: Path) -> dict:
             for item in record.config.update:
                 out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return out
+
+
+def summary(path: Path) -> dict:
+    """The run summary as it stands at the end of the log (later updates win)."""
+    out = {}
+    for record in records(path):
+        if record.HasField("summary"):
+            for item in record.summary.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
+
+
+def history_keys(path: Path) -> set[str]:
+    return {key for row in history(path) for key in row}

@@ -18,7 +18,14 @@ import torch
 from qa_dist.config import EvalConfig, RunConfig
 from qa_dist.dist import DistContext
 from qa_dist.eval.candidates import Candidates, candidates_from_logits
-from qa_dist.eval.diagnostics import diagnostics, prediction_probability
+from qa_dist.eval.diagnostics import (
+    Curve,
+    Table,
+    diagnostics,
+    null_odds_histograms,
+    null_threshold_curve,
+    prediction_probability,
+)
 from qa_dist.eval.postprocess import Predictions, WindowOffsets, decode
 from qa_dist.fsutil import atomic_write
 from qa_dist.metrics import null_answer_competes, resolve_metric, score, tune_threshold
@@ -116,6 +123,9 @@ def _numbers(prefix: str, values: dict) -> dict:
     return {f"{prefix}{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+COLUMNS = ["id", "question", "predicted", "probability", "gold"]
+
+
 def finish_on_main(
     data: EvalData,
     gathered: Candidates,
@@ -123,12 +133,11 @@ def finish_on_main(
     out_dir: Path | None,
     *,
     labelled: bool = True,
-    tracker=None,
-    step: int = 0,
-) -> tuple[dict, Predictions]:
+) -> tuple[dict, Predictions, dict]:
     """Rank zero: decode, score, diagnose, write the files (unless ``out_dir`` is None); returns the
-    result (``metric``, ``raw`` / ``tuned`` / ``diagnostics`` with gold answers, timings) and the
-    predictions."""
+    result (``metric``, ``raw`` / ``tuned`` / ``diagnostics`` with gold answers, timings), the
+    predictions, and what a dashboard shows besides scalars (``dashboard``: Tables, Curves,
+    Histograms by name, for the caller to hand to its tracker)."""
     examples = data.examples
     metric = resolve_metric(examples, config.metric)
     version_2 = null_answer_competes(examples, metric)
@@ -147,6 +156,7 @@ def finish_on_main(
     if out_dir is not None:
         write_predictions(out_dir, predictions, with_null_odds=version_2)
     result: dict = {"metric": metric, "postprocess_seconds": seconds, "questions": len(examples)}
+    dashboard: dict = {}
     if labelled:
         result["raw"] = score(
             examples, predictions.answers, na_probs=predictions.null_odds if version_2 else None, metric=metric
@@ -155,21 +165,29 @@ def finish_on_main(
             result["tuned"] = tune_threshold(examples, predictions.span_answers, predictions.null_odds, metric=metric)
         diag, wrong = diagnostics(examples, predictions.answers, predictions.nbest, metric)
         result["diagnostics"] = diag
-        if tracker is not None:
-            tracker.log_table("confident_wrong", ["id", "question", "predicted", "probability", "gold"], wrong, step)
-    if tracker is not None:
-        rows = [
-            [
-                ex["id"],
-                ex["question"],
-                predictions.answers[ex["id"]],
-                prediction_probability(predictions.nbest[ex["id"]], predictions.answers[ex["id"]]),
-                " | ".join(ex["answers"]["text"]) or "(unanswerable)",
-            ]
-            for ex in examples[:8]
+        dashboard["confident_wrong"] = Table(COLUMNS, wrong)
+        recall = diag["recall_at_k"]
+        dashboard["eval/gold_recall_at_k"] = Curve(
+            "k", list(range(1, len(recall) + 1)), {"recall": recall}, "gold answer within the first k of the n best (%)"
+        )
+        if version_2:
+            dashboard["eval/null_threshold"] = null_threshold_curve(
+                examples, predictions.span_answers, predictions.null_odds, metric
+            )
+            for name, histogram in null_odds_histograms(examples, predictions.null_odds).items():
+                dashboard[f"eval/null_odds_{name}"] = histogram
+    rows = [
+        [
+            ex["id"],
+            ex["question"],
+            predictions.answers[ex["id"]],
+            prediction_probability(predictions.nbest[ex["id"]], predictions.answers[ex["id"]]),
+            " | ".join(ex["answers"]["text"]) or "(unanswerable)",
         ]
-        tracker.log_table("sample_predictions", ["id", "question", "predicted", "probability", "gold"], rows, step)
-    return result, predictions
+        for ex in examples[:8]
+    ]
+    dashboard["sample_predictions"] = Table(COLUMNS, rows)
+    return result, predictions, dashboard
 
 
 @dataclass(frozen=True)
@@ -179,6 +197,8 @@ class EvalResult:
     metrics: dict
     """As in metrics.json: ``metric``, ``raw`` / ``tuned`` / ``diagnostics`` with gold answers, timings."""
     predictions: Predictions
+    dashboard: dict = field(default_factory=dict)
+    """Tables, Curves and Histograms by name (qa_dist.eval.diagnostics), for a tracker to show."""
 
 
 def flat_metrics(result: dict) -> dict:
@@ -199,8 +219,6 @@ def evaluate(
     *,
     pad_token_id: int,
     labelled: bool = True,
-    tracker=None,
-    step: int = 0,
     progress: bool = False,
 ) -> EvalResult | None:
     """One evaluation. Every rank calls this; rank zero returns the result, the others None."""
@@ -212,14 +230,12 @@ def evaluate(
     result = None
     if parts is not None:
         gathered = Candidates.concat(parts)
-        metrics, predictions = finish_on_main(
-            data, gathered, config, out_dir, labelled=labelled, tracker=tracker, step=step
-        )
+        metrics, predictions, dashboard = finish_on_main(data, gathered, config, out_dir, labelled=labelled)
         metrics["forward_seconds"] = forward_seconds
         metrics["gathered_bytes_per_window"] = gathered.nbytes / max(len(gathered), 1)
         if out_dir is not None:
             write_json(out_dir / "metrics.json", metrics)
-        result = EvalResult(metrics, predictions)
+        result = EvalResult(metrics, predictions, dashboard)
     # Rank zero post-processes while the others wait here, once.
     dist.barrier()
     return result
@@ -227,7 +243,9 @@ def evaluate(
 
 class GatheredEvaluator(PeriodicEvaluator):
     """The training loop's evaluator: the full gathered evaluation of ``data.eval`` every
-    ``eval.every`` steps and at the end, files under ``run_dir/eval/step_N``."""
+    ``eval.every`` steps and at the end, files under ``run_dir/eval/step_N``. It holds no tracker:
+    ``run`` returns the ``eval/`` scalars and the dashboard's tables, curves and histograms, which
+    the loop hands to its tracker."""
 
     def __init__(
         self,
@@ -235,12 +253,11 @@ class GatheredEvaluator(PeriodicEvaluator):
         tokenizer,
         dist: DistContext,
         forward: Callable[[object, dict], torch.Tensor],
-        tracker,
         progress: bool = False,
     ) -> None:
         super().__init__(config.eval.every)
         self.config, self.tokenizer, self.dist = config, tokenizer, dist
-        self.forward, self.tracker, self.progress = forward, tracker, progress
+        self.forward, self.progress = forward, progress
         self.data: EvalData | None = None
 
     def run(self, step: int, model) -> dict | None:
@@ -254,8 +271,6 @@ class GatheredEvaluator(PeriodicEvaluator):
             self.config.eval,
             Path(self.config.run_dir) / "eval" / f"step_{step}",
             pad_token_id=self.tokenizer.pad_token_id or 0,
-            tracker=self.tracker,
-            step=step,
             progress=self.progress,
         )
-        return flat_metrics(result.metrics) if result is not None else None
+        return {**flat_metrics(result.metrics), **result.dashboard} if result is not None else None

@@ -67,6 +67,13 @@ class TrainState:
     micro_step: int = 0
     """Micro-batches of ``epoch`` already consumed."""
     wandb_run_id: str | None = None
+    best_f1: float | None = None
+    """Best eval F1 logged so far, and its step (the run summary's; rank zero's tracker keeps them)."""
+    best_f1_step: int | None = None
+    best_metric: str | None = None
+    """``train.keep_best`` as it was when ``best_value`` was reached at ``best_step``."""
+    best_value: float | None = None
+    best_step: int | None = None
 
 
 def _step_of(checkpoint: Path) -> int:
@@ -357,7 +364,7 @@ class Checkpointer:
         """Step of the checkpoint this run last wrote or resumed from."""
 
     def maybe_save(self, state: TrainState) -> Path | None:
-        if self.every and state.step % self.every == 0:
+        if self.every and state.step % self.every == 0 and self.last_saved != state.step:
             return self.save(state)
         return None
 
@@ -393,16 +400,21 @@ class Checkpointer:
             if self.scheduler is not None:
                 atomic_write(path / SCHEDULER, scheduler_state_json(self.scheduler))
             write_manifest(path, state.step)
-            self._prune(path)
+            self._prune(path, keep_step=state.best_step)
         acc.wait_for_everyone()
         self.last_saved = state.step
         return path
 
-    def _prune(self, newest: Path) -> None:
+    def _prune(self, newest: Path, keep_step: int | None = None) -> None:
         """Keep ``newest`` (just written and checksummed) and the ``keep - 1`` newest complete
         checkpoints before it. Checkpoints after it (found damaged at resume, left for a look)
-        are not counted: they must never push out the only intact one."""
-        older = [p for p in complete_checkpoints(self.root.parent) if _step_of(p) < _step_of(newest)]
+        are not counted: they must never push out the only intact one. The checkpoint of
+        ``keep_step`` (the best so far, ``train.keep_best``) is kept besides, and not counted."""
+        older = [
+            p
+            for p in complete_checkpoints(self.root.parent)
+            if _step_of(p) < _step_of(newest) and _step_of(p) != keep_step
+        ]
         for old in older[: max(0, len(older) - (self.keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         for partial in self.root.glob("step-*"):
@@ -477,3 +489,86 @@ class Checkpointer:
         self.last_saved = state.step
         log.warning("resumed from %s (step %d)", path, state.step)
         return state
+
+
+# --- the best model ----------------------------------------------------------------------------
+
+BEST_DIR = "best"
+BEST_JSON = "best.json"
+
+
+def parse_keep_best(spec: str) -> tuple[str, str]:
+    """``eval/f1`` -> (max, eval/f1); ``min:eval/loss`` -> (min, eval/loss)."""
+    mode, sep, key = spec.partition(":")
+    return (mode, key) if sep and mode in ("max", "min") else ("max", spec)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class BestKeeper:
+    """``train.keep_best``: after each evaluation, when the metric improved on the best so far (kept
+    in the trainer state, so a resumed run remembers it), export the model to ``run_dir/best/``
+    (verified like the final export, with ``best.json``: metric, value, step) and checkpoint this
+    step; the checkpointer never prunes the best step's checkpoint."""
+
+    def __init__(self, accelerator, run_dir: Path, spec: str, checkpointer: Checkpointer, export) -> None:
+        """``export(out_dir)``: every rank calls it; it exports the model there and checks it."""
+        self.accelerator = accelerator
+        self.run_dir = Path(run_dir)
+        self.spec = spec
+        self.mode, self.key = parse_keep_best(spec)
+        self.checkpointer = checkpointer
+        self.export = export
+
+    def _better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return value == value  # not NaN
+        return value > best if self.mode == "max" else value < best
+
+    def update(self, metrics: dict | None, state: TrainState) -> bool:
+        """Every rank calls this after an evaluation, with rank zero's metrics (None elsewhere, and
+        when the evaluation was stopped); rank zero decides for all. True: a new best was kept."""
+        acc = self.accelerator
+        decision = [None, None]  # [new best value, error]
+        if acc.is_main_process and metrics is not None:
+            value = metrics.get(self.key)
+            if not _number(value):
+                available = sorted(k for k, v in metrics.items() if _number(v))
+                decision[1] = (
+                    f"train.keep_best: {self.key!r} is not a metric of this evaluation; available: "
+                    + ", ".join(available)
+                )
+            else:
+                best = state.best_value if state.best_metric == self.spec else None
+                if self._better(float(value), best):
+                    decision[0] = float(value)
+        _broadcast(decision, acc)
+        value, error = decision
+        if error is not None:
+            raise ConfigError(error)
+        if value is None:
+            return False
+        # The export first: should the run die before the checkpoint, the resumed run evaluates
+        # this step again and exports the same model.
+        partial = self.run_dir / (BEST_DIR + ".partial")
+        if acc.is_main_process and partial.exists():
+            shutil.rmtree(partial)
+        acc.wait_for_everyone()
+        self.export(partial)
+        if acc.is_main_process:
+            info = {"metric": self.key, "mode": self.mode, "value": value, "step": state.step}
+            atomic_write(partial / BEST_JSON, json.dumps(info, indent=2))
+            best, old = self.run_dir / BEST_DIR, self.run_dir / (BEST_DIR + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            if best.exists():
+                best.rename(old)
+            partial.rename(best)
+            shutil.rmtree(old, ignore_errors=True)
+            log.warning("new best %s %.6g at step %d: exported to %s", self.key, value, state.step, best)
+        acc.wait_for_everyone()
+        state.best_metric, state.best_value, state.best_step = self.spec, value, state.step
+        self.checkpointer.save(state)
+        return True

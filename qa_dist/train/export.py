@@ -54,13 +54,17 @@ def _without_zero3_init():
 
 
 @torch.no_grad()
-def check_export(accelerator, model, batch: dict, out_dir: Path, tolerance: float) -> dict:
+def check_export(
+    accelerator, model, batch: dict, out_dir: Path, tolerance: float, report_dir: Path | None = None
+) -> dict:
     """Logits of the trained model (inside its wrapper) against the exported directory's, on one
     batch. Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank zero loads the
     export on the CPU and compares. ``tolerance`` is relative to the largest trained logit (at
     least 1): a wrong or empty export is off by about the logits themselves, while bf16/fp16 runs
-    differ by their rounding, which grows with the logits. Writes ``export_check.json`` and raises
-    on a mismatch."""
+    differ by their rounding, which grows with the logits. Writes ``export_check.json`` and
+    ``final_batch_logits.pt`` to ``report_dir`` (default: ``out_dir``'s parent) and raises on a
+    mismatch."""
+    report_dir = Path(out_dir).parent if report_dir is None else Path(report_dir)
     from transformers import AutoModelForQuestionAnswering
 
     trained = batch_logits(accelerator, model, batch).cpu()
@@ -77,14 +81,14 @@ def check_export(accelerator, model, batch: dict, out_dir: Path, tolerance: floa
         loaded = torch.stack([again.start_logits, again.end_logits]).float()
         buffer = io.BytesIO()
         torch.save({"inputs": inputs, "logits": trained}, buffer)
-        atomic_write_bytes(out_dir.parent / "final_batch_logits.pt", buffer.getvalue())
+        atomic_write_bytes(report_dir / "final_batch_logits.pt", buffer.getvalue())
         report = {
             "max_abs_diff": float((loaded - trained).abs().max()),
             "scale": max(1.0, float(trained.abs().max())),
             "tolerance": tolerance,
             "windows": int(trained.shape[1]),
         }
-        atomic_write(out_dir.parent / "export_check.json", json.dumps(report, indent=2))
+        atomic_write(report_dir / "export_check.json", json.dumps(report, indent=2))
         if report["max_abs_diff"] > tolerance * report["scale"]:
             raise RuntimeError(f"exported model disagrees with the trained one: {report}")
     accelerator.wait_for_everyone()

@@ -18,12 +18,12 @@ from qa_dist.dist import context_of, make_accelerator, max_over_ranks, sum_over_
 from qa_dist.models import enable_gradient_checkpointing, load_qa_model, load_tokenizer, parameter_count
 from qa_dist.prepare import prepare_features
 from qa_dist.train.batches import FeatureColumns, epoch_plan
-from qa_dist.train.checkpoint import Checkpointer, TrainState
+from qa_dist.train.checkpoint import BestKeeper, Checkpointer, TrainState
 from qa_dist.train.export import check_export, export_model
 from qa_dist.train.inference import batch_logits
 from qa_dist.train.optim import make_optimizer, make_scheduler
 from qa_dist.train.preemption import PREEMPTED_MARKER, PreemptionFlag, write_preempted_marker
-from qa_dist.train.tracking import make_tracker, wandb_wanted
+from qa_dist.train.tracking import make_tracker, run_info, trackers_for
 
 
 class Evaluator(Protocol):
@@ -189,7 +189,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
         timeout_seconds=t.collective_timeout,
-        log_with="wandb" if wandb_wanted(config.logging) else None,
+        log_with=trackers_for(config, run_dir) or None,
         project_dir=str(run_dir),
     )
     from accelerate.utils import set_seed
@@ -225,15 +225,21 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
         )
     checkpointer = Checkpointer(acc, run_dir, t.checkpoint_every, t.keep_checkpoints, scheduler)
     state = checkpointer.restore(config.resume) or TrainState()
-    tracker = make_tracker(acc, config, state.wandb_run_id, config_to_dict(config))
-    state.wandb_run_id = tracker.run_id
+    tracker = make_tracker(acc, config, state, {**config_to_dict(config), "run": run_info(acc, config, n_params)})
     if evaluator is None and config.data.eval:
         from qa_dist.eval.evaluator import GatheredEvaluator
 
         evaluator = GatheredEvaluator(
-            config, tokenizer, context_of(acc), lambda m, b: batch_logits(acc, m, b), tracker, acc.is_main_process
+            config, tokenizer, context_of(acc), lambda m, b: batch_logits(acc, m, b), acc.is_main_process
         )
     evaluator = evaluator or NullEvaluator()
+
+    def export_best(out_dir: Path) -> None:  # train.keep_best: verified like the final export
+        export_model(acc, model, tokenizer, out_dir)
+        sample = columns.batch(np.arange(min(8, len(columns))), pad_id)
+        check_export(acc, model, sample, out_dir, 1e-4 if t.mixed_precision == "no" else 2e-2, report_dir=out_dir)
+
+    keeper = BestKeeper(acc, run_dir, t.keep_best, checkpointer, export_best) if t.keep_best else None
     preemption = PreemptionFlag()
     meter, pad_id = Meter(), tokenizer.pad_token_id or 0
     model.train()
@@ -264,6 +270,8 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
                 metrics = evaluator.maybe_run(state.step, model)
             if metrics is not None:
                 tracker.log(metrics, state.step)
+            if keeper is not None and getattr(evaluator, "last_step", None) == state.step:
+                keeper.update(metrics, state)  # every rank: rank zero's metrics decide
             # Every rank learns whether any rank was signalled, so all save and stop together.
             if signum := max_over_ranks(preemption.signum, acc.device):
                 checkpointer.save(state)
@@ -281,6 +289,8 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
             metrics = evaluator.finish(state.step, model)
         if metrics is not None:
             tracker.log(metrics, state.step)
+        if keeper is not None:
+            keeper.update(metrics, state)
         if signum := max_over_ranks(preemption.signum, acc.device):
             # The last checkpoint is this step's; the requeued run evaluates and exports.
             if acc.is_main_process:
@@ -292,7 +302,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
         export_model(acc, model, tokenizer, export_dir)
         sample = columns.batch(np.arange(min(8, len(columns))), pad_id)
         check_export(acc, model, sample, export_dir, tolerance=1e-4 if t.mixed_precision == "no" else 2e-2)
-        tracker.finish()
+        tracker.finish(export_dir)
         return TrainResult(state.step, preempted=False, export_dir=export_dir)
     finally:
         preemption.restore()
