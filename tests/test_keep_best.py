@@ -1,0 +1,105 @@
+"""train.keep_best across a preemption (issue 12 part 4): two gloo processes, SIGUSR1 to rank 1 after
+the first evaluation, resume=auto. The best model is exported to run_dir/best with the best step's
+weights, its checkpoint survives pruning (keep_checkpoints=1), and the resumed run remembers the
+best of the part before the preemption (trainer state, wandb summary); TensorBoard continues in
+the same directory with every step once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import REPO, _args, _launch, _run, _wait_for_step, _workers
+from wandb_log import run_ids, summary
+
+from qa_dist.train.checkpoint import complete_checkpoints
+
+
+def _evaluations(run_dir: Path) -> dict[int, float]:
+    """{step: F1} of every evaluation that finished (an evaluation a signal stopped wrote nothing)."""
+    found = {}
+    for metrics in (run_dir / "eval").glob("step_*/metrics.json"):
+        found[int(metrics.parent.name.split("_")[1])] = json.loads(metrics.read_text())["raw"]["f1"]
+    return dict(sorted(found.items()))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_keep_best_survives_preemption_and_resume(tmp_path, tiny_model):
+    pytest.importorskip("tensorboard")
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    settings = [
+        "train.max_steps=16",
+        "eval.every=4",
+        "train.checkpoint_every=0",
+        "train.keep_checkpoints=1",
+        "train.keep_best=eval/f1",
+        "logging.trackers=[wandb,tensorboard]",
+    ]
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [*_launch("cpu_ddp"), *_args(tiny_model, cache, run_dir, *settings)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"},
+        )
+        _wait_for_step(log, 6, proc)  # after the first evaluation (step 4) and its best export
+        os.kill(_workers(proc.pid)[1], signal.SIGUSR1)
+        proc.wait(timeout=300)
+    text = log.read_text()
+    assert proc.returncode != 0 and "exitcode  : 75" in text, text[-3000:]
+    preempted = json.loads((run_dir / "preempted.json").read_text())["step"]
+    before = _evaluations(run_dir)
+    assert 4 in before and (run_dir / "best" / "best.json").exists()
+
+    resumed = _run([*_launch("cpu_ddp"), *_args(tiny_model, cache, run_dir, *settings, "resume=auto")])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    f1 = _evaluations(run_dir)
+    assert set(before) <= set(f1) and max(f1) == 16
+
+    # The best: the first evaluation with the highest F1, over both parts of the run.
+    best_step = max(f1, key=lambda s: (f1[s], -s))
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    assert best == {"metric": "eval/f1", "mode": "max", "value": pytest.approx(f1[best_step]), "step": best_step}
+    # The last checkpoint remembers it (and would hand it to a further resume).
+    state = json.loads((complete_checkpoints(run_dir)[-1] / "trainer_state.json").read_text())
+    assert (state["best_step"], state["best_value"]) == (best_step, pytest.approx(f1[best_step]))
+    assert (state["best_f1_step"], state["best_f1"]) == (best_step, pytest.approx(f1[best_step]))
+    # keep_checkpoints=1 kept the best step's checkpoint besides the last one.
+    steps = [int(p.name.split("-")[1]) for p in complete_checkpoints(run_dir)]
+    assert steps == sorted({best_step, 16}), steps
+    # best/ holds the best step's weights, verified like the final export, and loads.
+    checkpoint = load_file(str(run_dir / "checkpoints" / f"step-{best_step:08d}" / "model.safetensors"))
+    exported = load_file(str(run_dir / "best" / "model.safetensors"))
+    assert exported.keys() == checkpoint.keys()
+    assert all(torch.equal(exported[k], checkpoint[k]) for k in exported)
+    check = json.loads((run_dir / "best" / "export_check.json").read_text())
+    assert check["max_abs_diff"] <= check["tolerance"] * check["scale"]
+    if best_step < 16:
+        final = load_file(str(run_dir / "model" / "model.safetensors"))
+        assert not all(torch.equal(final[k], exported[k]) for k in final)
+    assert not (run_dir / "best.partial").exists() and not (run_dir / "best.old").exists()
+
+    # wandb: one run across both parts; its summary has the best of both parts.
+    logs = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and run_ids(logs[0]) == run_ids(logs[1])
+    end = summary(logs[1])
+    assert end["best_eval_f1_step"] == best_step and end["best_eval_f1"] == pytest.approx(f1[best_step])
+    assert end["best_model_dir"] == str(run_dir / "best")
+
+    # TensorBoard: one directory, two event files, every step once and in order.
+    from test_tracking import scalar_steps, tensorboard_events
+
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    events = tensorboard_events(run_dir / "tensorboard")
+    assert scalar_steps(events, "loss") == list(range(2, 17, 2))
+    assert scalar_steps(events, "eval/f1") == list(f1)
+    assert preempted < 16
