@@ -13,7 +13,7 @@ import typing
 
 import yaml
 
-from qa_dist.config import EvalConfig, LaunchConfig
+from qa_dist.config import DataConfig, EvalConfig, LaunchConfig
 
 EXIT_USAGE = 2
 
@@ -200,67 +200,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+PREDICT_FLAGS = {
+    "max_length": ("--max-length", "data.max_length"),
+    "doc_stride": ("--doc-stride", "data.doc_stride"),
+    "n_best": ("--n-best", "eval.n_best_size"),
+    "max_answer_length": ("--max-answer-length", "eval.max_answer_length"),
+    "batch_size": ("--batch-size", "eval.per_device_batch_size"),
+    "null_threshold": ("--null-threshold", "eval.null_score_diff_threshold"),
+}
+"""``qa-dist predict``'s flags: shorthands for config keys (giving both is an error)."""
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from qa_dist.config import EvalConfig, ModelConfig
     from qa_dist.data import load_examples
     from qa_dist.errors import ConfigError
-    from qa_dist.eval.run import predict
-    from qa_dist.models import check_window_fits
+    from qa_dist.eval.run import answer_of, predict_config, predict_run, question_example
 
-    if args.doc_stride >= args.max_length:
-        raise ConfigError(f"--doc-stride ({args.doc_stride}) must be below --max-length ({args.max_length})")
-    check_window_fits(ModelConfig(name_or_path=args.model), args.max_length, key="--max-length")
+    values = {key: getattr(args, attr) for attr, (_, key) in PREDICT_FLAGS.items() if getattr(args, attr) is not None}
+    names = {key: flag for flag, key in PREDICT_FLAGS.values()}
+    if args.allow_no_answer:
+        values["eval.metric"] = "squad_v2"
+        names["eval.metric"] = "--allow-no-answer"
+    config = predict_config(args.model, args.overrides, values, names=names)
     if bool(args.data) == bool(args.question or args.context):
         raise ConfigError("give either --data FILE or both --question and --context")
     if args.data:
         examples = load_examples(args.data, labelled=False)
         out_dir = Path(args.output or "predictions")
     else:
-        if not (args.question and args.context and args.question.strip() and args.context.strip()):
-            raise ConfigError("--question and --context must both be given and not empty")
-        examples = [
-            {
-                "id": "question",
-                "title": "",
-                "context": args.context,
-                "question": args.question,
-                "answers": {"text": [], "answer_start": []},
-                "is_impossible": False,
-            }
-        ]
+        examples = [question_example(args.question or "", args.context or "")]
         out_dir = Path(args.output) if args.output else None
-    config = EvalConfig(
-        per_device_batch_size=args.batch_size,
-        n_best_size=args.n_best,
-        max_answer_length=args.max_answer_length,
-        null_score_diff_threshold=args.null_threshold,
-        metric="squad_v2" if args.allow_no_answer else "squad",
-    )
-    result = predict(
-        args.model,
-        examples,
-        out_dir,
-        max_length=args.max_length,
-        doc_stride=args.doc_stride,
-        config=config,
-        progress=not args.quiet and bool(args.data),
-    )
+    result = predict_run(config, examples, out_dir, progress=not args.quiet and bool(args.data))
     if result is None:
         return 0
-    predictions = result.predictions
     if args.data:
-        print(f"{len(predictions.answers):,} answers written to {out_dir}/predictions.json", file=sys.stderr)
+        print(f"{len(result.predictions.answers):,} answers written to {out_dir}/predictions.json", file=sys.stderr)
         return 0
-    answer = predictions.answers["question"]
-    best = next((x for x in predictions.nbest["question"] if x["text"] == answer), None)
-    out = {"answer": answer, "score": best["probability"] if best else 0.0}
-    out.update({"start": best["start"], "end": best["end"]} if best and answer else {"start": -1, "end": -1})
-    if "question" in predictions.null_odds:
-        out["null_odds"] = predictions.null_odds["question"]
-    print(json.dumps(out, ensure_ascii=False))
+    print(json.dumps(answer_of(result), ensure_ascii=False))
     return 0
 
 
@@ -368,15 +347,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--allow-no-answer", action="store_true", help="SQuAD v2 style: answer empty when null wins")
     p.add_argument(
-        "--null-threshold", type=_finite_float, default=0.0, help="null score minus span score above which no answer"
+        "--null-threshold",
+        type=_finite_float,
+        help=f"null score minus span score above which no answer (default {EvalConfig.null_score_diff_threshold})",
     )
-    p.add_argument("--max-length", type=_at_least(8), default=384, help="window length in tokens")
-    p.add_argument("--doc-stride", type=_at_least(0), default=128, help="overlap of consecutive windows in tokens")
     p.add_argument(
-        "--n-best", type=_at_least(1), default=20, help="answers kept per question in nbest_predictions.json"
+        "--max-length",
+        type=_at_least(8),
+        help=f"window length in tokens (default: what the model directory records, else {DataConfig.max_length})",
     )
-    p.add_argument("--max-answer-length", type=_at_least(1), default=30, help="longest answer in tokens")
-    p.add_argument("--batch-size", type=_at_least(1), default=64, help="windows per forward on each process")
+    p.add_argument(
+        "--doc-stride",
+        type=_at_least(0),
+        help="overlap of consecutive windows in tokens (default: what the model directory records, else "
+        f"{DataConfig.doc_stride})",
+    )
+    p.add_argument(
+        "--n-best",
+        type=_at_least(1),
+        help=f"answers kept per question in nbest_predictions.json (default {EvalConfig.n_best_size})",
+    )
+    p.add_argument(
+        "--max-answer-length",
+        type=_at_least(1),
+        help=f"longest answer in tokens (default {EvalConfig.max_answer_length})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_at_least(1),
+        help=f"windows per forward on each process (default {EvalConfig.per_device_batch_size})",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted data.*, eval.*, model.* overrides, e.g. eval.n_best_size=5 data.max_length=256 (a flag and "
+        "an override of the same key: an error)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
 

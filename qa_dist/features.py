@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from qa_dist.config import DataConfig
 from qa_dist.errors import DataError
 
 FEATURE_BUILDER_VERSION = "2"  # 2: eval windows carry cls_index
@@ -463,8 +464,8 @@ def _cls_index(layout: PairLayout, n_first: int, n_second: int) -> int:
 def build_train_features(
     examples: Any,
     tokenizer,
-    max_length: int = 384,
-    doc_stride: int = 128,
+    max_length: int = DataConfig.max_length,
+    doc_stride: int = DataConfig.doc_stride,
     *,
     progress: bool = False,
     source: str | None = None,
@@ -487,8 +488,8 @@ def build_train_features(
 def build_eval_features(
     examples: Any,
     tokenizer,
-    max_length: int = 384,
-    doc_stride: int = 128,
+    max_length: int = DataConfig.max_length,
+    doc_stride: int = DataConfig.doc_stride,
     *,
     progress: bool = False,
     source: str | None = None,

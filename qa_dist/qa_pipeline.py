@@ -11,7 +11,8 @@ qa-dist's own windowing and exact span search, unless the installed transformers
     qa(question="Who?", context="...")  # {"score": ..., "start": ..., "end": ..., "answer": ...}
 
 The call and the result follow the removed pipeline: ``question``/``context`` keywords, a dict or a
-list of dicts; ``top_k``, ``max_answer_len``, ``max_seq_len``, ``doc_stride``,
+list of dicts; ``top_k``, ``max_answer_len``, ``max_seq_len``, ``doc_stride`` (by default the windows
+the model was trained with where its directory records them, ``qa_dist_windows.json``),
 ``handle_impossible_answer``; ``score`` is the span's probability within its window (softmax of the
 start logits times that of the end logits), ``start``/``end`` are character offsets in the context.
 """
@@ -26,6 +27,7 @@ import torch
 from transformers import AutoModelForQuestionAnswering, Pipeline, pipelines
 
 from qa_dist.eval.postprocess import postprocess
+from qa_dist.eval.run import default_windows
 from qa_dist.features import build_eval_features
 
 TASK = "question-answering"
@@ -84,7 +86,17 @@ class QuestionAnsweringPipeline(Pipeline):
         }
         return pre, {}, post
 
-    def preprocess(self, inputs: dict, max_seq_len: int = 384, doc_stride: int = 128) -> dict:
+    def _windows(self) -> dict[str, int]:
+        """Default ``max_seq_len``/``doc_stride``: the windows the model directory records
+        (``qa_dist_windows.json``, written with the export), else ``DataConfig``'s defaults."""
+        if not hasattr(self, "_default_windows"):
+            self._default_windows = default_windows(getattr(self.model, "name_or_path", None) or None)
+        return self._default_windows
+
+    def preprocess(self, inputs: dict, max_seq_len: int | None = None, doc_stride: int | None = None) -> dict:
+        windows = self._windows()
+        max_seq_len = windows["max_length"] if max_seq_len is None else max_seq_len
+        doc_stride = windows["doc_stride"] if doc_stride is None else doc_stride
         question, context = inputs.get("question"), inputs.get("context")
         if not isinstance(question, str) or not question.strip() or not isinstance(context, str) or not context:
             raise ValueError("question-answering needs a non-empty `question` and `context` string")

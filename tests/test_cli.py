@@ -241,3 +241,81 @@ def test_question_too_long_for_the_window_names_the_file(tmp_path):
     )
     _assert_user_error(done, f"{data}: question 'long-q': the question takes", "doc_stride=16")
     assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+
+
+def test_predict_takes_overrides_and_the_models_recorded_windows(tmp_path, tiny_model, capsys):
+    """qa-dist predict: data.*/eval.* overrides like every command, its flags as shorthands (both
+    for one key: an error), and by default the windows the model was trained with."""
+    import shutil
+
+    import pytest
+
+    from qa_dist import cli
+    from qa_dist.config import DataConfig, EvalConfig
+    from qa_dist.errors import ConfigError
+    from qa_dist.eval.run import WINDOWS_FILE, predict_config, question_example
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = predict_config(str(model))  # nothing recorded: the config's defaults; always answer
+    assert (config.data.max_length, config.data.doc_stride) == (DataConfig.max_length, DataConfig.doc_stride)
+    assert config.eval.metric == "squad" and config.eval.n_best_size == EvalConfig.n_best_size
+    (model / WINDOWS_FILE).write_text(json.dumps({"max_length": 128, "doc_stride": 32}))
+    config = predict_config(str(model), ["eval.n_best_size=5"])
+    assert (config.data.max_length, config.data.doc_stride, config.eval.n_best_size) == (128, 32, 5)
+    config = predict_config(str(model), ["data.max_length=256"])  # told otherwise: no recorded pair
+    assert (config.data.max_length, config.data.doc_stride) == (256, DataConfig.doc_stride)
+    config = predict_config(str(model), [], {"data.max_length": 64, "data.doc_stride": 16})
+    assert (config.data.max_length, config.data.doc_stride) == (64, 16)
+    with pytest.raises(ConfigError, match="--n-best and the override"):
+        predict_config(
+            str(model), ["eval.n_best_size=5"], {"eval.n_best_size": 3}, names={"eval.n_best_size": "--n-best"}
+        )
+    with pytest.raises(ConfigError, match="takes data"):
+        predict_config(str(model), ["train.lr=1e-3"])
+    with pytest.raises(ConfigError, match="--doc-stride .* must be below"):
+        predict_config(str(model), [], {"data.doc_stride": 64, "data.max_length": 64}, names=cli_names())
+    (model / WINDOWS_FILE).write_text("[1]")
+    with pytest.raises(ConfigError, match=WINDOWS_FILE):
+        predict_config(str(model))
+    (model / WINDOWS_FILE).write_text(json.dumps({"max_length": 64, "doc_stride": 16}))
+    with pytest.raises(ConfigError, match="not empty"):
+        question_example(" ", "context")
+
+    context = "The Normans gave their name to Normandy, a region in France."
+    args = ["predict", "-m", str(model), "--question", "Who gave their name?", "--context", context]
+    assert cli.main([*args, "eval.n_best_size=3", "eval.max_answer_length=5"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["answer"] and context[answer["start"] : answer["end"]] == answer["answer"]
+    assert cli.main([*args, "--n-best", "3", "eval.n_best_size=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--n-best and the override 'eval.n_best_size=3'" in err
+
+
+def cli_names() -> dict:
+    from qa_dist.cli import PREDICT_FLAGS
+
+    return {key: flag for flag, key in PREDICT_FLAGS.values()}
+
+
+def test_the_pipeline_defaults_to_the_models_recorded_windows(tmp_path, tiny_model):
+    import shutil
+
+    from transformers import pipeline
+
+    import qa_dist.qa_pipeline  # noqa: F401
+    from qa_dist.config import DataConfig
+    from qa_dist.eval.run import WINDOWS_FILE
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    qa = pipeline("question-answering", model=str(model))
+    assert qa._windows() == {"max_length": DataConfig.max_length, "doc_stride": DataConfig.doc_stride}
+    (model / WINDOWS_FILE).write_text(json.dumps({"max_length": 64, "doc_stride": 16}))
+    qa = pipeline("question-answering", model=str(model))
+    assert qa._windows() == {"max_length": 64, "doc_stride": 16}
+    context = "Paris is the capital of France. " * 20
+    windows = qa.preprocess({"question": "Where is Paris?", "context": context})["windows"].features
+    assert max(len(ids) for ids in windows["input_ids"]) == 64
+    answer = qa(question="Where is Paris?", context=context)
+    assert context[answer["start"] : answer["end"]] == answer["answer"]

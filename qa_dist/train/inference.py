@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from qa_dist.logits import stack_logits
+
 LABELS = ("start_positions", "end_positions")
 
 
@@ -18,4 +20,4 @@ def batch_logits(accelerator, model, batch: dict) -> torch.Tensor:
             out = model(**{k: v.to(accelerator.device) for k, v in batch.items() if k not in LABELS})
     finally:
         model.train(was_training)
-    return torch.stack([out.start_logits, out.end_logits]).float()
+    return stack_logits(out)
