@@ -103,3 +103,64 @@ def test_keep_best_survives_preemption_and_resume(tmp_path, tiny_model):
     assert scalar_steps(events, "loss") == list(range(2, 17, 2))
     assert scalar_steps(events, "eval/f1") == list(f1)
     assert preempted < 16
+
+
+class _OneProcess:
+    """What BestKeeper and Checkpointer ask of an Accelerator, for one process."""
+
+    is_main_process = True
+    num_processes = 1
+    process_index = 0
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def test_an_unknown_keep_best_key_names_the_available_ones(tmp_path):
+    from qa_dist.errors import ConfigError
+    from qa_dist.train.checkpoint import BestKeeper, TrainState
+
+    keeper = BestKeeper(_OneProcess(), tmp_path, "eval/F1", checkpointer=None, export=None)
+    with pytest.raises(
+        ConfigError, match=r"train.keep_best: 'eval/F1' is not a metric .* available: eval/exact, eval/f1"
+    ):
+        keeper.update({"eval/f1": 50.0, "eval/exact": 40.0, "sample_predictions": object()}, TrainState(step=4))
+
+
+def test_keep_best_direction_and_memory(tmp_path):
+    from qa_dist.train.checkpoint import BestKeeper, TrainState
+
+    saved, exported = [], []
+
+    class Saver:
+        def save(self, state):
+            saved.append((state.step, state.best_value))
+
+    def export(out_dir):
+        out_dir.mkdir(parents=True)
+        exported.append(out_dir)
+
+    state = TrainState(step=2, best_metric="min:eval/loss", best_value=1.0, best_step=1)  # as resumed
+    keeper = BestKeeper(_OneProcess(), tmp_path, "min:eval/loss", Saver(), export)
+    assert not keeper.update({"eval/loss": 1.5}, state)  # worse than the remembered best
+    assert not keeper.update(None, state)  # an evaluation a signal stopped
+    state.step = 3
+    assert keeper.update({"eval/loss": 0.5}, state)
+    assert saved == [(3, 0.5)] and (state.best_step, state.best_value) == (3, 0.5)
+    assert json.loads((tmp_path / "best" / "best.json").read_text())["step"] == 3
+    # Another metric than the one remembered starts afresh.
+    other = BestKeeper(_OneProcess(), tmp_path, "eval/f1", Saver(), export)
+    assert other.update({"eval/f1": 1.0}, state) and state.best_metric == "eval/f1"
+
+
+def test_pruning_never_deletes_the_best_checkpoint(tmp_path):
+    from qa_dist.train.checkpoint import COMPLETE, STATE, Checkpointer
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        path = root / f"step-{step:08d}"
+        path.mkdir(parents=True)
+        (path / COMPLETE).write_text("{}")
+        (path / STATE).write_text("{}")
+    Checkpointer(_OneProcess(), tmp_path, every=2, keep=2)._prune(root / "step-00000008", keep_step=2)
+    assert sorted(p.name for p in complete_checkpoints(tmp_path)) == ["step-00000002", "step-00000006", "step-00000008"]

@@ -176,17 +176,17 @@ def finish_on_main(
             )
             for name, histogram in null_odds_histograms(examples, predictions.null_odds).items():
                 dashboard[f"eval/null_odds_{name}"] = histogram
-    rows = [
-        [
-            ex["id"],
-            ex["question"],
-            predictions.answers[ex["id"]],
-            prediction_probability(predictions.nbest[ex["id"]], predictions.answers[ex["id"]]),
-            " | ".join(ex["answers"]["text"]) or "(unanswerable)",
+        rows = [
+            [
+                ex["id"],
+                ex["question"],
+                predictions.answers[ex["id"]],
+                prediction_probability(predictions.nbest[ex["id"]], predictions.answers[ex["id"]]),
+                " | ".join(ex["answers"]["text"]) or "(unanswerable)",
+            ]
+            for ex in examples[:8]
         ]
-        for ex in examples[:8]
-    ]
-    dashboard["sample_predictions"] = Table(COLUMNS, rows)
+        dashboard["sample_predictions"] = Table(COLUMNS, rows)
     return result, predictions, dashboard
 
 

@@ -284,7 +284,7 @@ class MainTracker(NoopTracker):
         if wb := self._wandb():
             for key, value in summary.items():
                 wb.summary[key] = value
-        if (writer := self._writer()) and "best_eval_f1" in numbers:
+        if (writer := self._writer()) and "best_eval_f1" in numbers and model_dir is not None:
             writer.add_scalar("summary/best_eval_f1", numbers["best_eval_f1"], global_step=numbers["best_eval_f1_step"])
             writer.add_text("summary", _markdown(_SummaryTable(summary)), global_step=self.state.step)
         if self.use_wandb or self.use_tensorboard:
