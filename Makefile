@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.qa-dist-installed
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast test-gpu bench-gpu lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not multiprocess"
+
+# The GPU tier on every visible GPU (NCCL; 2+ processes where there are 2+ GPUs): DDP, FSDP, ZeRO-2/3
+# in bf16, exact resume, evaluation on 1 and N GPUs, the export check. Skips where no GPU is visible.
+test-gpu: $(STAMP)
+	$(BIN)/pytest -q -ra -m gpu tests/test_gpu.py
+
+# Per GPU: samples/s, tokens/s, peak memory and MFU of BERT-large at 384 tokens in bf16, each strategy
+# beside the Hugging Face Trainer. Exits with a message where no GPU is visible.
+bench-gpu: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu_throughput.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check qa_dist tests bench

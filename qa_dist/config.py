@@ -177,6 +177,16 @@ class TrainConfig:
     """Keep the best model by an evaluation metric: ``eval/f1`` (larger is better), ``min:eval/loss`` or ``max:eval/exact`` with the direction spelled out; any key of the eval/ line works (SQuAD: ``eval/f1``, ``eval/exact``, ``eval/tuned_f1``; CMRC: ``eval/F1``, ``eval/EM``). Each improvement is checkpointed (never pruned by keep_checkpoints) and exported to run_dir/best/ with best.json (step, value); a resumed run remembers the best so far. None: off."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass (the model's non-reentrant ``gradient_checkpointing_enable``): far less activation memory for about a third more compute. ``qa-dist launch --strategy auto`` turns it on when nothing fits without it."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel asked of transformers at model load. ``auto`` leaves it to transformers, which (5.x) picks PyTorch's fused ``sdpa`` wherever the architecture supports it and ``eager`` elsewhere; ``flash_attention_2`` needs the flash-attn package and a bf16/fp16 run on Ampere+ GPUs."""
+    compile: bool = False
+    """``torch.compile`` the model before training. Off by default: not measured on GPUs here, and the first steps (and every new window length, with dynamic padding) pay the compilation."""
+    fused_adamw: bool = True
+    """AdamW's fused CUDA kernel (``torch.optim.AdamW(fused=True)``, PyTorch's documented fastest) when training on CUDA without DeepSpeed or FSDP (those shard the parameters; they keep the default implementation). Ignored on the CPU."""
+    tf32: bool = True
+    """On CUDA, let fp32 matrix multiplications and convolutions use TF32 tensor cores (Ampere and later; ``torch.set_float32_matmul_precision("high")``): much faster fp32 runs at about 10 bits of mantissa in the products. No effect on bf16/fp16 autocast regions or on the CPU; false for full-fp32 numerics."""
+    pin_memory: bool = True
+    """On CUDA, build each batch in pinned host memory and copy it to the GPU without blocking. Ignored on the CPU."""
 
     def __post_init__(self) -> None:
         _positive(self, "lr")

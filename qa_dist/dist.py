@@ -91,6 +91,7 @@ def make_accelerator(
     timeout_seconds: float,
     log_with=None,
     project_dir: str | None = None,
+    compile: bool = False,
 ):
     """An Accelerator that really spans every process the launcher started.
 
@@ -121,6 +122,9 @@ def make_accelerator(
         kwargs_handlers=[InitProcessGroupKwargs(**pg_kwargs)],
         log_with=log_with,
         project_dir=project_dir,
+        # torch.compile through Accelerate: it compiles after wrapping (DDP, FSDP) or asks the
+        # DeepSpeed engine to, and unwrap_model/get_state_dict see through it for the export.
+        dynamo_backend="inductor" if compile else None,
     )
     import torch.distributed as dist
 
@@ -131,6 +135,24 @@ def make_accelerator(
             f"(process group: {actual}); each would train alone. Check the accelerate config."
         )
     return accelerator
+
+
+def enable_tf32() -> None:
+    """fp32 matrix multiplications and cuDNN convolutions on TF32 tensor cores (Ampere and later;
+    no effect on older GPUs, on the CPU, or inside bf16/fp16 autocast)."""
+    import torch
+
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def to_device(batch: dict, device, pin_memory: bool = False) -> dict:
+    """A batch of CPU tensors on ``device``. With ``pin_memory`` (CUDA only) each tensor is copied
+    into page-locked memory first and sent without blocking, so the host does not wait for the
+    copy; elsewhere a plain ``.to``."""
+    if pin_memory and getattr(device, "type", str(device)).startswith("cuda"):
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _all_reduce(values: list[float], op: str, device=None) -> list[float]:

@@ -145,21 +145,25 @@ def scratch_config(scratch: ScratchConfig, vocab_size: int, pad_token_id: int | 
     return AutoConfig.for_model(scratch.model_type, **sizes)
 
 
-def load_qa_model(model: ModelConfig, *, tokenizer=None, for_training: bool = False):
+def load_qa_model(model: ModelConfig, *, tokenizer=None, for_training: bool = False, attn_implementation: str = "auto"):
     """The question answering model of ``model``, on the CPU: the weights at ``name_or_path``, or,
     for training with ``init=scratch``, a new one (random weights from the current torch seed) with
-    the vocabulary of ``tokenizer``. A model that cannot be loaded is one ``ConfigError``."""
+    the vocabulary of ``tokenizer``. A model that cannot be loaded is one ``ConfigError``.
+    ``attn_implementation`` (``train.attn_implementation``): ``auto`` leaves transformers' default
+    (sdpa where supported), else it is passed on."""
     from transformers import AutoModelForQuestionAnswering
+
+    attention = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
 
     if for_training and model.init == "scratch":
         if tokenizer is None:
             raise ValueError("init=scratch needs the tokenizer (its vocabulary size)")
         config = scratch_config(model.scratch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-        return AutoModelForQuestionAnswering.from_config(config)
+        return AutoModelForQuestionAnswering.from_config(config, **attention)
     name = resolve_model_path(model.name_or_path)
     try:
         return AutoModelForQuestionAnswering.from_pretrained(
-            name, revision=model.revision, trust_remote_code=model.trust_remote_code
+            name, revision=model.revision, trust_remote_code=model.trust_remote_code, **attention
         )
     except (OSError, ValueError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from qa_dist.config import RunConfig, config_to_dict, write_resolved_config
-from qa_dist.dist import context_of, make_accelerator, max_over_ranks, sum_over_ranks
+from qa_dist.dist import context_of, enable_tf32, make_accelerator, max_over_ranks, sum_over_ranks, to_device
 from qa_dist.models import enable_gradient_checkpointing, load_qa_model, load_tokenizer, parameter_count
 from qa_dist.prepare import prepare_features
 from qa_dist.train.batches import FeatureColumns, epoch_plan
@@ -102,21 +102,27 @@ class TrainResult:
 
 
 class Meter:
-    """This rank's samples, real tokens and loss since the last log line."""
+    """This rank's samples, real tokens and loss since the last log line. Counts come from the CPU
+    batch and the loss is summed on the device: nothing waits for the GPU until a log line."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.samples = self.tokens = 0
-        self.loss_sum, self.loss_count = 0.0, 0
+        self.loss_sum, self.loss_count = None, 0
         self.started = time.perf_counter()
 
-    def add(self, batch: dict, loss: float) -> None:
-        self.samples += int(batch["input_ids"].shape[0])
-        self.tokens += int(batch["attention_mask"].sum())
-        self.loss_sum += loss
+    def add(self, cpu_batch: dict, loss: torch.Tensor) -> None:
+        self.samples += int(cpu_batch["input_ids"].shape[0])
+        self.tokens += int(cpu_batch["attention_mask"].sum())
+        loss = loss.detach().double()  # float64, as the Python floats summed before
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.loss_count += 1
+
+    def loss_total(self) -> float:
+        """The device sum, read (a host sync) only here, at log steps."""
+        return 0.0 if self.loss_sum is None else float(self.loss_sum)
 
 
 def _fill_deepspeed_config(accelerator, config: RunConfig) -> None:
@@ -164,7 +170,7 @@ def _step_metrics(meter: Meter, acc, scheduler, epoch: int, grad_norm, n_params:
     """What is logged every log_every steps. Every rank calls this: the counts are summed over the
     ranks (length-grouped batches give the ranks different token counts)."""
     seconds = max(time.perf_counter() - meter.started, 1e-9)
-    local = [meter.samples, meter.tokens, meter.loss_sum, meter.loss_count]
+    local = [meter.samples, meter.tokens, meter.loss_total(), meter.loss_count]
     samples, tokens, loss_sum, loss_count = sum_over_ranks(local, acc.device)
     metrics = {
         "loss": loss_sum / max(loss_count, 1),
@@ -191,7 +197,11 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
         timeout_seconds=t.collective_timeout,
         log_with=trackers_for(config, run_dir) or None,
         project_dir=str(run_dir),
+        compile=t.compile,
     )
+    cuda = acc.device.type == "cuda"
+    if cuda and t.tf32:
+        enable_tf32()
     from accelerate.utils import set_seed
 
     set_seed(t.seed)
@@ -204,11 +214,14 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
     steps_per_epoch = len(columns) // (t.per_device_batch_size * acc.num_processes) // t.gradient_accumulation_steps
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
 
-    model = load_qa_model(config.model, tokenizer=tokenizer, for_training=True)
+    model = load_qa_model(
+        config.model, tokenizer=tokenizer, for_training=True, attn_implementation=t.attn_implementation
+    )
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     n_params = parameter_count(model)
-    optimizer = make_optimizer(model, t)
+    sharded = acc.state.deepspeed_plugin is not None or acc.distributed_type.value == "FSDP"
+    optimizer = make_optimizer(model, t, device_type=acc.device.type, sharded=sharded)
     scheduler = make_scheduler(optimizer, t, total_steps)
     _fill_deepspeed_config(acc, config)
     model, optimizer = acc.prepare(model, optimizer)
@@ -247,7 +260,8 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
         for epoch, micro, indices in micro_batches(columns, config, acc.process_index, acc.num_processes, state):
             if state.step >= total_steps:
                 break
-            batch = {k: v.to(acc.device) for k, v in columns.batch(indices, pad_id).items()}
+            cpu_batch = columns.batch(indices, pad_id)
+            batch = to_device(cpu_batch, acc.device, pin_memory=cuda and t.pin_memory)
             with acc.accumulate(model):
                 loss = model(**batch).loss
                 acc.backward(loss)
@@ -255,7 +269,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
                 grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm) if clip else None
                 optimizer.step()
                 optimizer.zero_grad()
-            meter.add(batch, loss.item())
+            meter.add(cpu_batch, loss)  # no .item(): no host sync per micro-batch
             state.epoch, state.micro_step = epoch, micro + 1
             if not acc.sync_gradients:
                 continue

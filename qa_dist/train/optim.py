@@ -25,8 +25,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+def use_fused_adamw(config: TrainConfig, device_type: str, sharded: bool) -> bool:
+    """AdamW's fused kernel: on CUDA only, and not where DeepSpeed or FSDP own the parameters
+    (ZeRO steps its own flat partitions, possibly offloaded to the CPU; FSDP2's parameters are
+    DTensors): there the default (foreach) implementation is kept."""
+    return config.fused_adamw and device_type == "cuda" and not sharded
+
+
+def make_optimizer(
+    model: torch.nn.Module, config: TrainConfig, *, device_type: str = "cpu", sharded: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups``. ``device_type`` is where the parameters will train (the model is
+    still on the CPU when this is built; Accelerate moves the same parameters afterwards, and the
+    fused kernel only checks their device at the first step); ``sharded``: DeepSpeed or FSDP."""
+    fused = use_fused_adamw(config, device_type, sharded)
+    return torch.optim.AdamW(
+        param_groups(model, config.weight_decay), lr=config.lr, **({"fused": True} if fused else {})
+    )
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
