@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForQuestionAnswering, Pipeline, pipelines
 
+from qa_dist.config import EvalConfig
 from qa_dist.eval.postprocess import postprocess
 from qa_dist.eval.run import default_windows
 from qa_dist.features import build_eval_features
@@ -120,7 +121,7 @@ class QuestionAnsweringPipeline(Pipeline):
             windows.features,
             outputs["start"].cpu(),
             outputs["end"].cpu(),
-            n_best_size=max(top_k, 20),
+            n_best_size=max(top_k, EvalConfig.n_best_size),
             max_answer_length=max_answer_len,
             version_2_with_negative=handle_impossible_answer,
         )
