@@ -178,6 +178,19 @@ def load_qa_model(model: ModelConfig, *, tokenizer=None, for_training: bool = Fa
         ) from None
 
 
+WINDOWS_FILE = "qa_dist_windows.json"
+"""Written into an exported model directory: the windows (``max_length``, ``doc_stride``) it was
+trained on, which ``qa-dist predict`` and the pipeline use unless told otherwise."""
+
+
+def record_windows(model_dir: str | Path, max_length: int, doc_stride: int) -> None:
+    from qa_dist.fsutil import atomic_write
+
+    atomic_write(
+        Path(model_dir) / WINDOWS_FILE, json.dumps({"max_length": max_length, "doc_stride": doc_stride}) + "\n"
+    )
+
+
 def parameter_count(model) -> int:
     """Every parameter of ``model``, also where ZeRO-3 has already partitioned them (a loaded model
     under DeepSpeed's ``zero.Init`` holds empty placeholders whose real size is ``ds_numel``)."""

@@ -394,6 +394,9 @@ def test_single_process_trains_and_export_loads(single_run):
     model = AutoModelForQuestionAnswering.from_pretrained(str(run_dir / "model"))
     assert model.config.hidden_size == 32
     assert (run_dir / "model" / "tokenizer.json").exists() and (run_dir / "config.yaml").exists()
+    # The windows it was trained on, for predict and the pipeline (the quick runs use 192 / 64).
+    windows = json.loads((run_dir / "model" / "qa_dist_windows.json").read_text())
+    assert windows == {"max_length": 192, "doc_stride": 64}
 
 
 def test_evaluation_hook_runs_every_n_steps_and_at_the_end(tmp_path, tiny_model, cache_dir):

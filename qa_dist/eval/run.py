@@ -23,9 +23,8 @@ from qa_dist.dist import DistContext, current_context
 from qa_dist.errors import ConfigError
 from qa_dist.eval.evaluator import EvalData, EvalResult, Forward, evaluate
 from qa_dist.logits import MIXED_PRECISION_DTYPES, stack_logits
-from qa_dist.models import load_qa_model, load_tokenizer
+from qa_dist.models import WINDOWS_FILE, load_qa_model, load_tokenizer
 
-WINDOWS_FILE = "qa_dist_windows.json"
 """Written beside an exported model: ``{"max_length": .., "doc_stride": ..}``, the windows it was
 trained on. ``predict`` and the pipeline use them unless told otherwise."""
 WINDOW_KEYS = ("max_length", "doc_stride")

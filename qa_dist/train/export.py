@@ -9,13 +9,16 @@ from pathlib import Path
 
 import torch
 
+from qa_dist.config import DataConfig
 from qa_dist.fsutil import atomic_write, atomic_write_bytes
+from qa_dist.logits import MIXED_PRECISION_DTYPES, stack_logits
+from qa_dist.models import record_windows
 from qa_dist.train.inference import LABELS, batch_logits
 
 
-def export_model(accelerator, model, tokenizer, out_dir: Path) -> None:
+def export_model(accelerator, model, tokenizer, out_dir: Path, data: DataConfig | None = None) -> None:
     """Config, safetensors weights and tokenizer files that ``from_pretrained`` and
-    ``pipeline("question-answering")`` load. Every rank calls this: under ZeRO-3 the full weights
+    ``pipeline("question-answering")`` load, and the windows of ``data`` it was trained on. Every rank calls this: under ZeRO-3 the full weights
     are gathered collectively (stage3_gather_16bit_weights_on_model_save), or the export is empty."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
@@ -32,6 +35,8 @@ def export_model(accelerator, model, tokenizer, out_dir: Path) -> None:
             is_main_process=True,
         )
         tokenizer.save_pretrained(str(out_dir))
+        if data is not None:  # predict and the pipeline use them: no model trained at 128 run at 384
+            record_windows(out_dir, data.max_length, data.doc_stride)
     accelerator.wait_for_everyone()
 
 
@@ -75,10 +80,10 @@ def check_export(
             exported = AutoModelForQuestionAnswering.from_pretrained(str(out_dir)).eval()
         # The same reduced precision as the trained forward, so the check compares like with like
         # (on the CPU: a model that needed ZeRO-3 may not fit one GPU whole).
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+        dtype = MIXED_PRECISION_DTYPES.get(str(accelerator.mixed_precision))
         with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
             again = exported(**inputs)
-        loaded = torch.stack([again.start_logits, again.end_logits]).float()
+        loaded = stack_logits(again)
         buffer = io.BytesIO()
         torch.save({"inputs": inputs, "logits": trained}, buffer)
         atomic_write_bytes(report_dir / "final_batch_logits.pt", buffer.getvalue())

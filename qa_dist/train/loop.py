@@ -248,7 +248,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
     evaluator = evaluator or NullEvaluator()
 
     def export_best(out_dir: Path) -> None:  # train.keep_best: verified like the final export
-        export_model(acc, model, tokenizer, out_dir)
+        export_model(acc, model, tokenizer, out_dir, data=config.data)
         sample = columns.batch(np.arange(min(8, len(columns))), pad_id)
         check_export(acc, model, sample, out_dir, 1e-4 if t.mixed_precision == "no" else 2e-2, report_dir=out_dir)
 
@@ -313,7 +313,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
             tracker.finish()
             return TrainResult(state.step, preempted=True, export_dir=None)
         export_dir = run_dir / "model"
-        export_model(acc, model, tokenizer, export_dir)
+        export_model(acc, model, tokenizer, export_dir, data=config.data)
         sample = columns.batch(np.arange(min(8, len(columns))), pad_id)
         check_export(acc, model, sample, export_dir, tolerance=1e-4 if t.mixed_precision == "no" else 2e-2)
         tracker.finish(export_dir)
