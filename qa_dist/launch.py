@@ -740,7 +740,7 @@ def run(cmd: list[str], run_dir: str | Path | None = None) -> int:
     the marker turns that into exit code 75 here. A second SIGTERM, and SIGINT, SIGHUP or SIGQUIT,
     go to the agent, which stops its workers its own way (no checkpoint). Before the training
     processes exist a SIGTERM or SIGUSR1 goes to the agent as SIGTERM: nothing to checkpoint yet."""
-    from qa_dist.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
+    from qa_dist.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
 
     marker = Path(run_dir) / PREEMPTED_MARKER if run_dir is not None else None
     before = _stamp(marker)

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from qa_dist.batches import FeatureColumns, eval_plan
 from qa_dist.config import EvalConfig, RunConfig
 from qa_dist.dist import DistContext
 from qa_dist.eval.candidates import Candidates, candidates_from_logits
@@ -26,13 +27,12 @@ from qa_dist.eval.diagnostics import (
     null_threshold_curve,
     prediction_probability,
 )
+from qa_dist.eval.hooks import PeriodicEvaluator
 from qa_dist.eval.postprocess import Predictions, WindowOffsets, decode
 from qa_dist.fsutil import atomic_write
 from qa_dist.metrics import null_answer_competes, resolve_metric, score, tune_threshold
+from qa_dist.preemption import check_stop
 from qa_dist.prepare import prepare_features
-from qa_dist.train.batches import FeatureColumns, eval_plan
-from qa_dist.train.loop import PeriodicEvaluator
-from qa_dist.train.preemption import check_stop
 
 Forward = Callable[[dict], torch.Tensor]
 """A batch of padded windows to ``[2, windows, length]`` start/end logits (on any device)."""

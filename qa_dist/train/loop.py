@@ -8,64 +8,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 
+from qa_dist.batches import FeatureColumns, epoch_plan
 from qa_dist.config import RunConfig, config_to_dict, write_resolved_config
 from qa_dist.dist import context_of, enable_tf32, make_accelerator, max_over_ranks, sum_over_ranks, to_device
+from qa_dist.eval.hooks import Evaluator, NullEvaluator, PeriodicEvaluator
 from qa_dist.models import enable_gradient_checkpointing, load_qa_model, load_tokenizer, parameter_count
+from qa_dist.preemption import PREEMPTED_MARKER, PreemptionFlag, write_preempted_marker
 from qa_dist.prepare import prepare_features
-from qa_dist.train.batches import FeatureColumns, epoch_plan
 from qa_dist.train.checkpoint import BestKeeper, Checkpointer, TrainState
 from qa_dist.train.export import check_export, export_model
 from qa_dist.train.inference import batch_logits
 from qa_dist.train.optim import make_optimizer, make_scheduler
-from qa_dist.train.preemption import PREEMPTED_MARKER, PreemptionFlag, write_preempted_marker
 from qa_dist.train.tracking import make_tracker, run_info, trackers_for
-
-
-class Evaluator(Protocol):
-    """The evaluation hook: the loop calls it; it owns its own schedule."""
-
-    def maybe_run(self, step: int, model) -> dict | None: ...
-
-    def finish(self, step: int, model) -> dict | None: ...
-
-
-class NullEvaluator:
-    def maybe_run(self, step: int, model) -> dict | None:
-        return None
-
-    def finish(self, step: int, model) -> dict | None:
-        return None
-
-
-class PeriodicEvaluator:
-    """Base for evaluators that run every ``every`` optimizer steps (0: only at the end) and once at
-    the end of training (unless that step was just evaluated). Every rank calls ``maybe_run`` and
-    ``finish``; subclasses implement ``run``."""
-
-    def __init__(self, every: int) -> None:
-        self.every = every
-        self.last_step: int | None = None
-
-    def maybe_run(self, step: int, model) -> dict | None:
-        if self.every and step % self.every == 0:
-            self.last_step = step
-            return self.run(step, model)
-        return None
-
-    def finish(self, step: int, model) -> dict | None:
-        if self.last_step == step:
-            return None
-        self.last_step = step
-        return self.run(step, model)
-
-    def run(self, step: int, model) -> dict | None:
-        raise NotImplementedError
-
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) of common training GPUs, by name fragment.
 PEAK_TFLOPS = {
