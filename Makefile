@@ -23,8 +23,8 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/qa-dist demo
 
 test: $(STAMP)
-	$(BIN)/ruff check qa_dist tests bench
-	$(BIN)/ruff format --check qa_dist tests bench
+	$(BIN)/ruff check qa_dist tests bench examples
+	$(BIN)/ruff format --check qa_dist tests bench examples
 	$(BIN)/pytest -q -ra --durations=10
 
 test-fast: $(STAMP)
@@ -41,12 +41,12 @@ bench-gpu: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu_throughput.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check qa_dist tests bench
-	$(BIN)/ruff format --check qa_dist tests bench
+	$(BIN)/ruff check qa_dist tests bench examples
+	$(BIN)/ruff format --check qa_dist tests bench examples
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix qa_dist tests bench
-	$(BIN)/ruff format qa_dist tests bench
+	$(BIN)/ruff check --fix qa_dist tests bench examples
+	$(BIN)/ruff format qa_dist tests bench examples
 
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py

@@ -156,7 +156,7 @@ def baseline_run(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory, large_model):
     base = tmp_path_factory.mktemp("scale")
-    return _launch_and_watch(large_model, base, _zero3_json(base), steps=3)
+    return _launch_and_watch(large_model, base, _zero3_json(base), steps=2)  # CI time: each step 30-60 s
 
 
 def test_bert_large_trains_under_zero3_with_gradient_checkpointing(zero3_run):
@@ -164,8 +164,8 @@ def test_bert_large_trains_under_zero3_with_gradient_checkpointing(zero3_run):
     assert code == 0, text[-4000:]
     assert "training on 2 process(es) (DEEPSPEED, cpu, gradient checkpointing)" in text
     losses = [float(m) for m in re.findall(r"^step \d+: loss ([0-9.naif]+)", text, re.MULTILINE)]
-    assert len(losses) == 3 and all(0 < x < 100 for x in losses), losses  # finite
-    print(f"\nBERT-large ZeRO-3, 2 gloo processes, 3 steps: {seconds:.0f} s end to end; losses {losses}")
+    assert len(losses) == 2 and all(0 < x < 100 for x in losses), losses  # finite
+    print(f"\nBERT-large ZeRO-3, 2 gloo processes, 2 steps: {seconds:.0f} s end to end; losses {losses}")
 
 
 def test_start_up_line_counts_every_parameter(zero3_run, minilm_tokenizer):
