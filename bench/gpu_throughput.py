@@ -177,7 +177,7 @@ def trainer_worker(spec_path: str) -> None:
     )
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    raw = datasets.Dataset.from_list([json.loads(line) for line in Path(spec["data"]).read_text().splitlines()])
+    raw = datasets.Dataset.from_list([json.loads(line) for line in Path(spec["data"]).read_text().split("\n") if line])
     features = raw.map(
         lambda b: prepare_train_features(b, tokenizer, 384, 128), batched=True, remove_columns=raw.column_names
     )

@@ -131,7 +131,7 @@ def trainer_worker(spec_path: str) -> None:
 
     model_dir = str(resolve_model_path(MODEL))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    records = [json.loads(line) for line in Path(spec["train"]).read_text().splitlines()]
+    records = [json.loads(line) for line in Path(spec["train"]).read_text().split("\n") if line]
     raw = datasets.Dataset.from_list(records)
     started = time.perf_counter()
     train_ds = raw.map(

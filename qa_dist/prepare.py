@@ -118,11 +118,7 @@ def prepare_features(
     Every rank of a job calls this; exactly one process per cache location tokenizes, the others
     memory-map its result.
     """
-    data = config.data
-    if data.max_length <= 0 or data.doc_stride < 0 or data.doc_stride >= data.max_length:
-        raise ConfigError(
-            f"data.doc_stride ({data.doc_stride}) must be at least 0 and below data.max_length ({data.max_length})"
-        )
+    data = config.data  # windows already checked when the config was built (DataConfig)
     cache = FeatureCache(
         default_cache_dir(data.cache_dir),
         dist,
