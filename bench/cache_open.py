@@ -79,10 +79,11 @@ def main() -> None:
 
     from qa_dist.models import load_tokenizer
     from qa_dist.prepare import prepare_features
+    from qa_dist.report import Reporter
 
     config = _config(args)
     started = time.perf_counter()
-    split = prepare_features(config, load_tokenizer(config.model), roles=("train",), progress=True)["train"]
+    split = prepare_features(config, load_tokenizer(config.model), roles=("train",), report=Reporter())["train"]
     build_seconds = time.perf_counter() - started
     state = "built" if split.entry.built_here else "already warm"
     size = sum(f.stat().st_size for f in split.entry.path.iterdir()) / 2**20

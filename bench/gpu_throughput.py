@@ -3,7 +3,7 @@ strategy (DDP, FSDP, ZeRO-2, ZeRO-3) beside the Hugging Face ``Trainer`` (run_qa
 visible GPU, in one run.
 
 Per GPU: samples/s, real tokens/s, peak memory (``torch.cuda.max_memory_allocated``) and MFU (6 FLOPs
-per parameter per real token against the GPU's dense bf16 peak, qa_dist.train.loop.PEAK_TFLOPS).
+per parameter per real token against the GPU's dense bf16 peak, qa_dist.train.tracking.PEAK_TFLOPS).
 
 Same windows on both sides: a seeded subset of SQuAD v1.1 train questions written once to a JSONL
 that both read, max_length 384 / doc_stride 128, dynamic padding with length grouping
@@ -301,7 +301,7 @@ def main() -> None:
         )
     if args.steps <= args.skip + 1:
         sys.exit("--steps must exceed --skip + 1")
-    from qa_dist.train.loop import gpu_peak_tflops, mfu
+    from qa_dist.train.tracking import gpu_peak_tflops, mfu
 
     peak = gpu_peak_tflops()
     with tempfile.TemporaryDirectory() as tmp:

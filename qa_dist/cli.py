@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -10,6 +11,7 @@ import signal
 import sys
 import time
 import typing
+from pathlib import Path
 
 import yaml
 
@@ -61,31 +63,32 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from qa_dist.config import load_config, write_resolved_config
+    from qa_dist.config import RESOLVED_CONFIG, load_config, resolved_config_yaml
     from qa_dist.dist import current_context
     from qa_dist.models import check_window_fits, load_tokenizer
     from qa_dist.prepare import prepare_features
+    from qa_dist.report import reporter_for
 
     config = load_config(args.config, args.overrides)
     check_window_fits(config.model, config.data.max_length)
     dist = current_context(init=True)
+    report = reporter_for(dist.rank, progress=not args.quiet)
     tokenizer = load_tokenizer(config.model)
-    main = dist.rank == 0
     started = time.perf_counter()
-    prepared = prepare_features(config, tokenizer, dist, progress=main and not args.quiet)
-    if main:
-        write_resolved_config(config)
-        for split in prepared.values():
-            m = split.entry.manifest
-            state = "built" if split.entry.built_here else "verified (warm)"
-            print(f"{split.role:5s} {state}: {split.source}")
-            print(f"      key      {split.entry.key}")
-            print(f"      path     {split.entry.path}")
-            print(
-                f"      examples {split.num_examples:,}   windows {split.num_features:,}   time {split.seconds:.2f} s"
-            )
-            print(f"      data     {m.get('validation', '')}")
-        print(f"resolved config: {config.run_dir}/config.yaml   total {time.perf_counter() - started:.2f} s")
+    prepared = prepare_features(config, tokenizer, dist, report=report)
+    written = report.write_text(Path(config.run_dir) / RESOLVED_CONFIG, resolved_config_yaml(config))
+    for split in prepared.values():
+        m = split.entry.manifest
+        state = "built" if split.entry.built_here else "verified (warm)"
+        report.line(
+            f"{split.role:5s} {state}: {split.source}\n"
+            f"      key      {split.entry.key}\n"
+            f"      path     {split.entry.path}\n"
+            f"      examples {split.num_examples:,}   windows {split.num_features:,}   time {split.seconds:.2f} s\n"
+            f"      data     {m.get('validation', '')}",
+            stdout=True,
+        )
+    report.line(f"resolved config: {written}   total {time.perf_counter() - started:.2f} s", stdout=True)
     return 0
 
 
@@ -108,7 +111,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _read_json_mapping(path: str, what: str) -> dict:
-    import json
 
     from qa_dist.errors import DataError
 
@@ -129,7 +131,6 @@ def _read_json_mapping(path: str, what: str) -> dict:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    import json
     import math
 
     from qa_dist.data import load_examples
@@ -176,7 +177,6 @@ def _model_shorthand(overrides: list[str]) -> list[str]:
 
 
 def _print_eval(metrics: dict, out_dir) -> None:
-    import json
 
     print(json.dumps(metrics, indent=2, ensure_ascii=False))
     if out_dir is not None:
@@ -184,7 +184,6 @@ def _print_eval(metrics: dict, out_dir) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from qa_dist.config import load_config
     from qa_dist.eval.run import evaluate_run
@@ -212,8 +211,6 @@ PREDICT_FLAGS = {
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
 
     from qa_dist.data import load_examples
     from qa_dist.errors import ConfigError
@@ -288,7 +285,6 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from qa_dist.demo import run_demo
 

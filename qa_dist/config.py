@@ -472,10 +472,19 @@ def config_to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+RESOLVED_CONFIG = "config.yaml"
+"""Under the run directory: the resolved config, every key with defaults included."""
+
+
+def resolved_config_yaml(config: RunConfig) -> str:
+    """The resolved config as YAML (every key, defaults included), as ``qa-dist config`` prints it."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
 def write_resolved_config(config: RunConfig, run_dir: str | Path | None = None) -> Path:
-    """Write the resolved config (every key, defaults included) to ``<run_dir>/config.yaml``."""
+    """Write the resolved config to ``<run_dir>/config.yaml``."""
     out_dir = Path(run_dir if run_dir is not None else config.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / "config.yaml"
-    atomic_write(target, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    target = out_dir / RESOLVED_CONFIG
+    atomic_write(target, resolved_config_yaml(config))
     return target

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # config sits beside dist, below everything; dist only reads the section
+    from qa_dist.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,19 @@ def make_accelerator(
             f"(process group: {actual}); each would train alone. Check the accelerate config."
         )
     return accelerator
+
+
+def fill_deepspeed_config(accelerator, train: TrainConfig) -> None:
+    """Values Accelerate would take from a prepared dataloader (ours is not) or fill with defaults."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = train.per_device_batch_size
+    ds["gradient_accumulation_steps"] = train.gradient_accumulation_steps
+    ds["train_batch_size"] = train.per_device_batch_size * train.gradient_accumulation_steps * accelerator.num_processes
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = train.max_grad_norm
 
 
 def enable_tf32() -> None:

@@ -17,7 +17,7 @@ import signal
 from pathlib import Path
 
 from qa_dist.dist import max_over_ranks
-from qa_dist.fsutil import atomic_write
+from qa_dist.report import Reporter
 
 EXIT_PREEMPTED = 75
 """Exit code after a checkpoint forced by SIGTERM or SIGUSR1 (EX_TEMPFAIL: try again). The Slurm
@@ -32,12 +32,17 @@ class EvaluationStopped(Exception):
     """Raised on every rank at the same batch of an evaluation when a rank was signalled."""
 
 
-def write_preempted_marker(run_dir: Path, step: int, signal_name: str) -> None:
-    """Rank zero, after the preemption checkpoint. Launchers (torchrun) report a worker's exit code
-    only in their log: the marker tells a batch script that the run stopped on purpose,
-    checkpointed, and wants a requeue."""
+def write_preempted_marker(report: Reporter, run_dir: Path, step: int, signal_name: str) -> None:
+    """After the preemption checkpoint (rank zero's reporter writes it). Launchers (torchrun) report
+    a worker's exit code only in their log: the marker tells a batch script that the run stopped on
+    purpose, checkpointed, and wants a requeue. One line of JSON: the script echoes it."""
     marker = {"step": step, "signal": signal_name, "exit_code": EXIT_PREEMPTED}
-    atomic_write(Path(run_dir) / PREEMPTED_MARKER, json.dumps(marker))
+    report.write_text(Path(run_dir) / PREEMPTED_MARKER, json.dumps(marker))
+
+
+def clear_preempted_marker(report: Reporter, run_dir: Path) -> None:
+    """At the start of a run: a marker left by the run before must not requeue this one."""
+    report.remove(Path(run_dir) / PREEMPTED_MARKER)
 
 
 class PreemptionFlag:

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from qa_dist.cache import Built, CacheEntry, FeatureCache, cache_key, default_cache_dir
+from qa_dist.cache import Built, CacheEntry, FeatureCache, cache_key, check_entry, default_cache_dir
 from qa_dist.config import RunConfig
 from qa_dist.data.loading import load_source, source_fingerprint
 from qa_dist.dist import DistContext
 from qa_dist.errors import ConfigError
 from qa_dist.features import FEATURE_BUILDER_VERSION, build_eval_features, build_train_features
 from qa_dist.models import tokenizer_fingerprint
+from qa_dist.report import SILENT, Reporter
 
 _INT_COLUMNS = {
     "input_ids": pa.list_(pa.int32()),
@@ -94,8 +94,6 @@ def split_key_parts(config: RunConfig, role: str, tokenizer_fp: str) -> dict | N
 def cache_is_warm(config: RunConfig, tokenizer) -> bool:
     """Whether every split of ``config`` already has a whole entry in its cache (no reading of data
     beyond fingerprinting it)."""
-    from qa_dist.cache import check_entry
-
     root = default_cache_dir(config.data.cache_dir)
     fp = tokenizer_fingerprint(tokenizer)
     for role in ("train", "eval"):
@@ -111,12 +109,13 @@ def prepare_features(
     dist: DistContext | None = None,
     *,
     roles: tuple[str, ...] = ("train", "eval"),
-    progress: bool = False,
+    report: Reporter = SILENT,
 ) -> dict[str, PreparedSplit]:
     """Open (or build, once per cache location) the feature cache entries of ``config``'s data.
 
     Every rank of a job calls this; exactly one process per cache location tokenizes, the others
-    memory-map its result.
+    memory-map its result. ``report``: where the stages and the tokenizer's progress go (rank
+    zero's reporter; silent by default).
     """
     data = config.data  # windows already checked when the config was built (DataConfig)
     cache = FeatureCache(
@@ -128,10 +127,6 @@ def prepare_features(
     tok_fp = tokenizer_fingerprint(tokenizer)
     prepared = {}
 
-    def say(message: str) -> None:
-        if progress:
-            print(message, file=sys.stderr, flush=True)
-
     for role in roles:
         source, split = _split_spec(config, role)
         if source is None:
@@ -141,16 +136,16 @@ def prepare_features(
         key = cache_key(parts)
 
         def build(source=source, split=split, role=role, parts=parts) -> Built:
-            say(f"{role}: reading and validating {source}")
+            report.status(f"{role}: reading and validating {source}")
             loaded = load_source(source, split, strict=data.strict)
-            say(f"{role}: tokenizing {len(loaded.examples):,} questions and their contexts")
+            report.status(f"{role}: tokenizing {len(loaded.examples):,} questions and their contexts")
             builder = build_train_features if role == "train" else build_eval_features
             columns = builder(
                 loaded.examples,
                 tokenizer,
                 data.max_length,
                 data.doc_stride,
-                progress=progress,
+                progress=report.shows_progress,
                 source=loaded.description,
             )
             return Built(

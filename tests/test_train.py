@@ -410,7 +410,7 @@ def test_evaluation_hook_runs_every_n_steps_and_at_the_end(tmp_path, tiny_model,
 
 
 def test_mfu_estimate():
-    from qa_dist.train.loop import mfu
+    from qa_dist.train.tracking import mfu
 
     # 110M parameters at 100k tokens/s on 8 GPUs of 312 TFLOP/s: 6 * 1.1e8 * 1e5 / 2.496e15.
     assert mfu(110_000_000, 100_000.0, 8, 312.0) == pytest.approx(0.02644, rel=1e-3)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm.auto import tqdm
 
 from qa_dist.batches import FeatureColumns, eval_plan
 from qa_dist.config import EvalConfig, RunConfig
@@ -33,6 +34,7 @@ from qa_dist.fsutil import atomic_write
 from qa_dist.metrics import null_answer_competes, resolve_metric, score, tune_threshold
 from qa_dist.preemption import check_stop
 from qa_dist.prepare import prepare_features
+from qa_dist.report import SILENT, Reporter
 
 Forward = Callable[[dict], torch.Tensor]
 """A batch of padded windows to ``[2, windows, length]`` start/end logits (on any device)."""
@@ -79,8 +81,6 @@ def rank_candidates(
     )
     parts = []
     if progress:
-        from tqdm.auto import tqdm
-
         plan = tqdm(plan, desc="evaluating", unit="batch", mininterval=0.5, file=sys.stderr)
     for windows, padding in plan:
         batch = data.columns.batch(windows, pad_token_id)
@@ -219,11 +219,12 @@ def evaluate(
     *,
     pad_token_id: int,
     labelled: bool = True,
-    progress: bool = False,
+    report: Reporter = SILENT,
 ) -> EvalResult | None:
-    """One evaluation. Every rank calls this; rank zero returns the result, the others None."""
+    """One evaluation. Every rank calls this; rank zero returns the result, the others None.
+    ``report``: this rank's reporter (rank zero's shows the progress)."""
     started = time.perf_counter()
-    local = rank_candidates(forward, data, dist, config, pad_token_id, progress=progress and dist.rank == 0)
+    local = rank_candidates(forward, data, dist, config, pad_token_id, progress=report.shows_progress)
     forward_seconds = time.perf_counter() - started
     # The only transfer of the evaluation: span candidates, to rank zero.
     parts = dist.gather_to_main(local)
@@ -253,11 +254,11 @@ class GatheredEvaluator(PeriodicEvaluator):
         tokenizer,
         dist: DistContext,
         forward: Callable[[object, dict], torch.Tensor],
-        progress: bool = False,
+        report: Reporter = SILENT,
     ) -> None:
         super().__init__(config.eval.every)
         self.config, self.tokenizer, self.dist = config, tokenizer, dist
-        self.forward, self.progress = forward, progress
+        self.forward, self.report = forward, report
         self.data: EvalData | None = None
 
     def run(self, step: int, model) -> dict | None:
@@ -271,6 +272,6 @@ class GatheredEvaluator(PeriodicEvaluator):
             self.config.eval,
             Path(self.config.run_dir) / "eval" / f"step_{step}",
             pad_token_id=self.tokenizer.pad_token_id or 0,
-            progress=self.progress,
+            report=self.report,
         )
         return {**flat_metrics(result.metrics), **result.dashboard} if result is not None else None

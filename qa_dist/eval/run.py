@@ -22,8 +22,11 @@ from qa_dist.data.schema import Example
 from qa_dist.dist import DistContext, current_context
 from qa_dist.errors import ConfigError
 from qa_dist.eval.evaluator import EvalData, EvalResult, Forward, evaluate
+from qa_dist.features import build_eval_features
 from qa_dist.logits import MIXED_PRECISION_DTYPES, stack_logits
-from qa_dist.models import WINDOWS_FILE, load_qa_model, load_tokenizer
+from qa_dist.models import WINDOWS_FILE, check_window_fits, load_qa_model, load_tokenizer
+from qa_dist.prepare import examples_table, features_table, prepare_features
+from qa_dist.report import reporter_for
 
 """Written beside an exported model: ``{"max_length": .., "doc_stride": ..}``, the windows it was
 trained on. ``predict`` and the pipeline use them unless told otherwise."""
@@ -57,15 +60,12 @@ def model_forward(model, device: torch.device, mixed_precision: str = "no") -> F
 
 def evaluate_run(config: RunConfig, out_dir: Path | None = None, progress: bool = True) -> EvalResult | None:
     """Evaluate ``config.model`` on ``config.data.eval``; rank zero returns the result."""
-    from qa_dist.prepare import prepare_features
-
     if not config.data.eval:
         raise ConfigError("nothing to evaluate: set data.eval")
     dist = current_context(init=True)
+    report = reporter_for(dist.rank, progress)
     tokenizer = load_tokenizer(config.model)
-    entry = prepare_features(config, tokenizer, dist, roles=("eval",), progress=progress and dist.rank == 0)[
-        "eval"
-    ].entry
+    entry = prepare_features(config, tokenizer, dist, roles=("eval",), report=report)["eval"].entry
     device = device_for(dist)
     model = load_qa_model(config.model).to(device).eval()
     return evaluate(
@@ -75,7 +75,7 @@ def evaluate_run(config: RunConfig, out_dir: Path | None = None, progress: bool 
         config.eval,
         out_dir or Path(config.run_dir) / "eval" / "evaluate",
         pad_token_id=tokenizer.pad_token_id or 0,
-        progress=progress,
+        report=report,
     )
 
 
@@ -126,8 +126,6 @@ def predict_config(
     (``squad_v2`` lets the null answer win). A key given both as an override and in ``values`` is an
     error; ``names`` gives the flag behind a key, for messages. ``data.max_length`` is checked
     against the model's positions."""
-    from qa_dist.models import check_window_fits
-
     values, names = dict(values or {}), dict(names or {})
     for override in overrides:
         key = _override_key(override)
@@ -192,9 +190,6 @@ def predict(
     """Predict answers to ``examples`` (gold answers not needed); rank zero returns the result.
     Windows: ``max_length``/``doc_stride`` where given, else what the model directory records
     (``qa_dist_windows.json``), else ``DataConfig``'s defaults."""
-    from qa_dist.features import build_eval_features
-    from qa_dist.prepare import examples_table, features_table
-
     model_config = model_path if isinstance(model_path, ModelConfig) else ModelConfig(name_or_path=model_path)
     if max_length is None or doc_stride is None:
         windows = default_windows(model_config.name_or_path)
@@ -202,6 +197,7 @@ def predict(
         doc_stride = windows["doc_stride"] if doc_stride is None else doc_stride
     config = config or EvalConfig()
     dist = current_context(init=True)
+    report = reporter_for(dist.rank, progress)
     tokenizer = load_tokenizer(model_config)
     device = device_for(dist)
     model = load_qa_model(model_config).to(device).eval()
@@ -214,7 +210,7 @@ def predict(
         out_dir,
         pad_token_id=tokenizer.pad_token_id or 0,
         labelled=False,
-        progress=progress,
+        report=report,
     )
 
 

@@ -1,17 +1,100 @@
 """Metrics: console, wandb and TensorBoard (Accelerate's trackers) on rank zero; a no-op elsewhere.
 
-The tracker is the one owner of rank-zero output: the loop hands it the step scalars and what the
-evaluator returns (``eval/`` scalars, and Tables, Curves and Histograms of qa_dist.eval.diagnostics),
-and it renders them for each tracker chosen (``logging.trackers``, plus wandb when
-``logging.wandb_project`` is set)."""
+The loop hands the tracker the step scalars (``step_metrics``: loss, throughput, and on GPUs peak
+memory and MFU) and what the evaluator returns (``eval/`` scalars, and Tables, Curves and
+Histograms of qa_dist.eval.diagnostics); it renders them for each tracker chosen
+(``logging.trackers``, plus wandb when ``logging.wandb_project`` is set) and prints through rank
+zero's reporter (qa_dist.report)."""
 
 from __future__ import annotations
 
 import os
-import sys
+import time
 import uuid
 
-from qa_dist.config import LoggingConfig
+import numpy as np
+import torch
+import yaml
+from accelerate.tracking import TensorBoardTracker
+
+from qa_dist.config import LoggingConfig, TrainConfig
+from qa_dist.dist import sum_over_ranks
+from qa_dist.errors import ConfigError
+from qa_dist.eval.diagnostics import Curve, Histogram, Table
+from qa_dist.report import Reporter
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) of common training GPUs, by name fragment.
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "T4": 65.0,
+    "A6000": 155.0,
+    "4090": 165.0,
+    "3090": 71.0,
+}
+
+
+def mfu(n_params: int, tokens_per_s: float, world_size: int, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: 6 FLOPs per parameter per token (forward and backward) against the
+    peak of all devices. An estimate: attention's own FLOPs are left out, as is usual."""
+    return 6.0 * n_params * tokens_per_s / (peak_tflops * 1e12 * world_size)
+
+
+def gpu_peak_tflops() -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+class Meter:
+    """This rank's samples, real tokens and loss since the last log line. Counts come from the CPU
+    batch and the loss is summed on the device: nothing waits for the GPU until a log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.samples = self.tokens = 0
+        self.loss_sum, self.loss_count = None, 0
+        self.started = time.perf_counter()
+
+    def add(self, cpu_batch: dict, loss: torch.Tensor) -> None:
+        self.samples += int(cpu_batch["input_ids"].shape[0])
+        self.tokens += int(cpu_batch["attention_mask"].sum())
+        loss = loss.detach().double()  # float64, as the Python floats summed before
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.loss_count += 1
+
+    def loss_total(self) -> float:
+        """The device sum, read (a host sync) only here, at log steps."""
+        return 0.0 if self.loss_sum is None else float(self.loss_sum)
+
+
+def step_metrics(meter: Meter, acc, scheduler, epoch: int, grad_norm, n_params: int) -> dict:
+    """What is logged every log_every steps. Every rank calls this: the counts are summed over the
+    ranks (length-grouped batches give the ranks different token counts)."""
+    seconds = max(time.perf_counter() - meter.started, 1e-9)
+    local = [meter.samples, meter.tokens, meter.loss_total(), meter.loss_count]
+    samples, tokens, loss_sum, loss_count = sum_over_ranks(local, acc.device)
+    metrics = {
+        "loss": loss_sum / max(loss_count, 1),
+        "samples_per_s": samples / seconds,
+        "tokens_per_s": tokens / seconds,
+        "lr": scheduler.get_last_lr()[0],
+        "epoch": epoch,
+    }
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    if acc.device.type == "cuda":
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if peak := gpu_peak_tflops():
+            metrics["mfu"] = mfu(n_params, metrics["tokens_per_s"], acc.num_processes, peak)
+    return metrics
+
 
 DEFAULT_WANDB_PROJECT = "qa-dist"
 TENSORBOARD_DIR = "tensorboard"
@@ -26,8 +109,6 @@ def wandb_wanted(config: LoggingConfig) -> bool:
     try:
         import wandb  # noqa: F401
     except ImportError:
-        from qa_dist.errors import ConfigError
-
         raise ConfigError(
             "logging.wandb_project is set but wandb is not installed: pip install 'qa-dist[wandb]'"
         ) from None
@@ -40,8 +121,6 @@ def tensorboard_wanted(config: LoggingConfig) -> bool:
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        from qa_dist.errors import ConfigError
-
         raise ConfigError(
             "logging.trackers lists tensorboard but it is not installed: pip install tensorboard"
         ) from None
@@ -51,8 +130,6 @@ def tensorboard_wanted(config: LoggingConfig) -> bool:
 def trackers_for(config, run_dir) -> list:
     """What ``Accelerator(log_with=...)`` gets: ``"wandb"``, and a TensorBoardTracker writing to
     ``run_dir/tensorboard`` (its writer is only made on rank zero, by ``init_trackers``)."""
-    from accelerate.tracking import TensorBoardTracker
-
     chosen = []
     if wandb_wanted(config.logging):
         chosen.append("wandb")
@@ -119,8 +196,9 @@ class MainTracker(NoopTracker):
     run_dir/tensorboard). The best eval F1 and its step are kept in the trainer state (``state``),
     so that a resumed run's summary knows the best of the part before it."""
 
-    def __init__(self, accelerator, config, state, resolved: dict) -> None:
+    def __init__(self, accelerator, config, state, resolved: dict, report: Reporter) -> None:
         self.accelerator = accelerator
+        self.report = report
         self.use_wandb = wandb_wanted(config.logging)
         self.use_tensorboard = tensorboard_wanted(config.logging)
         self.state = state
@@ -148,8 +226,6 @@ class MainTracker(NoopTracker):
         except Exception as e:  # wandb's own errors (no network, a bad key) carry long tracebacks
             if not self.use_wandb:
                 raise
-            from qa_dist.errors import ConfigError
-
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(
                 f"wandb could not start {self.mode} ({first}); run offline with WANDB_MODE=offline "
@@ -159,8 +235,6 @@ class MainTracker(NoopTracker):
             accelerator.get_tracker("wandb").store_init_configuration(resolved)
         if self.use_tensorboard:
             # TensorBoard's hparams need flat scalars: the resolved config goes in as YAML text.
-            import yaml
-
             text = yaml.safe_dump(resolved, sort_keys=False)
             self._writer().add_text("config", "```\n" + text + "```", global_step=state.step)
 
@@ -192,8 +266,6 @@ class MainTracker(NoopTracker):
             self.state.best_f1, self.state.best_f1_step = value, step
 
     def _log_rich(self, rich: dict, step: int) -> None:
-        from qa_dist.eval.diagnostics import Curve, Histogram, Table
-
         if wb := self._wandb():
             import wandb
 
@@ -213,8 +285,6 @@ class MainTracker(NoopTracker):
             if out:
                 wb.log(out, step=step)
         if writer := self._writer():
-            import numpy as np
-
             for name, value in rich.items():
                 if isinstance(value, Table):
                     writer.add_text(name, _markdown(value), global_step=step)
@@ -228,18 +298,13 @@ class MainTracker(NoopTracker):
         """A progress bar of optimizer steps on a terminal; none in a log file (Slurm's, a test's),
         which gets the step lines only."""
         if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=step - 1, desc="training", unit="step", file=sys.stderr, disable=None)
+            self.bar = self.report.bar(total, initial=step - 1, desc="training", unit="step")
         self.bar.update(step - self.bar.n)
         if step >= total:
             self.bar.close()
 
     def _print(self, line: str) -> None:
-        if self.bar is not None and not self.bar.disable:
-            self.bar.write(line, file=sys.stderr)  # above the bar, not through it
-        else:
-            print(line, file=sys.stderr, flush=True)
+        self.report.line(line)
 
     def summary(self, model_dir=None) -> dict:
         """The run's summary: best eval F1 and its step, the final F1, where the model is."""
@@ -290,10 +355,7 @@ class MainTracker(NoopTracker):
         if self.use_wandb or self.use_tensorboard:
             self.accelerator.end_training()
         if self.use_wandb and self.mode == "offline":
-            print(
-                f"wandb ran offline; upload with: wandb sync {self.run_dir}/wandb/offline-run-*",
-                file=sys.stderr,
-            )
+            self._print(f"wandb ran offline; upload with: wandb sync {self.run_dir}/wandb/offline-run-*")
 
 
 class _SummaryTable:
@@ -303,9 +365,8 @@ class _SummaryTable:
         self.rows = [[k, v] for k, v in summary.items()]
 
 
-def run_info(accelerator, config, n_params: int) -> dict:
+def run_info(accelerator, t: TrainConfig, n_params: int) -> dict:
     """What the dashboard's config carries besides the run config."""
-    t = config.train
     return {
         "world_size": accelerator.num_processes,
         "distributed_type": accelerator.distributed_type.value,
@@ -314,6 +375,7 @@ def run_info(accelerator, config, n_params: int) -> dict:
     }
 
 
-def make_tracker(accelerator, config, state, resolved: dict):
-    """``state``: the TrainState (its wandb run id is reused on a resume, and set here)."""
-    return MainTracker(accelerator, config, state, resolved) if accelerator.is_main_process else NoopTracker()
+def make_tracker(accelerator, config, state, resolved: dict, report: Reporter):
+    """``state``: the TrainState (its wandb run id is reused on a resume, and set here). Rank zero
+    (the rank whose reporter is not silent) gets the trackers; the others a no-op."""
+    return MainTracker(accelerator, config, state, resolved, report) if report.active else NoopTracker()
