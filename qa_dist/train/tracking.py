@@ -158,7 +158,7 @@ def wandb_mode(config: LoggingConfig, environ=None) -> str:
 
 
 class NoopTracker:
-    """What every rank but zero gets: rank-zero-only side effects need no ``if rank == 0``."""
+    """What every rank but zero gets (its reporter is silent): its side effects need no rank test."""
 
     run_id: str | None = None
 
