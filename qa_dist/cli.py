@@ -1,4 +1,7 @@
-"""The ``qa-dist`` command line. User errors print one line and exit with code 2."""
+"""The ``qa-dist`` command line. User errors print one line and exit with code 2.
+
+Each command imports what it runs inside its function: ``qa-dist config --keys`` and ``--help``
+must not pay seconds for torch, transformers and accelerate."""
 
 from __future__ import annotations
 

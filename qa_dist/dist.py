@@ -1,10 +1,16 @@
-"""The one place that talks to torch.distributed; everything else receives a DistContext."""
+"""The one place that talks to torch.distributed; everything else receives a DistContext.
+
+torch and accelerate are imported inside the functions that use them: the data side (the cache,
+``qa-dist launch`` planning on a login node) holds a DistContext without paying for torch."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+from qa_dist.errors import QaDistError
 
 if TYPE_CHECKING:  # config sits beside dist, below everything; dist only reads the section
     from qa_dist.config import TrainConfig
@@ -103,13 +109,9 @@ def make_accelerator(
     CPU, Accelerate's own state is wrong unless the process group is made with gloo explicitly.
     Both were seen on a CPU-only machine (README, "On CPU"); the world size is checked here.
     """
-    from datetime import timedelta
-
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
-
-    from qa_dist.errors import QaDistError
 
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"

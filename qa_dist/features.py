@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from qa_dist.config import DataConfig
 from qa_dist.errors import DataError
@@ -107,7 +108,7 @@ class OffsetMapping(Sequence):
 
     def __arrow_array__(self, type: Any = None):  # noqa: A002  (the protocol's argument name)
         """``list<fixed_size_list<int32, 2>>`` with null pairs outside the context, or ``type``."""
-        import pyarrow as pa
+        import pyarrow as pa  # pyarrow is what calls this: loaded already, and features.py stays free of it
 
         present = self.char_start >= 0
         values = np.stack([self.char_start, self.char_end], axis=1).reshape(-1)
@@ -197,7 +198,7 @@ def _backend(tokenizer):
     """A copy of the Rust tokenizer with truncation and padding off (a tokenizer.json may carry
     them). Called directly: the transformers wrapper spends as long converting each encoding into
     a dict as the tokenizer spends tokenizing."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # loaded already by the tokenizer passed in
 
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.no_truncation()
@@ -393,8 +394,6 @@ def _build(
 
     rows = enumerate(examples)
     if progress:
-        from tqdm.auto import tqdm
-
         rows = tqdm(rows, total=len(examples), desc="windows", unit="ex", mininterval=0.5)
     for i, ex in rows:
         c = example_ctx_list[i]

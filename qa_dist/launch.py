@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -17,18 +18,25 @@ import sys
 import typing
 import unicodedata
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
-from qa_dist.config import LaunchConfig, RunConfig
+import psutil  # a dependency of accelerate
+import yaml
+
+from qa_dist.cache import default_cache_dir
+from qa_dist.config import LaunchConfig, RunConfig, load_config
 from qa_dist.errors import ConfigError
+from qa_dist.fsutil import atomic_write
+from qa_dist.models import load_tokenizer, resolve_model_path
+from qa_dist.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
+from qa_dist.prepare import cache_is_warm
 
 
 def _package_dir(name: str) -> Path:
     """A directory shipped inside the qa_dist package (package data), found through
     ``importlib.resources`` so that an installed wheel finds its own copy wherever it runs from. In a
     checkout, ``configs/`` and ``slurm/`` at the repository root are symlinks to these."""
-    from importlib.resources import files
-
     return Path(str(files("qa_dist") / name))
 
 
@@ -88,10 +96,10 @@ def model_shape(name_or_path: str) -> ModelShape:
     """Parameter count and sizes from the model's config alone (the model is built on the meta
     device: no weights are read or allocated). The units are the modules of the model's
     ``_no_split_modules`` classes, which FSDP's transformer wrap policy wraps one by one."""
+    # torch and transformers only here and in gpus_available: a launch that names its strategy and
+    # GPUs plans without them (seconds saved on a login node).
     import torch
     from transformers import AutoConfig, AutoModelForQuestionAnswering
-
-    from qa_dist.models import resolve_model_path
 
     try:
         config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
@@ -315,10 +323,6 @@ def resolved_configs(plan: Plan, nvme_path: str | None = None) -> tuple[str, str
     ``write_launch_configs`` writes them: the number of processes and machines filled in, the
     DeepSpeed file named by its absolute path in ``plan.launch_dir`` (Accelerate resolves a relative
     one against the directory it is started from), and for zero3_nvme ``nvme_path`` filled in."""
-    import json
-
-    import yaml
-
     if plan.launch_dir is None:
         raise ValueError("resolved_configs needs a plan with a launch_dir")
     accelerate = yaml.safe_load(plan.template.read_text())
@@ -346,8 +350,6 @@ def resolved_configs(plan: Plan, nvme_path: str | None = None) -> tuple[str, str
 def write_launch_configs(plan: Plan, run_dir: str | Path, nvme_path: str | None = None) -> Plan:
     """Write the resolved configs into ``RUN_DIR/launch/`` (atomically) and return the plan that
     launches from them. Done for ``--dry-run`` too: the printed line must name files that exist."""
-    from qa_dist.fsutil import atomic_write
-
     resolved = dataclasses.replace(plan, launch_dir=Path(run_dir).resolve() / "launch")
     accelerate, deepspeed = resolved_configs(resolved, nvme_path)
     if deepspeed is not None:
@@ -646,8 +648,6 @@ def _fill(placeholder: str, values: dict[str, str], script: str) -> str:
 def check_environment(config: RunConfig, plan: Plan, *, local: bool = True) -> list[str]:
     """Problems to fix before spending cluster time; empty when all is well. ``local``: the run
     starts on this machine (not through Slurm), so its NVMe directory must be here."""
-    from qa_dist.cache import default_cache_dir
-
     problems = []
     cache = Path(default_cache_dir(config.data.cache_dir))
     try:
@@ -670,8 +670,6 @@ def check_environment(config: RunConfig, plan: Plan, *, local: bool = True) -> l
         if name.startswith(("HF_", "HUGGINGFACE")) and name not in KNOWN_HF_VARIABLES:
             problems.append(f"environment variable {name} is not one Hugging Face reads (misspelled?)")
     try:
-        from qa_dist.models import load_tokenizer
-
         load_tokenizer(config.model)
     except Exception as e:  # noqa: BLE001 - reported, not swallowed: the launch stops on it
         problems.append(f"tokenizer of {config.model.name_or_path!r} cannot be loaded: {e}")
@@ -740,8 +738,6 @@ def run(cmd: list[str], run_dir: str | Path | None = None) -> int:
     the marker turns that into exit code 75 here. A second SIGTERM, and SIGINT, SIGHUP or SIGQUIT,
     go to the agent, which stops its workers its own way (no checkpoint). Before the training
     processes exist a SIGTERM or SIGUSR1 goes to the agent as SIGTERM: nothing to checkpoint yet."""
-    from qa_dist.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
-
     marker = Path(run_dir) / PREEMPTED_MARKER if run_dir is not None else None
     before = _stamp(marker)
     proc: subprocess.Popen | None = None
@@ -793,8 +789,6 @@ def _stamp(path: Path | None) -> tuple[int, int, int] | None:
 
 def _children(pid: int) -> list[int]:
     """The direct children of ``pid``: the training processes torchrun's agent started."""
-    import psutil  # a dependency of accelerate
-
     try:
         return [c.pid for c in psutil.Process(pid).children()]
     except psutil.Error:
@@ -875,8 +869,6 @@ class LaunchPlan:
         """Resolve flags (None: the config's ``launch.*`` key) against the config and this machine.
         ``report(message)`` is told each decision as it is made (``qa-dist launch`` prints them to
         stderr); ``check=False`` skips the environment checks (``--no-check``)."""
-        from qa_dist.config import load_config
-
         if not config_path:
             raise ConfigError("qa-dist launch needs --config RUN.yaml")
         if gpu_memory_gib is not None and gpu_memory_gib <= 0:
@@ -941,9 +933,6 @@ class LaunchPlan:
         cold = False
         if slurm:
             sbatch_output_dir(str(Path(config.run_dir).resolve()))  # (raises for a run_dir sbatch cannot carry)
-            from qa_dist.models import load_tokenizer
-            from qa_dist.prepare import cache_is_warm
-
             cold = not cache_is_warm(config, load_tokenizer(config.model))
         return cls(
             config=config,

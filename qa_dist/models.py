@@ -1,4 +1,7 @@
-"""Finding models and tokenizers: hub ids, local directories, and model packages installed with pip."""
+"""Finding models and tokenizers: hub ids, local directories, and model packages installed with pip.
+
+transformers and torch are imported inside the functions that load or build models: ``qa-dist
+launch`` resolves names and checks caches through this module without either."""
 
 from __future__ import annotations
 
@@ -6,10 +9,13 @@ import hashlib
 import importlib
 import importlib.util
 import json
+from importlib import metadata
 from pathlib import Path
 
 from qa_dist.config import ModelConfig, ScratchConfig
+from qa_dist.data.loading import sample_path
 from qa_dist.errors import ConfigError
+from qa_dist.fsutil import atomic_write
 
 MODEL_ENTRY_POINTS = "qa_dist.models"
 """Entry-point group through which an installed package offers model directories by name: an entry
@@ -28,8 +34,6 @@ def resolve_model_path(name: str) -> str:
     Model names come from configs that may be someone else's: no module is imported by a bare name
     (``this`` would run, and under ``python -m`` the working directory is importable)."""
     if name.startswith("sample:"):
-        from qa_dist.data.loading import sample_path
-
         return str(sample_path(name.split(":", 1)[1]))
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
@@ -38,8 +42,6 @@ def resolve_model_path(name: str) -> str:
 
 
 def _declared_model_path(name: str) -> Path | None:
-    from importlib import metadata
-
     for entry in metadata.entry_points(group=MODEL_ENTRY_POINTS):
         if entry.name == name:
             return Path(entry.load()())
@@ -184,8 +186,6 @@ trained on, which ``qa-dist predict`` and the pipeline use unless told otherwise
 
 
 def record_windows(model_dir: str | Path, max_length: int, doc_stride: int) -> None:
-    from qa_dist.fsutil import atomic_write
-
     atomic_write(
         Path(model_dir) / WINDOWS_FILE, json.dumps({"max_length": max_length, "doc_stride": doc_stride}) + "\n"
     )

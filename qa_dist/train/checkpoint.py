@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+import enum
 import hashlib
+import io
 import json
 import logging
 import pickle
@@ -37,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
 
 from qa_dist.dist import max_over_ranks
 from qa_dist.errors import ConfigError
@@ -250,9 +255,6 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
     torch.distributed.checkpoint, torch's sizes, dtypes, layouts and memory formats, paths."""
 
     def find_class(self, module: str, name: str):
-        import dataclasses
-        import enum
-
         if module not in _DCP_MODULES:  # refused before anything is imported
             raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name} in a checkpoint's metadata")
         found = super().find_class(module, name)
@@ -288,8 +290,6 @@ class _RestrictedPickle:
 
     @staticmethod
     def loads(data: bytes):
-        import io
-
         return _DcpMetadataUnpickler(io.BytesIO(data)).load()
 
 
@@ -306,20 +306,14 @@ def safe_torch_load():
         kwargs["weights_only"] = True
         return original(*args, **kwargs)
 
-    try:
-        from torch.distributed.checkpoint import filesystem as dcp_filesystem
-    except ImportError:
-        dcp_filesystem = None
     torch.load = load
-    if dcp_filesystem is not None:
-        dcp_filesystem.pickle = _RestrictedPickle
+    dcp_filesystem.pickle = _RestrictedPickle
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             yield
     finally:
         torch.load = original
-        if dcp_filesystem is not None:
-            dcp_filesystem.pickle = pickle
+        dcp_filesystem.pickle = pickle
 
 
 def _missing_on_main(path: Path, acc) -> str | None:
@@ -331,9 +325,7 @@ def _missing_on_main(path: Path, acc) -> str | None:
 def _broadcast(values: list, acc) -> None:
     """Rank zero's ``values`` (strings, None) to every rank, in place. Every rank calls this."""
     if acc.num_processes > 1:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(values, src=0)
+        torch.distributed.broadcast_object_list(values, src=0)
 
 
 def _reason(error: Exception) -> str:

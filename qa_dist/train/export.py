@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForQuestionAnswering
 
 from qa_dist.config import DataConfig
 from qa_dist.fsutil import atomic_write, atomic_write_bytes
@@ -70,8 +71,6 @@ def check_export(
     ``final_batch_logits.pt`` to ``report_dir`` (default: ``out_dir``'s parent) and raises on a
     mismatch."""
     report_dir = Path(out_dir).parent if report_dir is None else Path(report_dir)
-    from transformers import AutoModelForQuestionAnswering
-
     trained = batch_logits(accelerator, model, batch).cpu()
     inputs = {k: v.cpu() for k, v in batch.items() if k not in LABELS}
     report = {}
