@@ -50,7 +50,7 @@ def worker(args) -> None:
     tokenizer = load_tokenizer(config.model)
     ctx.barrier()  # everyone starts the clock together
     started = time.perf_counter()
-    split = prepare_features(config, tokenizer, ctx, roles=("train",))["train"]
+    split = prepare_features(config.data, tokenizer, ctx, roles=("train",))["train"]
     features = split.entry.table("features")
     _ = features.slice(0, 1).to_pylist(), features.slice(len(features) - 1, 1).to_pylist()
     elapsed = time.perf_counter() - started
@@ -83,7 +83,7 @@ def main() -> None:
 
     config = _config(args)
     started = time.perf_counter()
-    split = prepare_features(config, load_tokenizer(config.model), roles=("train",), report=Reporter())["train"]
+    split = prepare_features(config.data, load_tokenizer(config.model), roles=("train",), report=Reporter())["train"]
     build_seconds = time.perf_counter() - started
     state = "built" if split.entry.built_here else "already warm"
     size = sum(f.stat().st_size for f in split.entry.path.iterdir()) / 2**20

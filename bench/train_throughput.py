@@ -87,7 +87,7 @@ def main() -> None:
         ]
         config = load_config(None, overrides)
         tokenizer = load_tokenizer(config.model)
-        split = prepare_features(config, tokenizer, roles=("train",), report=Reporter())["train"]
+        split = prepare_features(config.data, tokenizer, roles=("train",), report=Reporter())["train"]
         columns = FeatureColumns.from_table(split.entry.table("features"))
         full = epoch_plan(columns.lengths, batch_size=args.batch_size, world_size=1, seed=seed, epoch=0)
         plan = [full[s, 0] for s in range(args.steps)]  # exactly the batches train() will run

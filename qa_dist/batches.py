@@ -16,7 +16,6 @@ import pyarrow as pa
 import torch
 
 from qa_dist.config import TrainConfig
-from qa_dist.errors import ConfigError
 
 _PAD_VALUES = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0}
 
@@ -105,26 +104,12 @@ def epoch_plan(
     return plan
 
 
-def steps_per_epoch(n_windows: int, train: TrainConfig, world_size: int) -> int:
-    """Optimizer steps in one epoch of ``epoch_plan`` (windows that do not fill a whole step are
-    left out). Zero is an error, raised before any model is loaded: the windows are known once the
-    features are, which is after the config is built."""
-    steps = n_windows // (train.per_device_batch_size * world_size) // train.gradient_accumulation_steps
-    if steps == 0:
-        raise ConfigError(
-            f"{n_windows:,} training windows do not fill one optimizer step of {world_size} process(es) x "
-            f"train.per_device_batch_size {train.per_device_batch_size} x "
-            f"train.gradient_accumulation_steps {train.gradient_accumulation_steps}"
-        )
-    return steps
-
-
 def micro_batches(
     lengths: np.ndarray, train: TrainConfig, rank: int, world_size: int, *, epoch: int = 0, micro_step: int = 0
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """(epoch, micro_step, window indices) for ``rank``, endlessly, from the data position
     (``epoch``, ``micro_step``) on: a resumed run continues inside its epoch's plan."""
-    steps_per_epoch(len(lengths), train, world_size)
+    train.steps_per_epoch(len(lengths), world_size)
     start = micro_step
     while True:
         plan = epoch_plan(

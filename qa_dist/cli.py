@@ -78,7 +78,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     report = reporter_for(dist.rank, progress=not args.quiet)
     tokenizer = load_tokenizer(config.model)
     started = time.perf_counter()
-    prepared = prepare_features(config, tokenizer, dist, report=report)
+    prepared = prepare_features(config.data, tokenizer, dist, report=report)
     written = report.write_text(Path(config.run_dir) / RESOLVED_CONFIG, resolved_config_yaml(config))
     for split in prepared.values():
         m = split.entry.manifest

@@ -211,6 +211,20 @@ class TrainConfig:
                 "(eval/f1, max:eval/exact, min:eval/loss)"
             )
 
+    def steps_per_epoch(self, n_windows: int, world_size: int) -> int:
+        """Optimizer steps in one epoch of ``n_windows`` training windows on ``world_size``
+        processes (windows that do not fill a whole step are left out). Zero is an error: checked
+        as soon as the windows are known (``qa-dist launch`` with a warm cache, training before it
+        loads the model), since the config alone does not know them."""
+        steps = n_windows // (self.per_device_batch_size * world_size) // self.gradient_accumulation_steps
+        if steps == 0:
+            raise ConfigError(
+                f"{n_windows:,} training windows do not fill one optimizer step of {world_size} process(es) x "
+                f"train.per_device_batch_size {self.per_device_batch_size} x "
+                f"train.gradient_accumulation_steps {self.gradient_accumulation_steps}"
+            )
+        return steps
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -313,6 +327,13 @@ class RunConfig:
     """Metrics logging and wandb."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """How ``qa-dist launch`` starts the run."""
+
+    def __post_init__(self) -> None:
+        if self.train.keep_best is not None and not self.data.eval:
+            raise ConfigError(
+                f"train.keep_best: {_shown(self.train.keep_best)} needs data.eval (without evaluation there "
+                "is no best model to keep)"
+            )
 
 
 def _valid_keys(cls: type, prefix: str = "") -> list[str]:

@@ -30,7 +30,7 @@ from qa_dist.errors import ConfigError
 from qa_dist.fsutil import atomic_write
 from qa_dist.models import load_tokenizer, resolve_model_path
 from qa_dist.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
-from qa_dist.prepare import cache_is_warm
+from qa_dist.prepare import warm_entries
 
 
 def _package_dir(name: str) -> Path:
@@ -933,7 +933,11 @@ class LaunchPlan:
         cold = False
         if slurm:
             sbatch_output_dir(str(Path(config.run_dir).resolve()))  # (raises for a run_dir sbatch cannot carry)
-            cold = not cache_is_warm(config, load_tokenizer(config.model))
+        if check or slurm:
+            entries = warm_entries(config.data, load_tokenizer(config.model))
+            if entries.get("train") is not None:  # the windows are known: fail here, not on the cluster
+                config.train.steps_per_epoch(entries["train"]["num_features"], plan.num_processes)
+            cold = slurm and any(manifest is None for manifest in entries.values())
         return cls(
             config=config,
             config_path=config_path,

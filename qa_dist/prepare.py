@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from qa_dist.cache import Built, CacheEntry, FeatureCache, cache_key, check_entry, default_cache_dir
-from qa_dist.config import RunConfig
+from qa_dist.cache import Built, CacheEntry, FeatureCache, cache_key, check_entry, default_cache_dir, read_manifest
+from qa_dist.config import DataConfig
 from qa_dist.data.loading import load_source, source_fingerprint
 from qa_dist.dist import DistContext
 from qa_dist.errors import ConfigError
@@ -67,17 +67,15 @@ def examples_table(examples: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(examples, schema=EXAMPLE_SCHEMA)
 
 
-def _split_spec(config: RunConfig, role: str) -> tuple[str | None, str]:
-    data = config.data
+def _split_spec(data: DataConfig, role: str) -> tuple[str | None, str]:
     return (data.train, data.train_split) if role == "train" else (data.eval, data.eval_split)
 
 
-def split_key_parts(config: RunConfig, role: str, tokenizer_fp: str) -> dict | None:
+def split_key_parts(data: DataConfig, role: str, tokenizer_fp: str) -> dict | None:
     """What names the cache entry of one split (None when the config has no such split)."""
-    source, split = _split_spec(config, role)
+    source, split = _split_spec(data, role)
     if source is None:
         return None
-    data = config.data
     return {
         "role": role,
         "data": source_fingerprint(source, split),
@@ -91,33 +89,35 @@ def split_key_parts(config: RunConfig, role: str, tokenizer_fp: str) -> dict | N
     }
 
 
-def cache_is_warm(config: RunConfig, tokenizer) -> bool:
-    """Whether every split of ``config`` already has a whole entry in its cache (no reading of data
-    beyond fingerprinting it)."""
-    root = default_cache_dir(config.data.cache_dir)
+def warm_entries(data: DataConfig, tokenizer) -> dict[str, dict | None]:
+    """Each split of ``data`` (train, eval) to the manifest of its whole cache entry, or to None
+    where it has none yet (no reading of data beyond fingerprinting it)."""
+    root = default_cache_dir(data.cache_dir)
     fp = tokenizer_fingerprint(tokenizer)
+    entries = {}
     for role in ("train", "eval"):
-        parts = split_key_parts(config, role, fp)
-        if parts is not None and check_entry(root / cache_key(parts), cache_key(parts), full=False) is not None:
-            return False
-    return True
+        parts = split_key_parts(data, role, fp)
+        if parts is not None:
+            path, key = root / cache_key(parts), cache_key(parts)
+            entries[role] = read_manifest(path) if check_entry(path, key, full=False) is None else None
+    return entries
+
 
 
 def prepare_features(
-    config: RunConfig,
+    data: DataConfig,
     tokenizer,
     dist: DistContext | None = None,
     *,
     roles: tuple[str, ...] = ("train", "eval"),
     report: Reporter = SILENT,
 ) -> dict[str, PreparedSplit]:
-    """Open (or build, once per cache location) the feature cache entries of ``config``'s data.
+    """Open (or build, once per cache location) the feature cache entries of ``data``.
 
     Every rank of a job calls this; exactly one process per cache location tokenizes, the others
     memory-map its result. ``report``: where the stages and the tokenizer's progress go (rank
     zero's reporter; silent by default).
     """
-    data = config.data  # windows already checked when the config was built (DataConfig)
     cache = FeatureCache(
         default_cache_dir(data.cache_dir),
         dist,
@@ -128,11 +128,11 @@ def prepare_features(
     prepared = {}
 
     for role in roles:
-        source, split = _split_spec(config, role)
+        source, split = _split_spec(data, role)
         if source is None:
             continue
         started = time.perf_counter()
-        parts = split_key_parts(config, role, tok_fp)
+        parts = split_key_parts(data, role, tok_fp)
         key = cache_key(parts)
 
         def build(source=source, split=split, role=role, parts=parts) -> Built:

@@ -55,7 +55,7 @@ if args.per_rank_cache:
     overrides.append(f"data.cache_dir={args.out}/cache-rank{ctx.rank}")
 config = load_config(args.config, overrides)
 started = time.monotonic()
-prepared = prepare_features(config, load_tokenizer(config.model), ctx)
+prepared = prepare_features(config.data, load_tokenizer(config.model), ctx)
 report = {
     "rank": ctx.rank,
     "tokenize_calls": calls["tokenize"],

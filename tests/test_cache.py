@@ -54,7 +54,7 @@ def _config(tmp_path, train, tokenizer_dir, **data):
 
 
 def _prepare(config):
-    return prepare_features(config, load_tokenizer(config.model))
+    return prepare_features(config.data, load_tokenizer(config.model))
 
 
 def _keys(config):
@@ -384,7 +384,7 @@ def test_waiting_for_the_build_lock_is_bounded_by_cache_wait_timeout(tmp_path, s
     cache = tmp_path / "cache"
     config_path = _write_config(tmp_path, squad_file, minilm_dir, cache, cache_wait_timeout=1)
     config = load_config(str(config_path), [])
-    key = cache_key(split_key_parts(config, "train", tokenizer_fingerprint(load_tokenizer(config.model))))
+    key = cache_key(split_key_parts(config.data, "train", tokenizer_fingerprint(load_tokenizer(config.model))))
     (cache / ".locks").mkdir(parents=True)
     with open(cache / ".locks" / key, "a+") as held:  # another job is building this entry
         fcntl.flock(held, fcntl.LOCK_EX)

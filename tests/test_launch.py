@@ -402,3 +402,26 @@ def test_launch_plan_is_validated_when_built(tmp_path, no_gpu):
     with pytest.raises(ConfigError, match="Slurm launch"):
         plan.scripts()
     assert tuple(s for s in L.STRATEGY_CHOICES if s not in ("auto", "single")) == L.STRATEGIES
+
+
+def test_with_a_warm_cache_launch_refuses_a_plan_whose_windows_fill_no_step(tmp_path, tiny_model):
+    """The windows are known once the cache is warm: a batch plan that cannot fill one optimizer step
+    fails at launch (exit 2, one line), local or Slurm, not after the job waited in the queue."""
+    overrides = small_run_overrides(tiny_model, tmp_path / "run", tmp_path / "cache")
+    prepared = subprocess.run(
+        [sys.executable, "-m", "qa_dist", "prepare", "--quiet", "--config", str(CONFIG), *overrides],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    windows = int(prepared.stdout.split("windows ")[1].split()[0].replace(",", ""))
+    fits = _launch("--cpu", "--dry-run", *overrides, f"train.per_device_batch_size={windows // 2}")
+    assert fits.returncode == 0, fits.stderr
+    for mode in ([], ["--slurm"]):
+        done = _launch("--cpu", "--dry-run", *mode, *overrides, f"train.per_device_batch_size={windows // 2 + 1}")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"qa-dist: error: {windows:,} training windows do not fill one optimizer step of 2 process(es) x "
+            f"train.per_device_batch_size {windows // 2 + 1} x train.gradient_accumulation_steps 1"
+        )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO, small_run_overrides
 
-from qa_dist.batches import epoch_plan, micro_batches, steps_per_epoch
+from qa_dist.batches import epoch_plan, micro_batches
 from qa_dist.config import TrainConfig
 from qa_dist.errors import ConfigError
 from qa_dist.report import SilentReporter, reporter_for
@@ -73,7 +73,7 @@ def test_rank_checks_only_in_the_reporter_and_coordination():
 def test_micro_batches_resume_inside_an_epoch_where_the_fresh_run_was():
     lengths = np.random.default_rng(0).integers(20, 200, size=103)
     train = TrainConfig(per_device_batch_size=4, gradient_accumulation_steps=2, seed=7)
-    assert steps_per_epoch(len(lengths), train, 2) == 103 // 8 // 2 == 6
+    assert train.steps_per_epoch(len(lengths), 2) == 103 // 8 // 2 == 6
     fresh = micro_batches(lengths, train, rank=1, world_size=2)
     first = [next(fresh) for _ in range(30)]  # 12 usable micro-steps per epoch: into epoch 2
     resumed = micro_batches(lengths, train, rank=1, world_size=2, epoch=first[17][0], micro_step=first[17][1])
@@ -87,7 +87,7 @@ def test_micro_batches_resume_inside_an_epoch_where_the_fresh_run_was():
 def test_a_plan_that_fills_no_step_is_one_line_naming_the_keys():
     train = TrainConfig(per_device_batch_size=8, gradient_accumulation_steps=4)
     with pytest.raises(ConfigError, match=r"^63 training windows do not fill one optimizer step of 2 process") as e:
-        steps_per_epoch(63, train, 2)
+        train.steps_per_epoch(63, 2)
     assert "train.per_device_batch_size 8" in str(e.value) and "train.gradient_accumulation_steps 4" in str(e.value)
     with pytest.raises(ConfigError):
         next(micro_batches(np.ones(63, dtype=np.int64), train, 0, 2))

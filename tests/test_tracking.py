@@ -49,13 +49,15 @@ def test_wandb_is_on_with_a_project_or_when_listed():
 def test_keep_best_syntax():
     from qa_dist.train.checkpoint import parse_keep_best
 
-    assert load_config(None, ["train.keep_best=eval/f1"]).train.keep_best == "eval/f1"
+    assert load_config(None, ["train.keep_best=eval/f1", "data.eval=dev.json"]).train.keep_best == "eval/f1"
+    with pytest.raises(ConfigError, match=r"^train.keep_best: 'eval/f1' needs data.eval"):
+        load_config(None, ["train.keep_best=eval/f1"])
     assert parse_keep_best("eval/f1") == ("max", "eval/f1")
     assert parse_keep_best("min:eval/loss") == ("min", "eval/loss")
     assert parse_keep_best("max:eval/F1") == ("max", "eval/F1")
     for bad in ("f1", "best:eval/f1", "eval/"):
         with pytest.raises(ConfigError, match="train.keep_best"):
-            load_config(None, [f"train.keep_best={bad}"])
+            load_config(None, [f"train.keep_best={bad}", "data.eval=dev.json"])
 
 
 def test_qa_dist_config_takes_a_list_override():

@@ -263,7 +263,7 @@ class GatheredEvaluator(PeriodicEvaluator):
 
     def run(self, step: int, model) -> dict | None:
         if self.data is None:  # every rank opens the shared cache entry, once
-            entry = prepare_features(self.config, self.tokenizer, self.dist, roles=("eval",))["eval"].entry
+            entry = prepare_features(self.config.data, self.tokenizer, self.dist, roles=("eval",))["eval"].entry
             self.data = EvalData(entry.table("features"), entry.table("examples"))
         result = evaluate(
             lambda batch: self.forward(model, batch),

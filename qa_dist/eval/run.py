@@ -65,7 +65,7 @@ def evaluate_run(config: RunConfig, out_dir: Path | None = None, progress: bool 
     dist = current_context(init=True)
     report = reporter_for(dist.rank, progress)
     tokenizer = load_tokenizer(config.model)
-    entry = prepare_features(config, tokenizer, dist, roles=("eval",), report=report)["eval"].entry
+    entry = prepare_features(config.data, tokenizer, dist, roles=("eval",), report=report)["eval"].entry
     device = device_for(dist)
     model = load_qa_model(config.model).to(device).eval()
     return evaluate(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from accelerate.utils import set_seed
 
-from qa_dist.batches import FeatureColumns, micro_batches, steps_per_epoch
+from qa_dist.batches import FeatureColumns, micro_batches
 from qa_dist.config import RESOLVED_CONFIG, RunConfig, config_to_dict, resolved_config_yaml
 from qa_dist.dist import context_of, enable_tf32, fill_deepspeed_config, make_accelerator, max_over_ranks, to_device
 from qa_dist.eval.evaluator import GatheredEvaluator
@@ -40,7 +40,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
         timeout_seconds=t.collective_timeout,
-        log_with=trackers_for(config, run_dir) or None,
+        log_with=trackers_for(config.logging, run_dir) or None,
         project_dir=str(run_dir),
         compile=t.compile,
     )
@@ -52,9 +52,9 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
     report.write_text(run_dir / RESOLVED_CONFIG, resolved_config_yaml(config))
     clear_preempted_marker(report, run_dir)
     tokenizer = load_tokenizer(config.model)
-    prepared = prepare_features(config, tokenizer, context_of(acc), roles=("train",), report=report)
+    prepared = prepare_features(config.data, tokenizer, context_of(acc), roles=("train",), report=report)
     columns = FeatureColumns.from_table(prepared["train"].entry.table("features"))
-    per_epoch = steps_per_epoch(len(columns), t, acc.num_processes)  # before the model: a plan that fills no step
+    per_epoch = t.steps_per_epoch(len(columns), acc.num_processes)  # before the model: a plan that fills no step
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
 
     model = load_qa_model(

@@ -127,13 +127,13 @@ def tensorboard_wanted(config: LoggingConfig) -> bool:
     return True
 
 
-def trackers_for(config, run_dir) -> list:
+def trackers_for(config: LoggingConfig, run_dir) -> list:
     """What ``Accelerator(log_with=...)`` gets: ``"wandb"``, and a TensorBoardTracker writing to
     ``run_dir/tensorboard`` (its writer is only made on rank zero, by ``init_trackers``)."""
     chosen = []
-    if wandb_wanted(config.logging):
+    if wandb_wanted(config):
         chosen.append("wandb")
-    if tensorboard_wanted(config.logging):
+    if tensorboard_wanted(config):
         chosen.append(TensorBoardTracker(TENSORBOARD_DIR, str(run_dir)))
     return chosen
 
