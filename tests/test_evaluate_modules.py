@@ -251,3 +251,17 @@ def test_offline_from_another_directory(tmp_path):
         copies = list((hf_home / "modules" / "evaluate_modules" / "metrics" / name).glob(f"*/{name}.py"))
         assert len(copies) == 1
         assert copies[0].read_bytes() == (Path(out["paths"][name]) / f"{name}.py").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["squad", "squad_v2", "cmrc2018"])
+def test_add_and_add_batch_take_predictions_without_null_odds(name, squad11, squad20, cmrc, tmp_path):
+    """evaluate's incremental API, as a training loop would call it: one prediction at a time and in
+    batches, no_answer_probability left out, gives compute's numbers."""
+    sub = {"squad": squad11, "squad_v2": squad20, "cmrc2018": cmrc}[name][:120]
+    predictions, references, _, _ = _inputs(sub, chinese=name == "cmrc2018")
+    expected = _load(name, tmp_path).compute(predictions=predictions, references=references)
+    one_by_one = _load(name, tmp_path)
+    for prediction, reference in zip(predictions[:50], references[:50], strict=True):
+        one_by_one.add(prediction=prediction, reference=reference)
+    one_by_one.add_batch(predictions=predictions[50:], references=references[50:])
+    assert one_by_one.compute() == expected

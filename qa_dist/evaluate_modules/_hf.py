@@ -48,6 +48,20 @@ def with_na_slot_one(prediction):
     return with_na_slot([prediction])[0] if prediction is not None else None
 
 
+class OptionalNullOdds:
+    """The scripts' ``add``/``add_batch``: ``no_answer_probability`` may be left out. A mixin, not an
+    ``EvaluationModule``: evaluate's loader takes the first EvaluationModule class it finds in a
+    script as the metric, so a shared Metric base class imported there would be taken instead."""
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """Add a batch of predictions and references (no_answer_probability may be left out)."""
+        super().add_batch(predictions=with_na_slot(predictions), references=references, **kwargs)
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Add one prediction and its reference (no_answer_probability may be left out)."""
+        super().add(prediction=with_na_slot_one(prediction), reference=reference, **kwargs)
+
+
 def compute(predictions: list[dict], references: list[dict], metric: str, *, no_answer_threshold: float = 1.0) -> dict:
     """Score through ``qa_dist.metrics.score``; the result without its ``missing``/``missing_ids`` keys
     (the hub metrics' keys only): a reference without a prediction counts as wrong and is logged."""

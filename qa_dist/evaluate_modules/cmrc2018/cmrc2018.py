@@ -54,7 +54,7 @@ Examples:
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class Cmrc2018(evaluate.Metric):
+class Cmrc2018(_hf.OptionalNullOdds, evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -64,14 +64,6 @@ class Cmrc2018(evaluate.Metric):
             codebase_urls=["https://github.com/ymcui/cmrc2018"],
             reference_urls=["https://github.com/ymcui/cmrc2018"],
         )
-
-    def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """Add a batch of predictions and references (no_answer_probability may be left out)."""
-        super().add_batch(predictions=_hf.with_na_slot(predictions), references=references, **kwargs)
-
-    def add(self, *, prediction=None, reference=None, **kwargs):
-        """Add one prediction and its reference (no_answer_probability may be left out)."""
-        super().add(prediction=_hf.with_na_slot_one(prediction), reference=reference, **kwargs)
 
     def _compute(self, predictions, references):
         return _hf.compute(predictions, references, "cmrc")
