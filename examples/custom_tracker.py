@@ -1,16 +1,17 @@
-"""A custom metrics tracker, through Accelerate's own tracker API.
+"""A tracker of your own, passed to ``qa_dist.train.train(config, trackers=[...])``.
 
-qa-dist has no hook for a tracker of your own yet: ``qa-dist train`` logs to the console, wandb
-and TensorBoard (``logging.trackers``). Accelerate's API is what such a hook would take: subclass
-``accelerate.tracking.GeneralTracker`` (``name``, ``requires_logging_directory``, ``tracker``,
-``store_init_configuration``, ``log``, ``finish``) and pass an instance in
-``Accelerator(log_with=[...])``; ``init_trackers``, ``log`` and ``end_training`` call it on the
-main process only. Here it writes JSON Lines, in a short Accelerate loop over qa-dist's features.
+qa-dist logs to the console, wandb and TensorBoard (``logging.trackers``). Anything else plugs in
+through Accelerate's own tracker API: subclass ``accelerate.tracking.GeneralTracker`` (``name``,
+``requires_logging_directory``, ``tracker``, ``store_init_configuration``, ``log``, ``finish``) and
+pass instances to ``train``. They go into ``Accelerator(log_with=[...])`` beside the configured
+ones, so Accelerate calls them on the main process only; they receive the resolved run config once
+and every scalar the run logs (the step lines, and each evaluation's ``eval/`` numbers). Here:
+JSON Lines.
 
-Offline, on the Chinese sample shipped with qa-dist (a 2-layer BERT made from a config, qa-dist's
-character tokenizer), a few seconds on a CPU:
+Offline, on the Chinese sample shipped with qa-dist (a 2-layer BERT from scratch, character
+tokenizer), about 20 s on a CPU:
 
-    python examples/custom_tracker.py --max-steps 6
+    python examples/custom_tracker.py --max-steps 4
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, on_main_process
-from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, DataCollatorWithPadding
 
 import qa_dist
-from qa_dist.models import resolve_model_path
+from qa_dist.config import load_config
+from qa_dist.train import train
+
+RECIPE = Path(qa_dist.__file__).parent / "configs" / "runs" / "cpu_sample_zh.yaml"
 
 
 class JsonLinesTracker(GeneralTracker):
@@ -71,54 +71,32 @@ class JsonLinesTracker(GeneralTracker):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, default=20, help="optimizer steps to train")
-    parser.add_argument("--out", default="runs/examples/custom_tracker", help="where the tracker writes")
+    parser.add_argument("--out", default="runs/examples/custom_tracker", help="run directory")
     args = parser.parse_args()
 
-    tracker = JsonLinesTracker("train", args.out)
-    accelerator = Accelerator(cpu=True, log_with=[tracker])
-    hyperparameters = {"lr": 1e-3, "max_steps": args.max_steps, "max_length": 128, "doc_stride": 32}
-    accelerator.init_trackers("qa-dist-example", config=hyperparameters)
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("sample:zh-char-tokenizer"))
-    model = BertForQuestionAnswering(
-        BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=128,
-            max_position_embeddings=128,
-        )
+    out = Path(args.out)
+    config = load_config(
+        RECIPE,
+        [
+            f"run_dir={out}",
+            f"data.cache_dir={out / 'cache'}",
+            f"train.max_steps={args.max_steps}",
+            "logging.log_every=2",
+            "eval.every=0",  # evaluate once, at the end
+        ],
     )
-    features = qa_dist.build_train_features(
-        qa_dist.load_examples("sample:zh-train"), tokenizer, max_length=128, doc_stride=32
-    )
-    columns = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in features]
-    rows = [
-        {k: features[k][i] for k in (*columns, "start_positions", "end_positions")}
-        for i in range(len(features["input_ids"]))
-    ]
-    loader = DataLoader(rows, batch_size=16, shuffle=True, collate_fn=DataCollatorWithPadding(tokenizer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hyperparameters["lr"])
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-
-    model.train()
-    step = 0
-    while step < args.max_steps:
-        for batch in loader:
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            step += 1
-            accelerator.log({"train/loss": loss.item()}, step=step)  # reaches JsonLinesTracker.log
-            if step == args.max_steps:
-                break
-    accelerator.end_training()  # JsonLinesTracker.finish
-
-    if accelerator.is_main_process:
+    tracker = JsonLinesTracker("train", out / "jsonl")
+    result = train(config, trackers=[tracker])
+    if tracker.path.exists():  # the main process
         records = [json.loads(line) for line in tracker.path.read_text().splitlines()]
-        print(f"tracker wrote {len(records)} records to {tracker.path}; last: {records[-1]}")
+        steps = [r["step"] for r in records[1:]]
+        f1 = next((r["eval/F1"] for r in records if "eval/F1" in r), None)
+        if "config" not in records[0] or f1 is None:
+            raise SystemExit(f"{tracker.path}: the config or the evaluation did not reach the tracker")
+        print(
+            f"trained {result.steps} steps; tracker wrote {len(records)} records to {tracker.path} "
+            f"(the config, then steps {steps}); eval/F1 {f1:.2f}"
+        )
 
 
 if __name__ == "__main__":

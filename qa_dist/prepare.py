@@ -103,7 +103,6 @@ def warm_entries(data: DataConfig, tokenizer) -> dict[str, dict | None]:
     return entries
 
 
-
 def prepare_features(
     data: DataConfig,
     tokenizer,

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
     ("script", "args", "expected"),
     [
         ("custom_evaluator.py", ["--max-steps", "2", "--every", "1"], "trained 2 steps; last evaluated at step 2"),
-        ("custom_tracker.py", ["--max-steps", "2"], "tracker wrote 3 records to"),
+        ("custom_tracker.py", ["--max-steps", "4"], "(the config, then steps [2, 4, 4]); eval/F1 "),
         ("hf_trainer.py", ["--max-steps", "2", "--questions", "16"], "evaluate squad_v2: exact"),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +34,18 @@ class TrainResult:
     export_dir: Path | None
 
 
-def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
+def train(config: RunConfig, evaluator: Evaluator | None = None, trackers: Sequence = ()) -> TrainResult:
+    """One training run in the process group that launched it; every rank calls this. ``evaluator``
+    replaces the gathered EM/F1 evaluation of ``data.eval``; ``trackers``: your own
+    ``accelerate.tracking.GeneralTracker`` instances beside ``logging.trackers`` (Accelerate calls
+    them on the main process only): they get the resolved config and every logged scalar."""
     t = config.train
     run_dir = Path(config.run_dir)
     acc = make_accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
         timeout_seconds=t.collective_timeout,
-        log_with=trackers_for(config.logging, run_dir) or None,
+        log_with=[*trackers_for(config.logging, run_dir), *trackers] or None,
         project_dir=str(run_dir),
         compile=t.compile,
     )
@@ -79,7 +84,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None) -> TrainResult:
     checkpointer = Checkpointer(acc, run_dir, t.checkpoint_every, t.keep_checkpoints, scheduler)
     state = checkpointer.restore(config.resume) or TrainState()
     resolved = {**config_to_dict(config), "run": run_info(acc, t, n_params)}
-    tracker = make_tracker(acc, config, state, resolved, report)
+    tracker = make_tracker(acc, config, state, resolved, report, trackers)
     if evaluator is None and config.data.eval:
         evaluator = GatheredEvaluator(config, tokenizer, context_of(acc), lambda m, b: batch_logits(acc, m, b), report)
     evaluator = evaluator or NullEvaluator()

@@ -193,14 +193,17 @@ def _markdown(table, limit: int = 20) -> str:
 
 class MainTracker(NoopTracker):
     """Console lines, and the chosen trackers (wandb offline without an API key; TensorBoard under
-    run_dir/tensorboard). The best eval F1 and its step are kept in the trainer state (``state``),
-    so that a resumed run's summary knows the best of the part before it."""
+    run_dir/tensorboard; the caller's own Accelerate trackers, ``custom``, which get the resolved
+    config and every scalar). The best eval F1 and its step are kept in the trainer state
+    (``state``), so that a resumed run's summary knows the best of the part before it."""
 
-    def __init__(self, accelerator, config, state, resolved: dict, report: Reporter) -> None:
+    def __init__(self, accelerator, config, state, resolved: dict, report: Reporter, custom=()) -> None:
         self.accelerator = accelerator
         self.report = report
         self.use_wandb = wandb_wanted(config.logging)
         self.use_tensorboard = tensorboard_wanted(config.logging)
+        self.custom = tuple(custom)
+        self.any_tracker = self.use_wandb or self.use_tensorboard or bool(self.custom)
         self.state = state
         self.run_id = state.wandb_run_id or uuid.uuid4().hex[:8]
         state.wandb_run_id = self.run_id
@@ -209,7 +212,7 @@ class MainTracker(NoopTracker):
         self.keep_best = config.train.keep_best
         self.final_f1: tuple[float, int] | None = None
         self.bar = None
-        if not (self.use_wandb or self.use_tensorboard):
+        if not self.any_tracker:
             return
         init_kwargs = {}
         if self.use_wandb:
@@ -233,6 +236,8 @@ class MainTracker(NoopTracker):
             ) from e
         if self.use_wandb:
             accelerator.get_tracker("wandb").store_init_configuration(resolved)
+        for tracker in self.custom:
+            tracker.store_init_configuration(resolved)
         if self.use_tensorboard:
             # TensorBoard's hparams need flat scalars: the resolved config goes in as YAML text.
             text = yaml.safe_dump(resolved, sort_keys=False)
@@ -253,7 +258,7 @@ class MainTracker(NoopTracker):
         self._print(f"step {step}: {shown}")
         if (key := _f1_key(scalars)) is not None:
             self._note_f1(float(scalars[key]), step)
-        if not (self.use_wandb or self.use_tensorboard):
+        if not self.any_tracker:
             return
         if scalars:
             self.accelerator.log(scalars, step=step)
@@ -352,7 +357,7 @@ class MainTracker(NoopTracker):
         if (writer := self._writer()) and "best_eval_f1" in numbers and model_dir is not None:
             writer.add_scalar("summary/best_eval_f1", numbers["best_eval_f1"], global_step=numbers["best_eval_f1_step"])
             writer.add_text("summary", _markdown(_SummaryTable(summary)), global_step=self.state.step)
-        if self.use_wandb or self.use_tensorboard:
+        if self.any_tracker:
             self.accelerator.end_training()
         if self.use_wandb and self.mode == "offline":
             self._print(f"wandb ran offline; upload with: wandb sync {self.run_dir}/wandb/offline-run-*")
@@ -375,7 +380,8 @@ def run_info(accelerator, t: TrainConfig, n_params: int) -> dict:
     }
 
 
-def make_tracker(accelerator, config, state, resolved: dict, report: Reporter):
+def make_tracker(accelerator, config, state, resolved: dict, report: Reporter, custom=()):
     """``state``: the TrainState (its wandb run id is reused on a resume, and set here). Rank zero
-    (the rank whose reporter is not silent) gets the trackers; the others a no-op."""
-    return MainTracker(accelerator, config, state, resolved, report) if report.active else NoopTracker()
+    (the rank whose reporter is not silent) gets the trackers; the others a no-op. ``custom``: the
+    caller's ``accelerate.tracking.GeneralTracker`` instances, already passed to the Accelerator."""
+    return MainTracker(accelerator, config, state, resolved, report, custom) if report.active else NoopTracker()
