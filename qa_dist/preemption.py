@@ -54,6 +54,8 @@ class PreemptionFlag:
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
         self.signum = 0
         """The signal received here (0: none)."""
+        self.stopped_evaluation = False
+        """An evaluation was stopped (on every rank alike: they agree at the same batch)."""
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -69,7 +71,7 @@ class PreemptionFlag:
         try:
             yield
         except EvaluationStopped:
-            pass
+            self.stopped_evaluation = True
         finally:
             PreemptionFlag.active = None
 

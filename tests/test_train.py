@@ -301,6 +301,19 @@ def test_sigterm_during_evaluation_checkpoints_at_once(tmp_path, tiny_model, cac
     assert marker == {"step": 2, "signal": "SIGTERM", "exit_code": 75}
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-00000002"]
     assert took < 30, f"{took:.1f} s: {text[-2000:]}"
+    # The requeued run evaluates the stopped step first (its checkpoint says so), then trains on.
+    args = _args(tiny_model, cache_dir, tmp_path / "run", "train.max_steps=3", "resume=auto")[5:]
+    script = str(REPO / "tests" / "train_with_evaluator.py")
+    resumed = subprocess.run(
+        [*_launch("cpu_ddp"), script, str(tmp_path / "calls.json"), "2", "data.train=sample:en-train", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "calls.json").read_text()) == {"calls": [2, 3], "steps": 3}
 
 
 def test_wandb_mode_in_the_environment_wins_over_an_api_key(tmp_path, tiny_model, cache_dir):

@@ -79,6 +79,8 @@ class TrainState:
     """``train.keep_best`` as it was when ``best_value`` was reached at ``best_step``."""
     best_value: float | None = None
     best_step: int | None = None
+    eval_pending: bool = False
+    """A preemption stopped this step's evaluation: the resumed run evaluates the step first."""
 
 
 def _step_of(checkpoint: Path) -> int:

@@ -97,8 +97,41 @@ def train(config: RunConfig, evaluator: Evaluator | None = None, trackers: Seque
     keeper = BestKeeper(acc, run_dir, t.keep_best, checkpointer, export_best) if t.keep_best else None
     preemption = PreemptionFlag()
     meter, pad_id = Meter(), tokenizer.pad_token_id or 0
-    model.train()
+
+    def evaluate(run) -> None:
+        """The evaluator's ``maybe_run`` or ``finish`` at this step; a signal stops it on every rank
+        at the same batch. Every rank calls this."""
+        metrics = None
+        with preemption.evaluation():
+            metrics = run(state.step, model)
+        if metrics is not None:
+            tracker.log(metrics, state.step)
+        # Every rank, after each evaluation (any step, for an evaluator that does not say when it
+        # last ran): rank zero's metrics decide.
+        if keeper is not None and getattr(evaluator, "last_step", state.step) == state.step:
+            keeper.update(metrics, state)
+
+    def stop_if_preempted() -> TrainResult | None:
+        """Every rank learns whether any rank was signalled, so all save and stop together. A step
+        already checkpointed (the last, or the one resumed from) is not saved again."""
+        if not (signum := max_over_ranks(preemption.signum, acc.device)):
+            return None
+        state.eval_pending = preemption.stopped_evaluation
+        checkpointer.ensure_saved(state)
+        write_preempted_marker(report, run_dir, state.step, signal.Signals(signum).name)
+        # No rank exits (75) before the marker exists: on several nodes srun's --kill-on-bad-exit
+        # would otherwise end rank zero before it wrote it, and no requeue.
+        acc.wait_for_everyone()
+        tracker.finish()
+        return TrainResult(state.step, preempted=True, export_dir=None)
+
     try:
+        if state.eval_pending:  # the checkpointed step's evaluation, which the preemption stopped
+            state.eval_pending = False
+            evaluate(evaluator.maybe_run)
+            if stopped := stop_if_preempted():
+                return stopped
+        model.train()
         positions = micro_batches(
             columns.lengths, t, acc.process_index, acc.num_processes, epoch=state.epoch, micro_step=state.micro_step
         )
@@ -124,37 +157,14 @@ def train(config: RunConfig, evaluator: Evaluator | None = None, trackers: Seque
             if state.step % config.logging.log_every == 0 or state.step == total_steps:
                 tracker.log(step_metrics(meter, acc, scheduler, epoch, grad_norm, n_params), state.step)
                 meter.reset()
-            metrics = None
-            with preemption.evaluation():  # a signal stops it on every rank, at the same batch
-                metrics = evaluator.maybe_run(state.step, model)
-            if metrics is not None:
-                tracker.log(metrics, state.step)
-            if keeper is not None and getattr(evaluator, "last_step", None) == state.step:
-                keeper.update(metrics, state)  # every rank: rank zero's metrics decide
-            # Every rank learns whether any rank was signalled, so all save and stop together.
-            if signum := max_over_ranks(preemption.signum, acc.device):
-                checkpointer.save(state)
-                write_preempted_marker(report, run_dir, state.step, signal.Signals(signum).name)
-                # No rank exits (75) before the marker exists: on several nodes srun's
-                # --kill-on-bad-exit would otherwise end rank zero before it wrote it, and no requeue.
-                acc.wait_for_everyone()
-                tracker.finish()
-                return TrainResult(state.step, preempted=True, export_dir=None)
+            evaluate(evaluator.maybe_run)
+            if stopped := stop_if_preempted():
+                return stopped
             checkpointer.maybe_save(state)
         checkpointer.ensure_saved(state)
-        metrics = None
-        with preemption.evaluation():
-            metrics = evaluator.finish(state.step, model)
-        if metrics is not None:
-            tracker.log(metrics, state.step)
-        if keeper is not None:
-            keeper.update(metrics, state)
-        if signum := max_over_ranks(preemption.signum, acc.device):
-            # The last checkpoint is this step's; the requeued run evaluates and exports.
-            write_preempted_marker(report, run_dir, state.step, signal.Signals(signum).name)
-            acc.wait_for_everyone()  # the marker first, as above
-            tracker.finish()
-            return TrainResult(state.step, preempted=True, export_dir=None)
+        evaluate(evaluator.finish)
+        if stopped := stop_if_preempted():  # the requeued run evaluates (finish) and exports
+            return stopped
         export_dir = run_dir / "model"
         export_model(acc, model, tokenizer, export_dir, data=config.data)
         sample = columns.batch(np.arange(min(8, len(columns))), pad_id)
