@@ -328,7 +328,11 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """How ``qa-dist launch`` starts the run."""
 
-    def __post_init__(self) -> None:
+    def check_keep_best(self) -> None:
+        """``train.keep_best`` with qa-dist's own evaluation needs ``data.eval`` (without it nothing
+        is evaluated and no best model kept). Not a rule of the config alone: an evaluator of your
+        own, passed to ``train``, brings its own metrics. ``qa-dist launch`` and ``train`` (without
+        such an evaluator) check it before any work."""
         if self.train.keep_best is not None and not self.data.eval:
             raise ConfigError(
                 f"train.keep_best: {_shown(self.train.keep_best)} needs data.eval (without evaluation there "

@@ -924,6 +924,7 @@ class LaunchPlan:
                 if choice.checkpointing and not config.train.gradient_checkpointing:
                     overrides.append("train.gradient_checkpointing=true")
         check_nvme_path(strategy, config.launch.nvme_path)
+        config.check_keep_best()  # launch runs qa-dist train, with qa-dist's own evaluation
         plan = Plan(strategy=strategy, nodes=nodes, processes_per_node=per_node, cpu=cpu)
         _ = plan.accelerate_config  # (raises for strategies without a CPU path)
         if check:
@@ -933,11 +934,14 @@ class LaunchPlan:
         cold = False
         if slurm:
             sbatch_output_dir(str(Path(config.run_dir).resolve()))  # (raises for a run_dir sbatch cannot carry)
-        if check or slurm:
+            # Fingerprinting the data (hashing files, asking the hub about a dataset name) is paid
+            # here for the prepare job's sake; a local launch leaves the one-step check to training,
+            # which makes it before the model loads.
             entries = warm_entries(config.data, load_tokenizer(config.model))
-            if entries.get("train") is not None:  # the windows are known: fail here, not on the cluster
-                config.train.steps_per_epoch(entries["train"]["num_features"], plan.num_processes)
-            cold = slurm and any(manifest is None for manifest in entries.values())
+            windows = (entries.get("train") or {}).get("num_features")
+            if isinstance(windows, int):  # known from a warm cache: fail here, not after the queue
+                config.train.steps_per_epoch(windows, plan.num_processes)
+            cold = any(manifest is None for manifest in entries.values())
         return cls(
             config=config,
             config_path=config_path,

@@ -4,9 +4,10 @@ Every process holds a reporter, made once where the process learns its rank (``r
 Rank zero's prints and writes; every other rank's is a ``SilentReporter`` whose methods do nothing
 (torchtitan's loggers work the same way), so components carry no ``if rank == 0`` of their own.
 
-Rank checks left elsewhere are coordination, not output: which rank writes a checkpoint's markers
-between its barriers (``train/checkpoint.py``), ``save_pretrained(is_main_process=...)`` in the
-export, which process builds a cache entry (``cache.py``), the rank a gather goes to (``dist.py``).
+Rank checks left elsewhere belong to components that write their own artifacts inside a collective
+protocol: the checkpointer (its markers between barriers, pruning, ``best/``, and its warnings
+through ``logging``), the export (``save_pretrained(is_main_process=...)``, ``export_check.json``),
+the cache (which process builds an entry) and ``dist`` (the rank a gather goes to).
 """
 
 from __future__ import annotations

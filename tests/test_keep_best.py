@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,47 @@ def test_pruning_never_deletes_the_best_checkpoint(tmp_path):
         (path / STATE).write_text("{}")
     Checkpointer(_OneProcess(), tmp_path, every=2, keep=2)._prune(root / "step-00000008", keep_step=2)
     assert sorted(p.name for p in complete_checkpoints(tmp_path)) == ["step-00000002", "step-00000006", "step-00000008"]
+
+
+def test_keep_best_without_data_eval_needs_an_evaluator_of_your_own(tmp_path, tiny_model):
+    """A custom evaluator brings its own metric: keep_best works without data.eval. Without one,
+    qa-dist train and qa-dist launch refuse it before any work (nothing would be evaluated)."""
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    overrides = _args(tiny_model, cache, run_dir, "train.max_steps=2", "data.eval=null")[5:]
+    keep = "train.keep_best=max:eval/score"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "tests" / "train_with_evaluator.py")
+    done = subprocess.run(
+        [sys.executable, script, str(tmp_path / "calls.json"), "1", "data.train=sample:en-train", *overrides, keep],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    assert (best["metric"], best["value"], best["step"]) == ("eval/score", 2.0, 2)
+    for command in (["train"], ["launch", "--cpu", "--dry-run", "--no-check"]):
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qa_dist",
+                *command,
+                "--config",
+                _args(tiny_model, cache, run_dir)[4],
+                *overrides,
+                keep,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=300,
+        )
+        assert refused.returncode == 2, (command, refused.stderr[-3000:])
+        assert refused.stderr.strip().splitlines()[-1] == (
+            "qa-dist: error: train.keep_best: 'max:eval/score' needs data.eval (without evaluation there is no "
+            "best model to keep)"
+        )

@@ -406,7 +406,8 @@ def test_launch_plan_is_validated_when_built(tmp_path, no_gpu):
 
 def test_with_a_warm_cache_launch_refuses_a_plan_whose_windows_fill_no_step(tmp_path, tiny_model):
     """The windows are known once the cache is warm: a batch plan that cannot fill one optimizer step
-    fails at launch (exit 2, one line), local or Slurm, not after the job waited in the queue."""
+    fails at a Slurm launch (exit 2, one line), not after the job waited in the queue. A local launch
+    does not fingerprint the data for it: training checks before it loads the model."""
     overrides = small_run_overrides(tiny_model, tmp_path / "run", tmp_path / "cache")
     prepared = subprocess.run(
         [sys.executable, "-m", "qa_dist", "prepare", "--quiet", "--config", str(CONFIG), *overrides],
@@ -418,8 +419,10 @@ def test_with_a_warm_cache_launch_refuses_a_plan_whose_windows_fill_no_step(tmp_
     windows = int(prepared.stdout.split("windows ")[1].split()[0].replace(",", ""))
     fits = _launch("--cpu", "--dry-run", *overrides, f"train.per_device_batch_size={windows // 2}")
     assert fits.returncode == 0, fits.stderr
-    for mode in ([], ["--slurm"]):
-        done = _launch("--cpu", "--dry-run", *mode, *overrides, f"train.per_device_batch_size={windows // 2 + 1}")
+    too_big = f"train.per_device_batch_size={windows // 2 + 1}"
+    assert _launch("--cpu", "--dry-run", *overrides, too_big).returncode == 0
+    for slurm in (["--slurm"], ["--slurm", "--no-check"]):
+        done = _launch("--cpu", "--dry-run", *slurm, *overrides, too_big)
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip().splitlines()[-1] == (
             f"qa-dist: error: {windows:,} training windows do not fill one optimizer step of 2 process(es) x "

@@ -40,6 +40,8 @@ def train(config: RunConfig, evaluator: Evaluator | None = None, trackers: Seque
     ``accelerate.tracking.GeneralTracker`` instances beside ``logging.trackers`` (Accelerate calls
     them on the main process only): they get the resolved config and every logged scalar."""
     t = config.train
+    if evaluator is None:
+        config.check_keep_best()
     run_dir = Path(config.run_dir)
     acc = make_accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
