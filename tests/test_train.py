@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from wandb_log import config, history, records, run_ids
 
 from qa_dist import load_examples
-from qa_dist.config import EvalConfig
+from qa_dist.config import EvalConfig, TrainConfig
 from qa_dist.train.checkpoint import COMPLETE, complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -520,3 +520,19 @@ def test_progress_bar_on_a_terminal_and_none_in_logs(tmp_path, tiny_model, cache
     _, logged = single_run
     assert logged.returncode == 0, logged.stderr[-3000:]
     assert "step 4: loss" in logged.stderr and "training:" not in logged.stderr.replace("training on", "")
+
+
+def test_adamw_is_fused_on_cpu_and_cuda_unless_the_parameters_are_sharded():
+    """The Trainer's default, and 4x faster on the CPU for MiniLM (17-19 against 74-97 ms a step);
+    DeepSpeed and FSDP keep the default kernel (they own flat or DTensor parameters)."""
+    from qa_dist.train.optim import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    fused = make_optimizer(model, TrainConfig(), device_type="cpu")
+    assert fused.defaults["fused"] is True
+    assert [len(g["params"]) for g in fused.param_groups] == [1, 3]  # weight; bias and LayerNorm
+    fused.zero_grad()
+    model(torch.ones(2, 4)).sum().backward()
+    fused.step()  # the CPU kernel exists in this torch
+    assert not make_optimizer(model, TrainConfig(), device_type="cpu", sharded=True).defaults["fused"]
+    assert not make_optimizer(model, TrainConfig(fused_adamw=False), device_type="cpu").defaults["fused"]

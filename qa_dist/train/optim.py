@@ -26,10 +26,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def use_fused_adamw(config: TrainConfig, device_type: str, sharded: bool) -> bool:
-    """AdamW's fused kernel: on CUDA only, and not where DeepSpeed or FSDP own the parameters
-    (ZeRO steps its own flat partitions, possibly offloaded to the CPU; FSDP2's parameters are
-    DTensors): there the default (foreach) implementation is kept."""
-    return config.fused_adamw and device_type == "cuda" and not sharded
+    """AdamW's fused kernel on CUDA and on the CPU (where the Trainer picks it too: for MiniLM's 22M
+    parameters 17-19 ms a step here, against 74-97 ms for the default foreach one), and not where
+    DeepSpeed or FSDP own the parameters (ZeRO steps its own flat partitions, possibly offloaded;
+    FSDP2's parameters are DTensors): there the default implementation is kept."""
+    return config.fused_adamw and device_type in ("cuda", "cpu") and not sharded
 
 
 def make_optimizer(
