@@ -50,13 +50,15 @@ Trainer's recorded batch order (seed 42) 14.4, the Trainer itself (its order and
 steps of lr 5e-4 the model is still at the edge of predicting CLS everywhere, so comparing the F1 of
 two differently sampled runs measures that luck; ``--trainer-order own`` reproduces it.
 
-Measured on the shared 2-core machine (load average 3.3-4.1 from other engineers' work, ``uptime``;
-2 repeats took 27 min), default ``--trainer-order qa-dist``: qa-dist 4.71 / 4.58 windows/s against
-the Trainer's 3.20 / 2.77 (best of 2: 1.47x; per repeat 1.47x, 1.66x; the Trainer's step times
-ranged 0.5-8 s under the load, so the ratio is noisy). Dev F1 (300 questions): qa-dist 8.0 / 8.1,
-Trainer 8.0 / 8.1 (EM 4.3 / 3.7 on both) on seeds 42 / 43; training loss per step equal to
-qa-dist's logged 4 digits (mean 2.948 / 3.032 on both sides): both sides' models collapse to CLS
-the same way at 80 steps.
+Measured on the 2-core machine, quiet (load average 1.9 at the end; 2 repeats in 7 min), default
+``--trainer-order qa-dist``: qa-dist 16.00 / 15.33 windows/s against the Trainer's 15.89 / 15.47
+(best of 2: 1.01x; per repeat 1.01x, 0.99x; each side varied 3-4% between its repeats). Before
+qa-dist used fused AdamW on the CPU, as the Trainer does, the same run gave 0.88x (12.99 / 12.74
+against 14.54 / 14.71): the foreach kernel took 74-97 ms a step against the fused one's 17-19 ms.
+Dev F1 (300 questions): qa-dist 8.0 / 8.1, Trainer 8.0 / 8.1 (EM 4.3 / 3.7 on both) on seeds
+42 / 43; training loss per step equal to qa-dist's logged 4 digits (mean 2.948 / 3.032 on both
+sides): both sides' models collapse to CLS the same way at 80 steps, so this F1 shows the two
+trainings are the same, not how good either model is (that needs more steps).
 """
 
 from __future__ import annotations
