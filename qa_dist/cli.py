@@ -66,7 +66,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from qa_dist.config import RESOLVED_CONFIG, load_config, resolved_config_yaml
+    from qa_dist.config import load_config, resolved_config_record
     from qa_dist.dist import current_context
     from qa_dist.models import check_window_fits, load_tokenizer
     from qa_dist.prepare import prepare_features
@@ -79,7 +79,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(config.model)
     started = time.perf_counter()
     prepared = prepare_features(config.data, tokenizer, dist, report=report)
-    written = report.write_text(Path(config.run_dir) / RESOLVED_CONFIG, resolved_config_yaml(config))
+    written = report.write_text(*resolved_config_record(config))
     for split in prepared.values():
         m = split.entry.manifest
         state = "built" if split.entry.built_here else "verified (warm)"

@@ -506,10 +506,14 @@ def resolved_config_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
 
+def resolved_config_record(config: RunConfig, run_dir: str | Path | None = None) -> tuple[Path, str]:
+    """Where the resolved config goes (``<run_dir>/config.yaml``) and its text, for a reporter to write."""
+    return Path(run_dir if run_dir is not None else config.run_dir) / RESOLVED_CONFIG, resolved_config_yaml(config)
+
+
 def write_resolved_config(config: RunConfig, run_dir: str | Path | None = None) -> Path:
     """Write the resolved config to ``<run_dir>/config.yaml``."""
-    out_dir = Path(run_dir if run_dir is not None else config.run_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / RESOLVED_CONFIG
-    atomic_write(target, resolved_config_yaml(config))
+    target, text = resolved_config_record(config, run_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, text)
     return target

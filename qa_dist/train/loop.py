@@ -12,7 +12,7 @@ import numpy as np
 from accelerate.utils import set_seed
 
 from qa_dist.batches import FeatureColumns, micro_batches
-from qa_dist.config import RESOLVED_CONFIG, RunConfig, config_to_dict, resolved_config_yaml
+from qa_dist.config import RunConfig, config_to_dict, resolved_config_record
 from qa_dist.dist import context_of, enable_tf32, fill_deepspeed_config, make_accelerator, max_over_ranks, to_device
 from qa_dist.eval.evaluator import GatheredEvaluator
 from qa_dist.eval.hooks import Evaluator, NullEvaluator, PeriodicEvaluator
@@ -56,7 +56,7 @@ def train(config: RunConfig, evaluator: Evaluator | None = None, trackers: Seque
         enable_tf32()
     set_seed(t.seed)
     report = reporter_for(acc.process_index)
-    report.write_text(run_dir / RESOLVED_CONFIG, resolved_config_yaml(config))
+    report.write_text(*resolved_config_record(config))
     clear_preempted_marker(report, run_dir)
     tokenizer = load_tokenizer(config.model)
     prepared = prepare_features(config.data, tokenizer, context_of(acc), roles=("train",), report=report)
