@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate.utils import is_compiled_module
 from transformers import AutoModelForQuestionAnswering
 
 from qa_dist.config import DataConfig
@@ -21,6 +22,11 @@ def export_model(accelerator, model, tokenizer, out_dir: Path, data: DataConfig 
     """Config, safetensors weights and tokenizer files that ``from_pretrained`` and
     ``pipeline("question-answering")`` load, and the windows of ``data`` it was trained on. Every rank calls this: under ZeRO-3 the full weights
     are gathered collectively (stage3_gather_16bit_weights_on_model_save), or the export is empty."""
+    # train.compile: Accelerate's get_state_dict and unwrap_model keep torch.compile's wrapper (1.15),
+    # whose keys gain "_orig_mod.", which from_pretrained does not recognise: it would initialise
+    # every weight afresh. The module inside holds the same parameters.
+    if is_compiled_module(model):
+        model = model._orig_mod
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         empty = [name for name, tensor in state_dict.items() if tensor.numel() == 0]
