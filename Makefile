@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/postprocess.py
 	$(BIN)/python bench/gather_bytes.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/trainer_compare.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/compile.py
 
 clean:
 	rm -rf .qa-dist-cache runs .pytest_cache .ruff_cache
