@@ -574,3 +574,19 @@ def test_compiled_training_exports_every_weight_and_resumes_exactly(tmp_path, ti
     # dynamic-shape one, with another reduction order (1.3e-9 seen).
     worst = max(float((again[k] - exported[k]).abs().max()) for k in exported)
     assert worst <= 1e-6, worst
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("flash_attn") is not None, reason="flash-attn is installed here"
+)
+def test_an_attention_kernel_that_cannot_load_is_one_line_naming_the_switch(tmp_path, tiny_model, cache_dir):
+    """transformers raises ImportError for flash_attention_2 without the flash-attn package: the
+    user's switch is named, exit 2, no traceback, and no training starts."""
+    done = _run(
+        [sys.executable, *_args(tiny_model, cache_dir, tmp_path / "run", "train.attn_implementation=flash_attention_2")]
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("qa-dist: error:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert lines[0].startswith("qa-dist: error: train.attn_implementation=flash_attention_2: "), lines[0]
+    assert "step 1" not in done.stderr and not (tmp_path / "run" / "model").exists()
