@@ -128,8 +128,9 @@ def make_accelerator(
         log_with=log_with,
         project_dir=project_dir,
         # torch.compile through Accelerate: it compiles after wrapping (DDP, FSDP) or asks the
-        # DeepSpeed engine to, and unwrap_model/get_state_dict see through it for the export.
-        dynamo_backend="inductor" if compile else None,
+        # DeepSpeed engine to (the export drops the compile wrapper's names). "no", not None: None
+        # lets an accelerate config or ACCELERATE_DYNAMO_BACKEND compile a run that said compile=false.
+        dynamo_backend="inductor" if compile else "no",
     )
     import torch.distributed as dist
 

@@ -157,39 +157,45 @@ def load_qa_model(model: ModelConfig, *, tokenizer=None, for_training: bool = Fa
 
     attention = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
 
-    def attention_error(e: Exception) -> ConfigError | None:
-        # transformers refuses a kernel whose package is missing (ImportError: flash-attn) or that
-        # the architecture lacks (ValueError naming the implementation): the user's switch, not
-        # the model, is what to change.
-        text = str(e)
-        if attention and (isinstance(e, ImportError) or attn_implementation in text or "attention" in text.lower()):
-            first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-            return ConfigError(f"train.attn_implementation={attn_implementation}: {first}")
-        return None
-
-    if for_training and model.init == "scratch":
-        if tokenizer is None:
-            raise ValueError("init=scratch needs the tokenizer (its vocabulary size)")
-        config = scratch_config(model.scratch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-        try:
-            return AutoModelForQuestionAnswering.from_config(config, **attention)
-        except (ImportError, ValueError) as e:
-            raise (attention_error(e) or e) from None
-    name = resolve_model_path(model.name_or_path)
-    try:
+    def load(**kwargs):
+        if for_training and model.init == "scratch":
+            config = scratch_config(model.scratch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+            return AutoModelForQuestionAnswering.from_config(config, **kwargs)
         return AutoModelForQuestionAnswering.from_pretrained(
-            name, revision=model.revision, trust_remote_code=model.trust_remote_code, **attention
+            resolve_model_path(model.name_or_path),
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
+            **kwargs,
         )
+
+    if for_training and model.init == "scratch" and tokenizer is None:
+        raise ValueError("init=scratch needs the tokenizer (its vocabulary size)")
+    try:
+        return load(**attention)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        if (refused := attention_error(e)) is not None:
-            raise refused from None
-        if isinstance(e, ImportError):
+        # transformers refuses a kernel whose package is missing (flash-attn: ImportError) or that
+        # the architecture lacks (ValueError): when the same load works without the switch, the
+        # switch is what to change. Matching messages instead would blame it for any error that
+        # happens to mention attention (a head count, a path).
+        if attention:
+            try:
+                load()
+            except Exception:
+                pass
+            else:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"train.attn_implementation={attn_implementation}: {first}") from None
+        if for_training and model.init == "scratch":
             raise
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ""
         if not for_training and model.init == "scratch":
             hint = " (init=scratch builds a model for training only: evaluate the trained one, RUN_DIR/model)"
-        elif for_training and not Path(name, "config.json").exists() and Path(name).is_dir():
+        elif (
+            for_training
+            and (name := Path(resolve_model_path(model.name_or_path))).is_dir()
+            and not (name / "config.json").exists()
+        ):
             hint = " (a tokenizer without a model: train from random weights with model.init=scratch)"
         raise ConfigError(
             f"model.name_or_path: cannot load a question answering model from {model.name_or_path!r}: "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,8 +63,8 @@ def _launch(strategy: str) -> list[str]:
     ]
 
 
-def _run(cmd, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(cmd, timeout=600, **extra_env):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
@@ -543,13 +544,21 @@ def test_compiled_training_exports_every_weight_and_resumes_exactly(tmp_path, ti
     """train.compile on the CPU (inductor): Accelerate keeps torch.compile's wrapper when it hands
     out the state dict, whose keys gain "_orig_mod."; the export must carry the plain names (or
     from_pretrained initialises every weight afresh and the export check fails). The compiled run
-    also checkpoints and resumes to the uninterrupted run's weights, to rounding."""
+    also checkpoints and resumes to the uninterrupted run's weights, to rounding. train.compile=false
+    compiles nothing, even where the environment asks Accelerate to."""
     from transformers import AutoModelForQuestionAnswering
 
     steps = ["train.max_steps=4", "train.checkpoint_every=2", "train.compile=true", "data.eval=null"]
     straight_dir = tmp_path / "straight"
-    straight = _run([sys.executable, *_args(tiny_model, cache_dir, straight_dir, *steps)])
+    # Regional compilation (each block compiled, "_orig_mod." inside the names) here, the whole
+    # model in the resumed run; TORCH_LOGS shows that dynamo really compiled (a new length recompiles).
+    straight = _run(
+        [sys.executable, *_args(tiny_model, cache_dir, straight_dir, *steps)],
+        TORCH_LOGS="recompiles",
+        ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION="true",
+    )
     assert straight.returncode == 0, straight.stderr[-4000:]
+    assert "Recompiling function" in straight.stderr
     exported = load_file(str(straight_dir / "model" / "model.safetensors"))
     expected = AutoModelForQuestionAnswering.from_pretrained(str(tiny_model)).state_dict()
     assert set(exported) == set(expected), sorted(set(exported) ^ set(expected))[:4]
@@ -563,17 +572,28 @@ def test_compiled_training_exports_every_weight_and_resumes_exactly(tmp_path, ti
     step2 = straight_dir / "checkpoints" / "step-00000002"
     assert step2 in complete_checkpoints(straight_dir)
     subprocess.run(["cp", "-a", str(step2), str(resumed_dir / "checkpoints")], check=True)
-    resumed = _run([sys.executable, *_args(tiny_model, cache_dir, resumed_dir, *steps, "resume=auto")])
+    resumed = _run(
+        [sys.executable, *_args(tiny_model, cache_dir, resumed_dir, *steps, "resume=auto")], TORCH_LOGS="recompiles"
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "resumed from" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "Recompiling function" in resumed.stderr
     assert "step 4: loss" in resumed.stderr and "step 2: loss" not in resumed.stderr  # only steps 3-4 ran
     again = load_file(str(resumed_dir / "model" / "model.safetensors"))
     assert again.keys() == exported.keys()
-    # Not bit for bit, unlike eager runs: the resumed process meets a new sequence length first and
-    # compiles a static-shape kernel for step 3 where the straight run had moved on to its
-    # dynamic-shape one, with another reduction order (1.3e-9 seen).
+    # Not bit for bit, unlike eager runs: the resumed process compiles the whole model where the
+    # straight run compiled each block, and meets a new sequence length first, so step 3 runs
+    # kernels with other reduction orders (1.3e-9 seen with whole-model compilation on both sides).
     worst = max(float((again[k] - exported[k]).abs().max()) for k in exported)
     assert worst <= 1e-6, worst
+
+    # The same run with compile off, where an accelerate config's dynamo backend would compile it.
+    eager = _run(
+        [sys.executable, *_args(tiny_model, cache_dir, tmp_path / "eager", *steps, "train.compile=false")],
+        TORCH_LOGS="recompiles",
+        ACCELERATE_DYNAMO_BACKEND="INDUCTOR",
+    )
+    assert eager.returncode == 0, eager.stderr[-4000:]
+    assert "step 4: loss" in eager.stderr and "Recompiling function" not in eager.stderr
 
 
 @pytest.mark.skipif(
@@ -590,3 +610,19 @@ def test_an_attention_kernel_that_cannot_load_is_one_line_naming_the_switch(tmp_
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert lines[0].startswith("qa-dist: error: train.attn_implementation=flash_attention_2: "), lines[0]
     assert "step 1" not in done.stderr and not (tmp_path / "run" / "model").exists()
+
+
+def test_an_error_that_only_mentions_attention_is_not_blamed_on_the_switch(tmp_path, tiny_model):
+    """The switch is blamed only when the same load works without it: a head count that does not
+    divide the hidden size, or a path with "attention" in it, stay the model's errors."""
+    from qa_dist.config import ConfigError, ModelConfig
+    from qa_dist.models import load_qa_model
+
+    bad = tmp_path / "bad-heads"
+    shutil.copytree(tiny_model, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
+    for name in (bad, tmp_path / "no-attention-model-here"):
+        with pytest.raises(ConfigError) as refused:
+            load_qa_model(ModelConfig(name_or_path=str(name)), attn_implementation="eager")
+        assert str(refused.value).startswith("model.name_or_path: cannot load"), refused.value

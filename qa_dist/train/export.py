@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate.utils import is_compiled_module
 from transformers import AutoModelForQuestionAnswering
 
 from qa_dist.config import DataConfig
@@ -22,12 +21,11 @@ def export_model(accelerator, model, tokenizer, out_dir: Path, data: DataConfig 
     """Config, safetensors weights and tokenizer files that ``from_pretrained`` and
     ``pipeline("question-answering")`` load, and the windows of ``data`` it was trained on. Every rank calls this: under ZeRO-3 the full weights
     are gathered collectively (stage3_gather_16bit_weights_on_model_save), or the export is empty."""
-    # train.compile: Accelerate's get_state_dict and unwrap_model keep torch.compile's wrapper (1.15),
-    # whose keys gain "_orig_mod.", which from_pretrained does not recognise: it would initialise
-    # every weight afresh. The module inside holds the same parameters.
-    if is_compiled_module(model):
-        model = model._orig_mod
-    state_dict = accelerator.get_state_dict(model)
+    # train.compile: Accelerate's get_state_dict keeps torch.compile's wrappers (1.15), whose names
+    # gain "_orig_mod." (at the top, or inside each block under regional compilation), which
+    # from_pretrained does not recognise: it would initialise every weight afresh. Dropped as
+    # torch.distributed.checkpoint drops them.
+    state_dict = {_without_compile_prefix(k): v for k, v in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
         empty = [name for name, tensor in state_dict.items() if tensor.numel() == 0]
         if empty:
@@ -35,7 +33,7 @@ def export_model(accelerator, model, tokenizer, out_dir: Path, data: DataConfig 
                 f"export would hold empty tensors ({empty[:3]}...): enable "
                 "stage3_gather_16bit_weights_on_model_save in the DeepSpeed config"
             )
-        accelerator.unwrap_model(model).save_pretrained(
+        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
             str(out_dir),
             state_dict=state_dict,
             safe_serialization=True,
@@ -45,6 +43,10 @@ def export_model(accelerator, model, tokenizer, out_dir: Path, data: DataConfig 
         if data is not None:  # predict and the pipeline use them: no model trained at 128 run at 384
             record_windows(out_dir, data.max_length, data.doc_stride)
     accelerator.wait_for_everyone()
+
+
+def _without_compile_prefix(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 @contextlib.contextmanager

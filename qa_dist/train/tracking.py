@@ -77,8 +77,12 @@ class Meter:
 def step_metrics(meter: Meter, acc, scheduler, epoch: int, grad_norm, n_params: int) -> dict:
     """What is logged every log_every steps. Every rank calls this: the counts are summed over the
     ranks (length-grouped batches give the ranks different token counts)."""
-    seconds = max(time.perf_counter() - meter.started, 1e-9)
     local = [meter.samples, meter.tokens, meter.loss_total(), meter.loss_count]
+    if acc.device.type == "cuda":
+        # Kernels still queued (the optimizer's, after the loss was read) belong to this interval;
+        # a log step waits for the device anyway.
+        torch.cuda.synchronize(acc.device)
+    seconds = max(time.perf_counter() - meter.started, 1e-9)
     samples, tokens, loss_sum, loss_count = sum_over_ranks(local, acc.device)
     metrics = {
         "loss": loss_sum / max(loss_count, 1),
