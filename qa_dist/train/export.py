@@ -24,9 +24,10 @@ def export_model(accelerator, model, tokenizer, out_dir: Path, data: DataConfig 
     # train.compile: Accelerate's get_state_dict keeps torch.compile's wrappers (1.15), whose names
     # gain "_orig_mod." (at the top, or inside each block under regional compilation), which
     # from_pretrained does not recognise: it would initialise every weight afresh. Dropped as
-    # torch.distributed.checkpoint drops them.
-    state_dict = {_without_compile_prefix(k): v for k, v in accelerator.get_state_dict(model).items()}
+    # torch.distributed.checkpoint drops them. (Under ZeRO-3 only rank zero gets a dict: None elsewhere.)
+    state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
+        state_dict = {_without_compile_prefix(k): v for k, v in state_dict.items()}
         empty = [name for name, tensor in state_dict.items() if tensor.numel() == 0]
         if empty:
             raise RuntimeError(
