@@ -176,7 +176,8 @@ def load_qa_model(model: ModelConfig, *, tokenizer=None, for_training: bool = Fa
         # transformers refuses a kernel whose package is missing (flash-attn: ImportError) or that
         # the architecture lacks (ValueError): when the same load works without the switch, the
         # switch is what to change. Matching messages instead would blame it for any error that
-        # happens to mention attention (a head count, a path).
+        # happens to mention attention (a head count, a path). The second load happens on this
+        # error path only, on every rank alike (under ZeRO-3 loading is collective).
         if attention:
             try:
                 load()
