@@ -157,22 +157,23 @@ def load_qa_model(model: ModelConfig, *, tokenizer=None, for_training: bool = Fa
 
     attention = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
 
+    scratch = for_training and model.init == "scratch"
+    if scratch and tokenizer is None:
+        raise ValueError("init=scratch needs the tokenizer (its vocabulary size)")
+    name = None if scratch else resolve_model_path(model.name_or_path)
+
     def load(**kwargs):
-        if for_training and model.init == "scratch":
+        if scratch:
             config = scratch_config(model.scratch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
             return AutoModelForQuestionAnswering.from_config(config, **kwargs)
         return AutoModelForQuestionAnswering.from_pretrained(
-            resolve_model_path(model.name_or_path),
-            revision=model.revision,
-            trust_remote_code=model.trust_remote_code,
-            **kwargs,
+            name, revision=model.revision, trust_remote_code=model.trust_remote_code, **kwargs
         )
 
-    if for_training and model.init == "scratch" and tokenizer is None:
-        raise ValueError("init=scratch needs the tokenizer (its vocabulary size)")
     try:
         return load(**attention)
     except (OSError, ValueError, KeyError, ImportError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         # transformers refuses a kernel whose package is missing (flash-attn: ImportError) or that
         # the architecture lacks (ValueError): when the same load works without the switch, the
         # switch is what to change. Matching messages instead would blame it for any error that
@@ -184,19 +185,13 @@ def load_qa_model(model: ModelConfig, *, tokenizer=None, for_training: bool = Fa
             except Exception:
                 pass
             else:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ConfigError(f"train.attn_implementation={attn_implementation}: {first}") from None
-        if for_training and model.init == "scratch":
+                raise ConfigError(f"train.attn_implementation={attn_implementation}: {first_line}") from None
+        if scratch:
             raise
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ""
         if not for_training and model.init == "scratch":
             hint = " (init=scratch builds a model for training only: evaluate the trained one, RUN_DIR/model)"
-        elif (
-            for_training
-            and (name := Path(resolve_model_path(model.name_or_path))).is_dir()
-            and not (name / "config.json").exists()
-        ):
+        elif for_training and Path(name).is_dir() and not Path(name, "config.json").exists():
             hint = " (a tokenizer without a model: train from random weights with model.init=scratch)"
         raise ConfigError(
             f"model.name_or_path: cannot load a question answering model from {model.name_or_path!r}: "
