@@ -41,9 +41,9 @@ def _config(args):
 
 
 def worker(args) -> None:
-    from qa_dist.dist import current_context
+    from qa_dist.runtime.dist import current_context
     from qa_dist.models import load_tokenizer
-    from qa_dist.prepare import prepare_features
+    from qa_dist.features.prepare import prepare_features
 
     ctx = current_context(init=True)
     config = _config(args)
@@ -78,8 +78,8 @@ def main() -> None:
         return worker(args)
 
     from qa_dist.models import load_tokenizer
-    from qa_dist.prepare import prepare_features
-    from qa_dist.report import Reporter
+    from qa_dist.features.prepare import prepare_features
+    from qa_dist.runtime.report import Reporter
 
     config = _config(args)
     started = time.perf_counter()

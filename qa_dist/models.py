@@ -15,7 +15,7 @@ from pathlib import Path
 from qa_dist.config import ModelConfig, ScratchConfig
 from qa_dist.data.loading import sample_path
 from qa_dist.errors import ConfigError
-from qa_dist.fsutil import atomic_write
+from qa_dist.runtime.fsutil import atomic_write
 
 MODEL_ENTRY_POINTS = "qa_dist.models"
 """Entry-point group through which an installed package offers model directories by name: an entry
@@ -267,3 +267,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "model_input_names": list(tokenizer.model_input_names),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def autocast_dtype(mixed_precision: str):
+    """``train.mixed_precision`` as the autocast dtype; None for ``"no"`` (full precision)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(mixed_precision))
+
+
+def stack_logits(outputs):
+    """``[2, windows, length]`` float32 logits (start, end) of a question-answering model's output:
+    the one form training's export check and evaluation read them in."""
+    import torch
+
+    return torch.stack([outputs.start_logits, outputs.end_logits]).float()

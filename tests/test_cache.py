@@ -17,11 +17,11 @@ import pytest
 import yaml
 from conftest import SQUAD11_DEV, SQUAD20_DEV, save_tokenizer, subset_nested
 
-import qa_dist.prepare
+import qa_dist.features.prepare
 from qa_dist import DataError, build_eval_features, build_train_features, load_config, load_examples
-from qa_dist.cache import check_entry
+from qa_dist.features.cache import check_entry
 from qa_dist.models import load_tokenizer
-from qa_dist.prepare import prepare_features
+from qa_dist.features.prepare import prepare_features
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_key_changes_with_each_input_and_with_nothing_else(
         _keys(_config(tmp_path, squad_file, save_tokenizer(wordpiece_tokenizer, tmp_path / "wp"))),
         _keys(_config(tmp_path, squad_file, minilm_dir, strict="true")),  # validation mode: issue 14 item 6
     ]
-    monkeypatch.setattr(qa_dist.prepare, "FEATURE_BUILDER_VERSION", "test-next")
+    monkeypatch.setattr(qa_dist.features.prepare, "FEATURE_BUILDER_VERSION", "test-next")
     changed.append(_keys(_config(tmp_path, squad_file, minilm_dir)))
     for keys in changed:
         assert keys["train"] != base["train"] and keys["eval"] != base["eval"]
@@ -152,7 +152,7 @@ def test_damaged_entry_is_detected_and_rebuilt_with_a_warning(tmp_path, squad_fi
     else:
         (entry.path / "manifest.json").write_text("{not json")
     assert check_entry(entry.path, entry.key, full=True) is not None
-    with caplog.at_level(logging.WARNING, logger="qa_dist.cache"):
+    with caplog.at_level(logging.WARNING, logger="qa_dist.features.cache"):
         again = _prepare(config)["train"].entry
     assert again.built_here
     assert any("damaged" in r.getMessage() and "rebuilt" in r.getMessage() for r in caplog.records)
@@ -377,9 +377,9 @@ def test_warm_entry_on_a_read_only_cache_is_usable(tmp_path, squad_file, minilm_
 def test_waiting_for_the_build_lock_is_bounded_by_cache_wait_timeout(tmp_path, squad_file, minilm_dir):
     import fcntl
 
-    from qa_dist.cache import cache_key
+    from qa_dist.features.cache import cache_key
     from qa_dist.models import tokenizer_fingerprint
-    from qa_dist.prepare import split_key_parts
+    from qa_dist.features.prepare import split_key_parts
 
     cache = tmp_path / "cache"
     config_path = _write_config(tmp_path, squad_file, minilm_dir, cache, cache_wait_timeout=1)
@@ -397,7 +397,7 @@ def test_waiting_for_the_build_lock_is_bounded_by_cache_wait_timeout(tmp_path, s
 
 
 def test_lock_file_that_cannot_be_created_is_a_clear_error(tmp_path, squad_file, minilm_dir):
-    from qa_dist.cache import CacheError
+    from qa_dist.features.cache import CacheError
 
     config = _config(tmp_path, squad_file, minilm_dir)
     (tmp_path / "cache" / ".locks").parent.mkdir(parents=True)
@@ -418,7 +418,7 @@ def test_filesystem_without_flock_builds_without_the_lock_with_a_warning(
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
     config = _config(tmp_path, squad_file, minilm_dir)
-    with caplog.at_level(logging.WARNING, logger="qa_dist.cache"):
+    with caplog.at_level(logging.WARNING, logger="qa_dist.features.cache"):
         prepared = _prepare(config)
     assert prepared["train"].entry.built_here
     assert any("flock does not work" in r.getMessage() for r in caplog.records)

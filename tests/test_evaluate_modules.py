@@ -160,7 +160,7 @@ def test_missing_predictions_count_as_wrong_and_are_logged(squad20, tmp_path, ca
         p["id"] += "-elsewhere"
     texts = {p["id"]: p["prediction_text"] for p in predictions}
     na_probs = {p["id"]: p["no_answer_probability"] for p in predictions}
-    with caplog.at_level(logging.WARNING, logger="qa_dist.evaluate_modules"):
+    with caplog.at_level(logging.WARNING, logger="qa_dist.metrics.evaluate_modules"):
         got = _load("squad_v2", tmp_path).compute(predictions=predictions, references=references)
     expected = qa_dist.score(sub, texts, na_probs=na_probs, metric="squad_v2")
     assert expected["missing"] == 20

@@ -360,7 +360,7 @@ def test_offset_mapping_reads_like_lists_and_converts_to_arrow_in_one_step(tmp_p
 
     from qa_dist.eval import WindowOffsets
     from qa_dist.features import OffsetMapping
-    from qa_dist.prepare import features_table
+    from qa_dist.features.prepare import features_table
 
     examples = _examples(SQUAD20_DEV, 8, tmp_path)
     evalf = build_eval_features(examples, minilm_tokenizer, 96, 32)

@@ -119,7 +119,8 @@ class _OneProcess:
 
 def test_an_unknown_keep_best_key_names_the_available_ones(tmp_path):
     from qa_dist.errors import ConfigError
-    from qa_dist.train.checkpoint import BestKeeper, TrainState
+    from qa_dist.train.best import BestKeeper
+    from qa_dist.train.checkpoint import TrainState
 
     keeper = BestKeeper(_OneProcess(), tmp_path, "eval/F1", checkpointer=None, export=None)
     with pytest.raises(
@@ -129,7 +130,8 @@ def test_an_unknown_keep_best_key_names_the_available_ones(tmp_path):
 
 
 def test_keep_best_direction_and_memory(tmp_path):
-    from qa_dist.train.checkpoint import BestKeeper, TrainState
+    from qa_dist.train.best import BestKeeper
+    from qa_dist.train.checkpoint import TrainState
 
     saved, exported = [], []
 

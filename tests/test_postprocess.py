@@ -12,7 +12,7 @@ import torch
 from conftest import SQUAD20_DEV, subset_nested
 
 from qa_dist import build_eval_features, load_examples, postprocess
-from qa_dist.batches import eval_plan
+from qa_dist.features.batches import eval_plan
 from qa_dist.eval import Candidates, WindowOffsets, decode
 from qa_dist.eval.diagnostics import diagnostics
 
@@ -173,7 +173,7 @@ def test_builder_features_plain_lists_and_arrow_give_identical_predictions(tmp_p
     import datasets
 
     from qa_dist.features import OffsetMapping
-    from qa_dist.prepare import examples_table, features_table
+    from qa_dist.features.prepare import examples_table, features_table
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from postprocess import tutorial_prepare_validation_features

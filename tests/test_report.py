@@ -1,4 +1,4 @@
-"""Rank zero's output has one owner (qa_dist.report), and the batch plan's one-step check comes
+"""Rank zero's output has one owner (qa_dist.runtime.report), and the batch plan's one-step check comes
 before any model is loaded."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from conftest import REPO, small_run_overrides
 
-from qa_dist.batches import epoch_plan, micro_batches
+from qa_dist.features.batches import epoch_plan, micro_batches
 from qa_dist.config import TrainConfig
 from qa_dist.errors import ConfigError
-from qa_dist.report import SilentReporter, reporter_for
+from qa_dist.runtime.report import SilentReporter, reporter_for
 
 
 def test_rank_zero_reports_and_the_others_are_silent(tmp_path, capsys):

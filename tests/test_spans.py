@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qa_dist.eval.candidates import _candidates_torch, candidates_from_logits
-from qa_dist.spans import top_spans, window_candidates_cpu
+from qa_dist.eval.spans import top_spans, window_candidates_cpu
 
 
 def cpu_kernel_spans(start, end, mask, n_best, max_len):

@@ -25,19 +25,19 @@ def _loaded_after_import(module: str, prefix: str) -> list[str]:
         "qa_dist.eval.postprocess",
         "qa_dist.eval.hooks",
         "qa_dist.metrics",
-        "qa_dist.prepare",
+        "qa_dist.features.prepare",
         "qa_dist.features",
         "qa_dist.data",
-        "qa_dist.evaluate_modules",
+        "qa_dist.metrics.evaluate_modules",
     ],
 )
 def test_evaluation_and_what_is_below_it_never_import_training(module):
     assert _loaded_after_import(module, "qa_dist.train") == []
 
 
-@pytest.mark.parametrize("module", ["qa_dist.config", "qa_dist.dist", "qa_dist.errors", "qa_dist.fsutil"])
+@pytest.mark.parametrize("module", ["qa_dist.config", "qa_dist.runtime.dist", "qa_dist.errors", "qa_dist.runtime.fsutil"])
 def test_config_and_dist_import_nothing_above_them(module):
     above = [
-        m for m in _loaded_after_import(module, "qa_dist.") if m not in {module, "qa_dist.errors", "qa_dist.fsutil"}
+        m for m in _loaded_after_import(module, "qa_dist.") if m not in {module, "qa_dist.errors", "qa_dist.runtime.fsutil"}
     ]
     assert above == []

@@ -47,7 +47,7 @@ def test_wandb_is_on_with_a_project_or_when_listed():
 
 
 def test_keep_best_syntax():
-    from qa_dist.train.checkpoint import parse_keep_best
+    from qa_dist.train.best import parse_keep_best
 
     assert load_config(None, ["train.keep_best=eval/f1", "data.eval=dev.json"]).train.keep_best == "eval/f1"
     # Without data.eval only a custom evaluator (passed to train) can give the metric: the config

@@ -1,6 +1,6 @@
 """Run by the tests in its own process: train with an evaluator that records when it was called.
 With QA_DIST_TEST_EVAL_SECONDS set, every evaluation computes that long (forwards of the model in
-eval mode, asking qa_dist.preemption.check_stop after each, as the gathered evaluation does)
+eval mode, asking qa_dist.runtime.preemption.check_stop after each, as the gathered evaluation does)
 and says so on stderr first, with the rank."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from qa_dist.config import load_config
 from qa_dist.train import PeriodicEvaluator, train
 
 try:
-    from qa_dist.preemption import check_stop
+    from qa_dist.runtime.preemption import check_stop
 except ImportError:  # an older qa-dist, for measuring what it did
     check_stop = None
 

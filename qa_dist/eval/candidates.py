@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qa_dist.spans import top_spans, window_candidates_cpu
+from qa_dist.eval.spans import top_spans, window_candidates_cpu
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from qa_dist.batches import FeatureColumns, eval_plan
 from qa_dist.config import EvalConfig, RunConfig
-from qa_dist.dist import DistContext
 from qa_dist.eval.candidates import Candidates, candidates_from_logits
 from qa_dist.eval.diagnostics import (
     Curve,
@@ -30,11 +28,13 @@ from qa_dist.eval.diagnostics import (
 )
 from qa_dist.eval.hooks import PeriodicEvaluator
 from qa_dist.eval.postprocess import Predictions, WindowOffsets, decode
-from qa_dist.fsutil import atomic_write
+from qa_dist.features.batches import FeatureColumns, eval_plan
+from qa_dist.features.prepare import prepare_features
 from qa_dist.metrics import null_answer_competes, resolve_metric, score, tune_threshold
-from qa_dist.preemption import check_stop
-from qa_dist.prepare import prepare_features
-from qa_dist.report import SILENT, Reporter
+from qa_dist.runtime.dist import DistContext
+from qa_dist.runtime.fsutil import atomic_write
+from qa_dist.runtime.preemption import check_stop
+from qa_dist.runtime.report import SILENT, Reporter
 
 Forward = Callable[[dict], torch.Tensor]
 """A batch of padded windows to ``[2, windows, length]`` start/end logits (on any device)."""

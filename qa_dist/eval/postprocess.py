@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 import torch
 
 from qa_dist.eval.candidates import Candidates
+from qa_dist.eval.spans import window_candidates_cpu
 from qa_dist.features import OffsetMapping
-from qa_dist.spans import window_candidates_cpu
 
 
 class Predictions(NamedTuple):

@@ -19,14 +19,13 @@ import torch
 
 from qa_dist.config import DataConfig, EvalConfig, ModelConfig, RunConfig, load_config
 from qa_dist.data.schema import Example
-from qa_dist.dist import DistContext, current_context
 from qa_dist.errors import ConfigError
 from qa_dist.eval.evaluator import EvalData, EvalResult, Forward, evaluate
 from qa_dist.features import build_eval_features
-from qa_dist.logits import MIXED_PRECISION_DTYPES, stack_logits
-from qa_dist.models import WINDOWS_FILE, check_window_fits, load_qa_model, load_tokenizer
-from qa_dist.prepare import examples_table, features_table, prepare_features
-from qa_dist.report import reporter_for
+from qa_dist.features.prepare import examples_table, features_table, prepare_features
+from qa_dist.models import WINDOWS_FILE, autocast_dtype, check_window_fits, load_qa_model, load_tokenizer, stack_logits
+from qa_dist.runtime.dist import DistContext, current_context
+from qa_dist.runtime.report import reporter_for
 
 """Written beside an exported model: ``{"max_length": .., "doc_stride": ..}``, the windows it was
 trained on. ``predict`` and the pipeline use them unless told otherwise."""
@@ -46,7 +45,7 @@ def device_for(dist: DistContext) -> torch.device:
 
 def model_forward(model, device: torch.device, mixed_precision: str = "no") -> Forward:
     """Logits of a plain (unwrapped) model, under autocast on GPUs when asked."""
-    dtype = MIXED_PRECISION_DTYPES.get(mixed_precision)
+    dtype = autocast_dtype(mixed_precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype and device.type == "cuda" else nullcontext()
 
     @torch.no_grad()

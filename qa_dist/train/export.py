@@ -11,9 +11,8 @@ import torch
 from transformers import AutoModelForQuestionAnswering
 
 from qa_dist.config import DataConfig
-from qa_dist.fsutil import atomic_write, atomic_write_bytes
-from qa_dist.logits import MIXED_PRECISION_DTYPES, stack_logits
-from qa_dist.models import record_windows
+from qa_dist.models import autocast_dtype, record_windows, stack_logits
+from qa_dist.runtime.fsutil import atomic_write, atomic_write_bytes
 from qa_dist.train.inference import LABELS, batch_logits
 
 
@@ -88,7 +87,7 @@ def check_export(
             exported = AutoModelForQuestionAnswering.from_pretrained(str(out_dir)).eval()
         # The same reduced precision as the trained forward, so the check compares like with like
         # (on the CPU: a model that needed ZeRO-3 may not fit one GPU whole).
-        dtype = MIXED_PRECISION_DTYPES.get(str(accelerator.mixed_precision))
+        dtype = autocast_dtype(str(accelerator.mixed_precision))
         with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
             again = exported(**inputs)
         loaded = stack_logits(again)

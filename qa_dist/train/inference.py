@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qa_dist.logits import stack_logits
+from qa_dist.models import stack_logits
 
 LABELS = ("start_positions", "end_positions")
 

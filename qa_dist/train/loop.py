@@ -11,16 +11,24 @@ from pathlib import Path
 import numpy as np
 from accelerate.utils import set_seed
 
-from qa_dist.batches import FeatureColumns, micro_batches
 from qa_dist.config import RunConfig, config_to_dict, resolved_config_record
-from qa_dist.dist import context_of, enable_tf32, fill_deepspeed_config, make_accelerator, max_over_ranks, to_device
 from qa_dist.eval.evaluator import GatheredEvaluator
 from qa_dist.eval.hooks import Evaluator, NullEvaluator, PeriodicEvaluator
+from qa_dist.features.batches import FeatureColumns, micro_batches
+from qa_dist.features.prepare import prepare_features
 from qa_dist.models import enable_gradient_checkpointing, load_qa_model, load_tokenizer, parameter_count
-from qa_dist.preemption import PreemptionFlag, clear_preempted_marker, write_preempted_marker
-from qa_dist.prepare import prepare_features
-from qa_dist.report import reporter_for
-from qa_dist.train.checkpoint import BestKeeper, Checkpointer, TrainState
+from qa_dist.runtime.dist import (
+    context_of,
+    enable_tf32,
+    fill_deepspeed_config,
+    make_accelerator,
+    max_over_ranks,
+    to_device,
+)
+from qa_dist.runtime.preemption import PreemptionFlag, clear_preempted_marker, write_preempted_marker
+from qa_dist.runtime.report import reporter_for
+from qa_dist.train.best import BestKeeper
+from qa_dist.train.checkpoint import Checkpointer, TrainState
 from qa_dist.train.export import check_export, export_model
 from qa_dist.train.inference import batch_logits
 from qa_dist.train.optim import make_optimizer, make_scheduler

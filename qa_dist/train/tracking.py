@@ -4,7 +4,7 @@ The loop hands the tracker the step scalars (``step_metrics``: loss, throughput,
 memory and MFU) and what the evaluator returns (``eval/`` scalars, and Tables, Curves and
 Histograms of qa_dist.eval.diagnostics); it renders them for each tracker chosen
 (``logging.trackers``, plus wandb when ``logging.wandb_project`` is set) and prints through rank
-zero's reporter (qa_dist.report)."""
+zero's reporter (qa_dist.runtime.report)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import yaml
 from accelerate.tracking import TensorBoardTracker
 
 from qa_dist.config import LoggingConfig, TrainConfig
-from qa_dist.dist import sum_over_ranks
 from qa_dist.errors import ConfigError
 from qa_dist.eval.diagnostics import Curve, Histogram, Table
-from qa_dist.report import Reporter
+from qa_dist.runtime.dist import sum_over_ranks
+from qa_dist.runtime.report import Reporter
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) of common training GPUs, by name fragment.
 PEAK_TFLOPS = {

@@ -7,14 +7,22 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from qa_dist.cache import Built, CacheEntry, FeatureCache, cache_key, check_entry, default_cache_dir, read_manifest
 from qa_dist.config import DataConfig
 from qa_dist.data.loading import load_source, source_fingerprint
-from qa_dist.dist import DistContext
 from qa_dist.errors import ConfigError
 from qa_dist.features import FEATURE_BUILDER_VERSION, build_eval_features, build_train_features
+from qa_dist.features.cache import (
+    Built,
+    CacheEntry,
+    FeatureCache,
+    cache_key,
+    check_entry,
+    default_cache_dir,
+    read_manifest,
+)
 from qa_dist.models import tokenizer_fingerprint
-from qa_dist.report import SILENT, Reporter
+from qa_dist.runtime.dist import DistContext
+from qa_dist.runtime.report import SILENT, Reporter
 
 _INT_COLUMNS = {
     "input_ids": pa.list_(pa.int32()),

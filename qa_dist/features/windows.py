@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,194 +23,11 @@ from tqdm.auto import tqdm
 
 from qa_dist.config import DataConfig
 from qa_dist.errors import DataError
+from qa_dist.features.layout import PairLayout, backend_tokenizer, pair_layout, tokenize_texts
+from qa_dist.features.offsets import OffsetMapping
 
 FEATURE_BUILDER_VERSION = "2"  # 2: eval windows carry cls_index
 """Bump when the features built for the same inputs change; it is part of the cache key."""
-
-
-class OffsetMapping(Sequence):
-    """The ``offset_mapping`` column of :func:`build_eval_features`: a read-only sequence with one
-    entry per window, held as three flat numpy arrays instead of millions of Python tuples.
-
-    ``offsets[i]`` is window ``i``'s offset mapping as the tutorials index it: a new list with one
-    ``(start, end)`` character span per token of a context token and ``None`` for every other token
-    (question, special tokens). Iteration, ``len``, slicing and ``==`` with a list of such lists work
-    as on a list; :meth:`tolist` gives the plain lists. ``pyarrow.array`` (so ``features_table``
-    and ``datasets.Dataset.from_dict``) converts it without a Python loop, through
-    ``__arrow_array__``; :func:`qa_dist.postprocess` reads the arrays as they are.
-    """
-
-    __slots__ = ("base", "char_start", "char_end")
-
-    def __init__(self, base: np.ndarray, char_start: np.ndarray, char_end: np.ndarray) -> None:
-        self.base = np.asarray(base, dtype=np.int64)  # window i owns tokens base[i]:base[i + 1]
-        self.char_start = np.asarray(char_start, dtype=np.int32)  # -1: not a context token
-        self.char_end = np.asarray(char_end, dtype=np.int32)
-        if self.base.ndim != 1 or len(self.base) == 0 or self.base[0] != 0 or self.base[-1] != len(self.char_start):
-            raise ValueError("OffsetMapping: base must run from 0 to the number of tokens")
-        if self.char_end.shape != self.char_start.shape:
-            raise ValueError("OffsetMapping: char_start and char_end differ in length")
-
-    def __len__(self) -> int:
-        return len(self.base) - 1
-
-    def _row(self, i: int) -> list:
-        lo, hi = int(self.base[i]), int(self.base[i + 1])
-        return [
-            None if a < 0 else (a, b)
-            for a, b in zip(self.char_start[lo:hi].tolist(), self.char_end[lo:hi].tolist(), strict=True)
-        ]
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
-            if step != 1:
-                return [self._row(i) for i in range(start, stop, step)]
-            stop = max(start, stop)
-            lo, hi = self.base[start], self.base[stop]
-            return OffsetMapping(self.base[start : stop + 1] - lo, self.char_start[lo:hi], self.char_end[lo:hi])
-        n = len(self)
-        i = index.__index__()
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError("OffsetMapping index out of range")
-        return self._row(i)
-
-    def __iter__(self):
-        starts, ends, base = self.char_start.tolist(), self.char_end.tolist(), self.base.tolist()
-        for lo, hi in zip(base, base[1:], strict=False):
-            yield [None if a < 0 else (a, b) for a, b in zip(starts[lo:hi], ends[lo:hi], strict=True)]
-
-    def tolist(self) -> list[list[tuple[int, int] | None]]:
-        """Plain Python lists (as ``json`` or code that mutates rows needs)."""
-        return list(self)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, OffsetMapping):
-            return (
-                np.array_equal(self.base, other.base)
-                and np.array_equal(self.char_start, other.char_start)
-                and np.array_equal(
-                    np.where(self.char_start < 0, -1, self.char_end), np.where(other.char_start < 0, -1, other.char_end)
-                )
-            )
-        if isinstance(other, (list, tuple)):
-            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"OffsetMapping({len(self)} windows, {len(self.char_start)} tokens)"
-
-    def __arrow_array__(self, type: Any = None):  # noqa: A002  (the protocol's argument name)
-        """``list<fixed_size_list<int32, 2>>`` with null pairs outside the context, or ``type``."""
-        import pyarrow as pa  # pyarrow is what calls this: loaded already, and features.py stays free of it
-
-        present = self.char_start >= 0
-        values = np.stack([self.char_start, self.char_end], axis=1).reshape(-1)
-        pairs = pa.FixedSizeListArray.from_arrays(pa.array(values), 2, mask=pa.array(~present))
-        if self.base[-1] < 2**31:
-            column = pa.ListArray.from_arrays(pa.array(self.base.astype(np.int32)), pairs)
-        else:
-            column = pa.LargeListArray.from_arrays(pa.array(self.base), pairs)
-        return column if type is None or column.type == type else column.cast(type)
-
-    def __getstate__(self):
-        return (self.base, self.char_start, self.char_end)
-
-    def __setstate__(self, state) -> None:
-        for name, value in zip(self.__slots__, state, strict=True):
-            object.__setattr__(self, name, value)
-
-
-@dataclass(frozen=True)
-class PairLayout:
-    """Where a tokenizer puts special tokens and type ids around a (first, second) sequence pair."""
-
-    context_first: bool
-    """True for tokenizers that pad on the left: the context is then the first sequence."""
-    pre: tuple[int, ...]
-    mid: tuple[int, ...]
-    post: tuple[int, ...]
-    pre_types: tuple[int, ...]
-    mid_types: tuple[int, ...]
-    post_types: tuple[int, ...]
-    first_type: int
-    second_type: int
-    cls_token_id: int | None
-
-    @property
-    def num_special(self) -> int:
-        return len(self.pre) + len(self.mid) + len(self.post)
-
-
-def pair_layout(tokenizer) -> PairLayout:
-    """Read the special-token template of ``tokenizer`` from one real pair encoding."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise DataError(
-            f"{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer; "
-            "qa-dist needs offset mappings, which only fast tokenizers provide"
-        )
-    if getattr(tokenizer, "truncation_side", "right") != "right":
-        raise DataError("tokenizers that truncate on the left are not supported (truncation_side='left')")
-    context_first = getattr(tokenizer, "padding_side", "right") == "left"
-    enc = tokenizer("first words", "second words", return_token_type_ids=True)
-    ids, types, seq = enc["input_ids"], enc["token_type_ids"], enc.sequence_ids(0)
-    runs: list[tuple[object, list[int], list[int]]] = []  # (sequence id or None, ids, types)
-    for token, type_id, s in zip(ids, types, seq, strict=True):
-        if runs and runs[-1][0] == s:
-            runs[-1][1].append(token)
-            runs[-1][2].append(type_id)
-        else:
-            runs.append((s, [token], [type_id]))
-    kinds = [r[0] for r in runs]
-    specials = {0: ([], []), 1: ([], []), 2: ([], [])}
-    position = 0  # 0: before the first sequence, 1: between, 2: after the second
-    for s, run_ids, run_types in runs:
-        if s is None:
-            specials[position][0].extend(run_ids)
-            specials[position][1].extend(run_types)
-        else:
-            position = s + 1
-    if [k for k in kinds if k is not None] != [0, 1]:
-        raise DataError(f"{type(tokenizer).__name__}: unexpected pair layout {kinds}")
-    first_types = next(r[2] for r in runs if r[0] == 0)
-    second_types = next(r[2] for r in runs if r[0] == 1)
-    return PairLayout(
-        context_first=context_first,
-        pre=tuple(specials[0][0]),
-        mid=tuple(specials[1][0]),
-        post=tuple(specials[2][0]),
-        pre_types=tuple(specials[0][1]),
-        mid_types=tuple(specials[1][1]),
-        post_types=tuple(specials[2][1]),
-        first_type=first_types[0],
-        second_type=second_types[0],
-        cls_token_id=tokenizer.cls_token_id,
-    )
-
-
-def _backend(tokenizer):
-    """A copy of the Rust tokenizer with truncation and padding off (a tokenizer.json may carry
-    them). Called directly: the transformers wrapper spends as long converting each encoding into
-    a dict as the tokenizer spends tokenizing."""
-    from tokenizers import Tokenizer  # loaded already by the tokenizer passed in
-
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    backend.no_truncation()
-    backend.no_padding()
-    return backend
-
-
-def _tokenize(
-    backend, texts: list[str], offsets: bool = True
-) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
-    if not offsets:
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)], None
-    encodings = backend.encode_batch(texts, add_special_tokens=False)
-    return [e.ids for e in encodings], [e.offsets for e in encodings]
 
 
 def window_spans(n_context: int, budget: int, stride: int) -> list[tuple[int, int]]:
@@ -375,9 +190,9 @@ def _build(
     context_index: dict[str, int] = {}
     example_ctx_list = [context_index.setdefault(ex["context"], len(context_index)) for ex in examples]
     contexts = list(context_index)
-    backend = _backend(tokenizer)
-    ctx_ids, ctx_offsets = _tokenize(backend, contexts)
-    q_ids, _ = _tokenize(backend, [ex["question"].lstrip() for ex in examples], offsets=False)
+    backend = backend_tokenizer(tokenizer)
+    ctx_ids, ctx_offsets = tokenize_texts(backend, contexts)
+    q_ids, _ = tokenize_texts(backend, [ex["question"].lstrip() for ex in examples], offsets=False)
     flat_offsets = _flat_offsets(ctx_offsets)
     del ctx_offsets  # (the arrays hold them)
     if train:

@@ -16,8 +16,8 @@ import json
 import signal
 from pathlib import Path
 
-from qa_dist.dist import max_over_ranks
-from qa_dist.report import Reporter
+from qa_dist.runtime.dist import max_over_ranks
+from qa_dist.runtime.report import Reporter
 
 EXIT_PREEMPTED = 75
 """Exit code after a checkpoint forced by SIGTERM or SIGUSR1 (EX_TEMPFAIL: try again). The Slurm

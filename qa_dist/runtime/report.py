@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from qa_dist.fsutil import atomic_write
+from qa_dist.runtime.fsutil import atomic_write
 
 
 class Reporter:

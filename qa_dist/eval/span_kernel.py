@@ -1,7 +1,7 @@
 """The CPU span search, compiled with numba: per window, the n best valid spans, the null score and
-the log-normaliser in one pass (``qa_dist.spans.window_candidates_cpu`` is the entry point).
+the log-normaliser in one pass (``qa_dist.eval.spans.window_candidates_cpu`` is the entry point).
 
-The tensor version (``qa_dist.spans.top_spans``) makes about ten passes over every window plus two
+The tensor version (``qa_dist.eval.spans.top_spans``) makes about ten passes over every window plus two
 top-k selections, which on the CPU cost more than everything else in post-processing together.
 Written by hand because no library selects the n best spans of a band; checked against brute force
 and against ``top_spans`` in the tests.

@@ -43,9 +43,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from qa_dist.dist import DistContext
 from qa_dist.errors import DataError, QaDistError
-from qa_dist.fsutil import atomic_write
+from qa_dist.runtime.dist import DistContext
+from qa_dist.runtime.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 

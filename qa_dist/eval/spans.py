@@ -68,7 +68,7 @@ def window_candidates_cpu(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per window on the CPU: the ``n_best`` best valid spans exactly (as ``top_spans``), the
     null score at ``cls_index`` and the log-normaliser over ``real_mask`` tokens, in one compiled
-    pass per window (``qa_dist.span_kernel``).
+    pass per window (``qa_dist.eval.span_kernel``).
 
     Returns (start int16, end int16, score float32 ``[windows, n_best]``, null float32, log_norm
     float32 ``[windows]``); slots without a valid span hold score -inf.
@@ -86,7 +86,7 @@ def window_candidates_cpu(
     if windows and length:
         # Imported here: importing numba costs about 0.3 s, in every process that imports qa_dist,
         # and most of them never post-process on the CPU.
-        from qa_dist.span_kernel import window_candidates
+        from qa_dist.eval.span_kernel import window_candidates
 
         window_candidates(
             start,

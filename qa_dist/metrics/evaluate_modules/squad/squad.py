@@ -6,7 +6,7 @@ Load it with ``evaluate.load(qa_dist.evaluate_module("squad"))``. The scoring is
 
 import evaluate
 
-from qa_dist.evaluate_modules import _hf
+from qa_dist.metrics.evaluate_modules import _hf
 
 _CITATION = """\
 @inproceedings{Rajpurkar2016SQuAD10,

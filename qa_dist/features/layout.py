@@ -1,0 +1,96 @@
+"""Where a tokenizer puts its special tokens and type ids around a sequence pair, read from one
+real encoding, and the raw tokenizer the window builder calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qa_dist.errors import DataError
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """Where a tokenizer puts special tokens and type ids around a (first, second) sequence pair."""
+
+    context_first: bool
+    """True for tokenizers that pad on the left: the context is then the first sequence."""
+    pre: tuple[int, ...]
+    mid: tuple[int, ...]
+    post: tuple[int, ...]
+    pre_types: tuple[int, ...]
+    mid_types: tuple[int, ...]
+    post_types: tuple[int, ...]
+    first_type: int
+    second_type: int
+    cls_token_id: int | None
+
+    @property
+    def num_special(self) -> int:
+        return len(self.pre) + len(self.mid) + len(self.post)
+
+
+def pair_layout(tokenizer) -> PairLayout:
+    """Read the special-token template of ``tokenizer`` from one real pair encoding."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer; "
+            "qa-dist needs offset mappings, which only fast tokenizers provide"
+        )
+    if getattr(tokenizer, "truncation_side", "right") != "right":
+        raise DataError("tokenizers that truncate on the left are not supported (truncation_side='left')")
+    context_first = getattr(tokenizer, "padding_side", "right") == "left"
+    enc = tokenizer("first words", "second words", return_token_type_ids=True)
+    ids, types, seq = enc["input_ids"], enc["token_type_ids"], enc.sequence_ids(0)
+    runs: list[tuple[object, list[int], list[int]]] = []  # (sequence id or None, ids, types)
+    for token, type_id, s in zip(ids, types, seq, strict=True):
+        if runs and runs[-1][0] == s:
+            runs[-1][1].append(token)
+            runs[-1][2].append(type_id)
+        else:
+            runs.append((s, [token], [type_id]))
+    kinds = [r[0] for r in runs]
+    specials = {0: ([], []), 1: ([], []), 2: ([], [])}
+    position = 0  # 0: before the first sequence, 1: between, 2: after the second
+    for s, run_ids, run_types in runs:
+        if s is None:
+            specials[position][0].extend(run_ids)
+            specials[position][1].extend(run_types)
+        else:
+            position = s + 1
+    if [k for k in kinds if k is not None] != [0, 1]:
+        raise DataError(f"{type(tokenizer).__name__}: unexpected pair layout {kinds}")
+    first_types = next(r[2] for r in runs if r[0] == 0)
+    second_types = next(r[2] for r in runs if r[0] == 1)
+    return PairLayout(
+        context_first=context_first,
+        pre=tuple(specials[0][0]),
+        mid=tuple(specials[1][0]),
+        post=tuple(specials[2][0]),
+        pre_types=tuple(specials[0][1]),
+        mid_types=tuple(specials[1][1]),
+        post_types=tuple(specials[2][1]),
+        first_type=first_types[0],
+        second_type=second_types[0],
+        cls_token_id=tokenizer.cls_token_id,
+    )
+
+
+def backend_tokenizer(tokenizer):
+    """A copy of the Rust tokenizer with truncation and padding off (a tokenizer.json may carry
+    them). Called directly: the transformers wrapper spends as long converting each encoding into
+    a dict as the tokenizer spends tokenizing."""
+    from tokenizers import Tokenizer  # loaded already by the tokenizer passed in
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
+def tokenize_texts(
+    backend, texts: list[str], offsets: bool = True
+) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
+    if not offsets:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)], None
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    return [e.ids for e in encodings], [e.offsets for e in encodings]

@@ -1,0 +1,98 @@
+"""``train.keep_best``: each improvement of the chosen evaluation metric is checkpointed (never
+pruned) and exported to ``run_dir/best/`` with ``best.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from qa_dist.errors import ConfigError
+from qa_dist.runtime.fsutil import atomic_write
+from qa_dist.train.checkpoint import Checkpointer, TrainState
+from qa_dist.train.checkpoint.checkpointer import broadcast_from_main
+
+log = logging.getLogger(__name__)
+
+# --- the best model ----------------------------------------------------------------------------
+
+BEST_DIR = "best"
+BEST_JSON = "best.json"
+
+
+def parse_keep_best(spec: str) -> tuple[str, str]:
+    """``eval/f1`` -> (max, eval/f1); ``min:eval/loss`` -> (min, eval/loss)."""
+    mode, sep, key = spec.partition(":")
+    return (mode, key) if sep and mode in ("max", "min") else ("max", spec)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class BestKeeper:
+    """``train.keep_best``: after each evaluation, when the metric improved on the best so far (kept
+    in the trainer state, so a resumed run remembers it), export the model to ``run_dir/best/``
+    (verified like the final export, with ``best.json``: metric, value, step) and checkpoint this
+    step; the checkpointer never prunes the best step's checkpoint."""
+
+    def __init__(self, accelerator, run_dir: Path, spec: str, checkpointer: Checkpointer, export) -> None:
+        """``export(out_dir)``: every rank calls it; it exports the model there and checks it."""
+        self.accelerator = accelerator
+        self.run_dir = Path(run_dir)
+        self.spec = spec
+        self.mode, self.key = parse_keep_best(spec)
+        self.checkpointer = checkpointer
+        self.export = export
+
+    def _better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return value == value  # not NaN
+        return value > best if self.mode == "max" else value < best
+
+    def update(self, metrics: dict | None, state: TrainState) -> bool:
+        """Every rank calls this after an evaluation, with rank zero's metrics (None elsewhere, and
+        when the evaluation was stopped); rank zero decides for all. True: a new best was kept."""
+        acc = self.accelerator
+        decision = [None, None]  # [new best value, error]
+        if acc.is_main_process and metrics is not None:
+            value = metrics.get(self.key)
+            if not _number(value):
+                available = sorted(k for k, v in metrics.items() if _number(v))
+                decision[1] = (
+                    f"train.keep_best: {self.key!r} is not a metric of this evaluation; available: "
+                    + ", ".join(available)
+                )
+            else:
+                best = state.best_value if state.best_metric == self.spec else None
+                if self._better(float(value), best):
+                    decision[0] = float(value)
+        broadcast_from_main(decision, acc)
+        value, error = decision
+        if error is not None:
+            raise ConfigError(error)
+        if value is None:
+            return False
+        # The export first: should the run die before the checkpoint, the resumed run evaluates
+        # this step again and exports the same model.
+        partial = self.run_dir / (BEST_DIR + ".partial")
+        if acc.is_main_process and partial.exists():
+            shutil.rmtree(partial)
+        acc.wait_for_everyone()
+        self.export(partial)
+        if acc.is_main_process:
+            info = {"metric": self.key, "mode": self.mode, "value": value, "step": state.step}
+            atomic_write(partial / BEST_JSON, json.dumps(info, indent=2))
+            best, old = self.run_dir / BEST_DIR, self.run_dir / (BEST_DIR + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            if best.exists():
+                best.rename(old)
+            partial.rename(best)
+            shutil.rmtree(old, ignore_errors=True)
+            log.warning("new best %s %.6g at step %d: exported to %s", self.key, value, state.step, best)
+        acc.wait_for_everyone()
+        state.best_metric, state.best_value, state.best_step = self.spec, value, state.step
+        self.checkpointer.save(state)
+        return True

@@ -1,0 +1,200 @@
+"""The checkpointer: saves every ``checkpoint_every`` steps, prunes to ``keep_checkpoints``, and
+restores the newest intact checkpoint (or a named one) on resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed
+
+from qa_dist.errors import ConfigError
+from qa_dist.runtime.dist import max_over_ranks
+from qa_dist.runtime.fsutil import atomic_write
+from qa_dist.train.checkpoint.manifest import COMPLETE, complete_checkpoints, step_of, verify, write_manifest
+from qa_dist.train.checkpoint.safe_load import safe_torch_load
+from qa_dist.train.checkpoint.state import (
+    SCHEDULER,
+    STATE,
+    TrainState,
+    read_state,
+    rng_file,
+    rng_state_json,
+    scheduler_state_json,
+    set_rng_state,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _missing_on_main(path: Path, acc) -> str | None:
+    if not acc.is_main_process:
+        return None
+    return next((rng_file(r) for r in range(acc.num_processes) if not (path / rng_file(r)).exists()), None)
+
+
+def broadcast_from_main(values: list, acc) -> None:
+    """Rank zero's ``values`` (strings, None) to every rank, in place. Every rank calls this."""
+    if acc.num_processes > 1:
+        torch.distributed.broadcast_object_list(values, src=0)
+
+
+def _reason(error: Exception) -> str:
+    """One line: for a file torch's weights-only unpickler refused, the global it refused."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError):
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        what = f"it would call {refused.group(1)}" if refused else "not plain tensors and data"
+        return f"refused to unpickle a file ({what}): only trusted checkpoints can be resumed"
+    lines = text.strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+# --- the checkpointer --------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves ``accelerator.save_state`` checkpoints plus the trainer, scheduler and RNG state as
+    JSON; verifies them on resume; owns the policy."""
+
+    def __init__(self, accelerator, run_dir: Path, every: int, keep: int, scheduler=None) -> None:
+        self.accelerator = accelerator
+        self.root = Path(run_dir) / "checkpoints"
+        self.every = every
+        self.keep = keep
+        self.scheduler = scheduler
+        self.last_saved: int | None = None
+        """Step of the checkpoint this run last wrote or resumed from."""
+
+    def maybe_save(self, state: TrainState) -> Path | None:
+        if self.every and state.step % self.every == 0 and self.last_saved != state.step:
+            return self.save(state)
+        return None
+
+    def ensure_saved(self, state: TrainState) -> None:
+        """Save unless the newest checkpoint already is this step (the end of training)."""
+        if self.last_saved != state.step:
+            self.save(state)
+
+    def save(self, state: TrainState) -> Path:
+        """Every rank calls this."""
+        acc = self.accelerator
+        path = self.root / f"step-{state.step:08d}"
+        if acc.is_main_process and path.exists():
+            shutil.rmtree(path)  # an incomplete leftover of a killed save, or a damaged checkpoint
+        acc.wait_for_everyone()
+        acc.save_state(str(path))
+        rank = acc.process_index
+        (path / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # pickled; ours is JSON
+        atomic_write(path / rng_file(rank), rng_state_json())
+        # All ranks have returned from writing their shards before the marker exists.
+        acc.wait_for_everyone()
+        # Rank zero hashes every rank's files: it must see them. Every rank learns whether it does,
+        # so that none is left waiting at the barrier below while rank zero raises.
+        missing = [_missing_on_main(path, acc)]
+        broadcast_from_main(missing, acc)
+        if missing[0]:
+            raise ConfigError(
+                f"checkpoint {path}: rank zero does not see {missing[0]}, which another rank wrote; "
+                "run_dir must be on a filesystem shared by every node"
+            )
+        if acc.is_main_process:
+            atomic_write(path / STATE, json.dumps(asdict(state)))
+            if self.scheduler is not None:
+                atomic_write(path / SCHEDULER, scheduler_state_json(self.scheduler))
+            write_manifest(path, state.step)
+            self._prune(path, keep_step=state.best_step)
+        acc.wait_for_everyone()
+        self.last_saved = state.step
+        return path
+
+    def _prune(self, newest: Path, keep_step: int | None = None) -> None:
+        """Keep ``newest`` (just written and checksummed) and the ``keep - 1`` newest complete
+        checkpoints before it. Checkpoints after it (found damaged at resume, left for a look)
+        are not counted: they must never push out the only intact one. The checkpoint of
+        ``keep_step`` (the best so far, ``train.keep_best``) is kept besides, and not counted."""
+        older = [
+            p
+            for p in complete_checkpoints(self.root.parent)
+            if step_of(p) < step_of(newest) and step_of(p) != keep_step
+        ]
+        for old in older[: max(0, len(older) - (self.keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+        for partial in self.root.glob("step-*"):
+            if not (partial / COMPLETE).exists() and step_of(partial) < step_of(newest):
+                shutil.rmtree(partial, ignore_errors=True)
+
+    def _choose(self, resume: str) -> tuple[Path | None, str | None]:
+        """(checkpoint to load, or None; an error for every rank to raise, or None). Rank zero only."""
+        if resume == "auto":
+            found = complete_checkpoints(self.root.parent)
+            problems = []
+            for path in reversed(found):
+                problem = verify(path)
+                if problem is None:
+                    return path, None
+                log.warning("checkpoint %s is not intact: %s; trying an older one", path, problem)
+                problems.append(f"{path.name}: {problem}")
+            if problems:
+                return None, (
+                    f"resume=auto: no intact checkpoint in {self.root} ({'; '.join(problems)}); "
+                    "use resume=never to start afresh"
+                )
+            return None, None
+        path = Path(resume)
+        if not (path / COMPLETE).exists():
+            return None, f"resume: {path} is not a complete checkpoint (no {COMPLETE} marker)"
+        problem = verify(path)
+        if problem is not None:
+            return None, f"resume: checkpoint {path} is not intact: {problem}"
+        return path, None
+
+    def restore(self, resume: str) -> TrainState | None:
+        """Load the checkpoint that ``resume`` names (``auto``: newest intact one; ``never``). Every
+        rank calls this; rank zero verifies and every rank follows its choice."""
+        acc = self.accelerator
+        if resume == "never":
+            if acc.is_main_process and complete_checkpoints(self.root.parent):
+                log.warning(
+                    "%s holds checkpoints; starting afresh (resume=never). Use resume=auto to continue.",
+                    self.root,
+                )
+            return None
+        choice = [None, None]
+        if acc.is_main_process:
+            path, error = self._choose(resume)
+            choice = [None if path is None else str(path), error]
+        broadcast_from_main(choice, acc)  # rank zero's strings: every rank decides alike
+        path, error = choice
+        if error is not None:
+            raise ConfigError(error)
+        if path is None:
+            return None
+        path = Path(path)
+        error = None
+        try:
+            with safe_torch_load():
+                acc.load_state(str(path), load_kwargs={"weights_only": True})
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(json.loads((path / SCHEDULER).read_text()))
+            rng = path / rng_file(acc.process_index)
+            if rng.exists():
+                set_rng_state(rng.read_text())
+            else:
+                log.warning("%s has no %s (another world size?): the resume is not bit-exact", path, rng.name)
+        except Exception as e:  # a file torch refuses to unpickle, or one that does not fit the model
+            error = f"resume: cannot load checkpoint {path}: {_reason(e)}"
+        # Ranks load different shards (DeepSpeed): all learn whether any failed, and stop together
+        # rather than leave the others waiting in the first collective of training.
+        if max_over_ranks(int(error is not None), acc.device):
+            raise ConfigError(error or f"resume: another rank could not load checkpoint {path} (see its error)")
+        state = read_state(path)
+        self.last_saved = state.step
+        log.warning("resumed from %s (step %d)", path, state.step)
+        return state
