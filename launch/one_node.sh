@@ -1,7 +1,9 @@
 #!/bin/bash
-# Train on this machine: every GPU (or 2 CPU processes without GPUs), strategy chosen by memory.
+# Train on this machine: every GPU (or 2 CPU processes without GPUs), with the recipe's
+# launch.strategy (auto: chosen by memory). STRATEGY=zero3 overrides it; so do launch.*=... overrides.
 #   launch/one_node.sh configs/runs/cpu_sample_en.yaml [key=value ...]
 set -euo pipefail
-config=${1:?usage: launch/one_node.sh RUN.yaml [key=value ...]}
+config=${1:?usage: [STRATEGY=s] launch/one_node.sh RUN.yaml [key=value ...]}
 shift
-exec qa-dist launch --config="$config" --strategy="${STRATEGY:-auto}" "$@"
+# Only what the user set goes on the line: the recipe's launch.* keys decide the rest.
+exec qa-dist launch --config="$config" ${STRATEGY:+--strategy="$STRATEGY"} "$@"

@@ -50,6 +50,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
 def _choices(section: type, name: str) -> tuple[str, ...]:
     """The values a config field's ``Literal`` type allows: argparse choices stated once, in config.py."""
     return typing.get_args(typing.get_type_hints(section)[name])
@@ -202,6 +210,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_values(args: argparse.Namespace, flags: dict[str, tuple[str, str]]) -> tuple[dict, dict[str, str]]:
+    """The flags given (dotted key to value) and the flag behind each key, for messages."""
+    values = {key: getattr(args, attr) for attr, (_, key) in flags.items() if getattr(args, attr) is not None}
+    return values, {key: flag for flag, key in flags.values()}
+
+
 PREDICT_FLAGS = {
     "max_length": ("--max-length", "data.max_length"),
     "doc_stride": ("--doc-stride", "data.doc_stride"),
@@ -219,8 +233,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from qa_dist.errors import ConfigError
     from qa_dist.eval.run import answer_of, predict_config, predict_run, question_example
 
-    values = {key: getattr(args, attr) for attr, (_, key) in PREDICT_FLAGS.items() if getattr(args, attr) is not None}
-    names = {key: flag for flag, key in PREDICT_FLAGS.values()}
+    values, names = _flag_values(args, PREDICT_FLAGS)
     if args.allow_no_answer:
         values["eval.metric"] = "squad_v2"
         names["eval.metric"] = "--allow-no-answer"
@@ -243,34 +256,56 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+LAUNCH_FLAGS: dict[str, tuple[str, str]] = {
+    "strategy": ("--strategy", "launch.strategy"),
+    "nodes": ("--nodes", "launch.nodes"),
+    "gpus_per_node": ("--gpus-per-node", "launch.gpus_per_node"),
+    "cpu": ("--cpu", "launch.cpu"),
+    "gpu_memory_gib": ("--gpu-memory-gib", "launch.gpu_memory_gib"),
+    "partition": ("--partition", "launch.partition"),
+    "time": ("--time", "launch.time"),
+    "account": ("--account", "launch.account"),
+    "exclusive": ("--exclusive", "launch.exclusive"),
+    "cpus_per_task": ("--cpus-per-task", "launch.cpus_per_task"),
+    "machine_rank": ("--machine-rank", "launch.machine_rank"),
+    "head": ("--head", "launch.head"),
+    "port": ("--port", "launch.port"),
+}
+"""``qa-dist launch``'s flags: each is a shorthand for one ``launch.*`` key (giving both is an error).
+Their defaults and documentation are the config's (``LaunchConfig``)."""
+
+
+def _named_by_flag(error: Exception, names: dict[str, str], values: dict) -> str:
+    """An error about a ``launch.*`` key that a flag set, said with the flag's name."""
+    message = str(error)
+    for key in values:
+        message = message.replace(f"{key}:", f"{names[key]} ({key}):")
+    return message
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     import shlex
 
+    from qa_dist.config import load_config
+    from qa_dist.errors import ConfigError
     from qa_dist.launch import LaunchPlan
 
-    def report(message: str) -> None:
-        print(message, file=sys.stderr)
-
-    plan = LaunchPlan.build(
-        args.config,
-        args.overrides,
-        strategy=args.strategy,
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        cpu=args.cpu,
-        gpu_memory_gib=args.gpu_memory_gib,
-        slurm=args.slurm,
-        partition=args.partition,
-        time_limit=args.time,
-        account=args.account,
-        exclusive=args.exclusive,
-        cpus_per_task=args.cpus_per_task,
-        machine_rank=args.machine_rank,
-        head=args.head,
-        port=args.port,
-        check=not args.no_check,
-        report=report,
-    ).write_configs()
+    if not args.config:
+        raise ConfigError("qa-dist launch needs --config RUN.yaml (the recipes are in configs/runs/)")
+    values, names = _flag_values(args, LAUNCH_FLAGS)
+    for override in args.overrides:
+        key = override.partition("=")[0].strip()
+        if key in values:
+            raise ConfigError(f"{names[key]} and the override {override!r} set the same key: give one")
+    # JSON is YAML: each flag's value reads back as what argparse made of it ("24:00:00" stays a string).
+    overrides = [*args.overrides, *(f"{key}={json.dumps(value)}" for key, value in values.items())]
+    try:
+        config = load_config(args.config, overrides)
+        plan = LaunchPlan.build(
+            config, args.config, overrides, slurm=args.slurm, check=not args.no_check, names=names, report=_stderr
+        ).write_configs()
+    except ConfigError as e:
+        raise ConfigError(_named_by_flag(e, names, values)) from None
     print(f"launch configs: {plan.plan.launch_dir}", file=sys.stderr)
     if args.slurm:
         if args.dry_run:
@@ -287,12 +322,24 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return plan.run()
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
 
     from qa_dist.demo import run_demo
 
     languages = ["en", "zh"] if args.lang == "both" else [args.lang]
     return run_demo(Path(args.out), languages, processes=args.processes)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from qa_dist.env import environment_report, format_report
+
+    report = environment_report()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -308,32 +355,68 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qa-dist", description="Distributed extractive QA training.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _launch_default(key: str) -> str:
+    """The default of a ``launch.*`` key as its flag's help shows it: stated once, in the config."""
+    return f"{key}, default {getattr(LaunchConfig(), key.split('.', 1)[1])!r}"
 
-    p = sub.add_parser("prepare", help="build (or verify) the shared feature cache of a run config")
+
+def _add_launch(sub) -> None:
+    p = sub.add_parser("launch", help="print and run the accelerate launch line of a run, or submit it to Slurm")
     _add_config_args(p)
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_prepare)
-
-    p = sub.add_parser(
-        "train",
-        help="train in whatever process group launched this (accelerate launch, torchrun, srun)",
+    flag = {attr: f for attr, (f, _) in LAUNCH_FLAGS.items()}
+    key = {attr: _launch_default(k) for attr, (_, k) in LAUNCH_FLAGS.items()}
+    p.add_argument(
+        flag["strategy"],
+        choices=_choices(LaunchConfig, "strategy"),
+        help=f"parallelism; auto picks the cheapest that fits in memory ({key['strategy']})",
     )
-    _add_config_args(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser(
-        "evaluate",
-        help="evaluate a model on data.eval in whatever process group launched this (model=DIR selects it)",
+    p.add_argument(
+        flag["gpus_per_node"],
+        type=_at_least(1),
+        help="processes per node; 0: the visible GPUs, 2 on CPU; required with --slurm where no GPU is visible "
+        f"({key['gpus_per_node']})",
     )
-    _add_config_args(p)
-    p.add_argument("--output", "-o", help="directory for the prediction files (default RUN_DIR/eval/evaluate)")
-    p.add_argument("--tune-threshold", action="store_true", help="SQuAD v2: also report at the best null threshold")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_evaluate)
+    p.add_argument(flag["nodes"], type=_at_least(1), help=f"machines ({key['nodes']})")
+    p.add_argument(
+        flag["cpu"],
+        action="store_const",
+        const=True,
+        help=f"CPU processes with gloo; automatic without GPUs ({key['cpu']})",
+    )
+    p.add_argument(
+        flag["gpu_memory_gib"],
+        type=_positive_float,
+        help="memory per GPU for --strategy auto; 0: this machine's GPU; required where no GPU is visible "
+        f"({key['gpu_memory_gib']})",
+    )
+    p.add_argument("--slurm", action="store_true", help="render slurm/train.sbatch for the run and submit it")
+    p.add_argument(flag["partition"], help=f"Slurm partition ({key['partition']})")
+    p.add_argument(flag["time"], help=f"Slurm time limit, e.g. 24:00:00 ({key['time']})")
+    p.add_argument(flag["account"], help=f"Slurm account ({key['account']})")
+    p.add_argument(
+        flag["exclusive"],
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"whole nodes for the Slurm job ({key['exclusive']})",
+    )
+    p.add_argument(
+        flag["cpus_per_task"],
+        type=_at_least(1),
+        help=f"CPUs of the one Slurm task per node; 0: 4 per GPU process ({key['cpus_per_task']})",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the line or the script, run nothing")
+    p.add_argument(
+        flag["machine_rank"],
+        type=_at_least(0),
+        help=f"this machine's rank when started by hand ({key['machine_rank']})",
+    )
+    p.add_argument(flag["head"], help=f"head node address when started by hand ({key['head']})")
+    p.add_argument(flag["port"], type=_at_least(1), help=f"rendezvous port on the head node ({key['port']})")
+    p.add_argument("--no-check", action="store_true", help="skip the environment checks")
+    p.set_defaults(func=cmd_launch)
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="answer questions with a trained model (no gold answers needed)")
     p.add_argument("--model", "-m", required=True, help="model directory (e.g. RUN_DIR/model) or hub name")
     p.add_argument("--data", help="SQuAD-format questions to answer (answers optional)")
@@ -386,66 +469,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("launch", help="print and run the accelerate launch line of a run, or submit it to Slurm")
-    _add_config_args(p)
-    p.add_argument(
-        "--strategy",
-        choices=_choices(LaunchConfig, "strategy"),
-        help="parallelism (default: the config's launch.strategy); auto picks by memory",
-    )
-    p.add_argument(
-        "--gpus-per-node",
-        type=_at_least(1),
-        help="processes per node (default: launch.gpus_per_node, else the visible GPUs, 2 on CPU; "
-        "required with --slurm where no GPU is visible)",
-    )
-    p.add_argument("--nodes", type=_at_least(1), help="machines (default: the config's launch.nodes)")
-    p.add_argument("--cpu", action="store_true", help="CPU processes with gloo (automatic without GPUs)")
-    p.add_argument(
-        "--gpu-memory-gib",
-        type=_finite_float,
-        help="memory per GPU for --strategy auto (default: launch.gpu_memory_gib, else this GPU's; "
-        "required where no GPU is visible)",
-    )
-    p.add_argument("--slurm", action="store_true", help="render slurm/train.sbatch for the run and submit it")
-    p.add_argument("--partition", help="Slurm partition (default: launch.partition)")
-    p.add_argument("--time", help="Slurm time limit, e.g. 24:00:00 (default: launch.time)")
-    p.add_argument("--account", help="Slurm account (default: launch.account)")
-    p.add_argument(
-        "--exclusive",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="whole nodes for the Slurm job (default: launch.exclusive)",
-    )
-    p.add_argument(
-        "--cpus-per-task",
-        type=_at_least(1),
-        help="CPUs of the one Slurm task per node (default: launch.cpus_per_task, else 4 per GPU process)",
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the line or the script, run nothing")
-    p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank when started by hand")
-    p.add_argument("--head", default="127.0.0.1", help="head node address when started by hand")
-    p.add_argument("--port", type=int, default=29500, help="rendezvous port")
-    p.add_argument("--no-check", action="store_true", help="skip the environment checks")
-    p.set_defaults(func=cmd_launch)
 
+def _add_run_commands(sub) -> None:
+    p = sub.add_parser("prepare", help="build (or verify) the shared feature cache of a run config")
+    _add_config_args(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "train", help="train in whatever process group launched this (accelerate launch, torchrun, srun)"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a model on data.eval in whatever process group launched this (model=DIR selects it)",
+    )
+    _add_config_args(p)
+    p.add_argument("--output", "-o", help="directory for the prediction files (default RUN_DIR/eval/evaluate)")
+    p.add_argument("--tune-threshold", action="store_true", help="SQuAD v2: also report at the best null threshold")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_tools(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the shipped samples, offline, on 2 CPU processes")
-    p.add_argument("--lang", choices=["en", "zh", "both"], default="both")
-    p.add_argument("--out", default="runs/demo", help="where the runs, cache and wandb files go")
-    p.add_argument("--processes", type=int, default=2, help="training processes")
+    p.add_argument("--lang", choices=["en", "zh", "both"], default="both", help="which samples (default: both)")
+    p.add_argument("--out", default="runs/demo", help="where the runs, cache and wandb files go (default: runs/demo)")
+    p.add_argument("--processes", type=_at_least(1), default=2, help="training processes (default: 2)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("score", help="score a predictions file against data with gold answers")
     p.add_argument("--data", required=True, help="data with gold answers (any format qa-dist reads)")
     p.add_argument("--predictions", required=True, help="predictions.json: {question id: answer text}")
     p.add_argument("--na-probs", help="null_odds.json: {question id: no-answer score}")
-    p.add_argument("--metric", default=EvalConfig.metric, choices=_choices(EvalConfig, "metric"))
+    p.add_argument(
+        "--metric",
+        default=EvalConfig.metric,
+        choices=_choices(EvalConfig, "metric"),
+        help=f"metric family; auto: CMRC for Chinese, SQuAD v2 with unanswerables (default: {EvalConfig.metric})",
+    )
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("config", help="print the resolved run config (or every valid key)")
     _add_config_args(p)
     p.add_argument("--keys", action="store_true", help="list every valid dotted key")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("env", help="versions, GPUs, Slurm variables and the cache directory, for bug reports")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qa_dist import __version__
+
+    parser = argparse.ArgumentParser(prog="qa-dist", description="Distributed extractive QA training.")
+    parser.add_argument("--version", action="version", version=f"qa-dist {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_predict(sub)
+    _add_launch(sub)
+    _add_tools(sub)
     return parser
 
 

@@ -15,7 +15,7 @@ import torch
 from transformers import pipeline
 
 import qa_dist.qa_pipeline  # noqa: F401  (gives transformers 5.3+ its question-answering task back)
-from qa_dist.config import DataConfig, ModelConfig, load_config
+from qa_dist.config import DataConfig, LaunchConfig, ModelConfig, load_config
 from qa_dist.data import load_examples
 from qa_dist.launch import CONFIGS, Plan, launch_line
 from qa_dist.models import load_tokenizer, save_small_bert
@@ -101,7 +101,11 @@ def run_demo(out: Path, languages: list[str], processes: int = 2) -> int:
 
         _stage(f"{lang}: training and evaluation on {processes} processes")
         started = time.perf_counter()
-        line = launch_line(Plan("ddp", 1, processes, cpu=True), config_path, overrides, port=29500 + os.getpid() % 1000)
+        launch = LaunchConfig()  # a port of its own, so that two demos on one machine do not collide
+        plan = Plan("ddp", 1, processes, cpu=True)
+        line = launch_line(
+            plan, config_path, overrides, machine_rank=0, head=launch.head, port=launch.port + os.getpid() % 1000
+        )
         print(" ".join(line), file=sys.stderr, flush=True)
         if (code := subprocess.call(line, env=env)) != 0:
             return code

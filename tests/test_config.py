@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from qa_dist import ConfigError, RunConfig, load_config
-from qa_dist.config import valid_keys, write_resolved_config
+from qa_dist.config import resolved_config_record, valid_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,8 +94,10 @@ def test_bad_yaml_names_the_file_and_line(tmp_path):
 
 def test_resolved_config_round_trips(tmp_path):
     config = load_config(None, ["data.train=sample:en-train", "train.lr=2e-5", f"run_dir={tmp_path / 'run'}"])
-    written = write_resolved_config(config)
+    written, text = resolved_config_record(config)
     assert written == tmp_path / "run" / "config.yaml"
+    written.parent.mkdir(parents=True)
+    written.write_text(text)
     assert load_config(written) == config
     assert set(valid_keys()) >= {
         "data.max_length",

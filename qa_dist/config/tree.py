@@ -1,39 +1,25 @@
-"""One typed config tree for every command.
+"""The config tree: one frozen dataclass per section, a docstring per field, ranges and cross-field
+rules checked in ``__post_init__`` so that a bad value fails when the config is built."""
 
-Frozen dataclasses, loaded from YAML with ``yaml.safe_load``, overridden with dotted ``key=value``
-pairs from the command line, validated strictly (unknown keys and wrong types are errors that list
-the valid keys), and written back, resolved, into the run directory.
-"""
-
-from __future__ import annotations
-
-import contextlib
-import dataclasses
-import math
 import re
 import reprlib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from qa_dist.errors import ConfigError
-from qa_dist.runtime.fsutil import atomic_write
 
 
 def _at_least(section: Any, name: str, low: float) -> None:
     value = getattr(section, name)
     if not value >= low:  # also false for NaN
-        raise ConfigError(f"{name}: {_shown(value)} must be >= {low}")
+        raise ConfigError(f"{name}: {shown(value)} must be >= {low}")
 
 
 def _positive(section: Any, name: str) -> None:
     value = getattr(section, name)
     if not value > 0:
-        raise ConfigError(f"{name}: {_shown(value)} must be > 0")
+        raise ConfigError(f"{name}: {shown(value)} must be > 0")
 
 
 _REPR = reprlib.Repr()
@@ -41,29 +27,11 @@ _REPR.maxstring = _REPR.maxother = 80
 _REPR.maxlevel = 2
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A bounded repr for error messages: a value may be huge (a YAML file's whole section).
     ``reprlib`` never builds the full repr; the cut bounds what it lets through."""
     shown = _REPR.repr(value)
     return shown if len(shown) <= 120 else shown[:117] + "..."
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses aliases: a run config never needs them, and nested aliases
-    expand exponentially (a few hundred bytes of YAML become gigabytes: the "billion laughs")."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(
-                None, None, f"YAML aliases (*{event.anchor}) are not allowed in a run config", event.start_mark
-            )
-        return super().compose_node(parent, index)
-
-
-def safe_load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with aliases refused; what every config and override goes through."""
-    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -207,7 +175,7 @@ class TrainConfig:
         _positive(self, "collective_timeout")
         if self.keep_best is not None and not re.fullmatch(r"((max|min):)?eval/\S+", self.keep_best):
             raise ConfigError(
-                f"keep_best: {_shown(self.keep_best)} is not an eval key with an optional direction "
+                f"keep_best: {shown(self.keep_best)} is not an eval key with an optional direction "
                 "(eval/f1, max:eval/exact, min:eval/loss)"
             )
 
@@ -287,6 +255,14 @@ class LaunchConfig:
     """Ask Slurm for whole nodes (#SBATCH --exclusive; --exclusive/--no-exclusive override it)."""
     cpus_per_task: int = 0
     """CPUs of the one Slurm task per node, shared by its training processes (0: 4 per process on GPU jobs, 1 per process on CPU jobs); OMP_NUM_THREADS is this divided by the processes per node."""
+    cpu: bool = False
+    """CPU processes with gloo instead of GPUs (automatic for a launch from a machine without visible GPUs)."""
+    machine_rank: int = 0
+    """This machine's rank among ``nodes`` when the machines are started by hand (0: the head node); Slurm gives each node its own."""
+    head: str = "127.0.0.1"
+    """Address of the head node (machine rank 0), where the rendezvous listens, when the machines are started by hand; Slurm uses the allocation's first host."""
+    port: int = 29500
+    """Rendezvous port on the head node when started by hand; Slurm derives one from the job id, so that jobs sharing a node do not collide."""
     srun_wait: int = 120
     """Seconds srun lets the other nodes run after the first node's task ended (srun --wait; 0: Slurm's WaitTime, by default forever). A node that stops early then ends the job instead of leaving the others waiting in a collective."""
 
@@ -296,15 +272,20 @@ class LaunchConfig:
         _at_least(self, "gpu_memory_gib", 0)
         _at_least(self, "cpus_per_task", 0)
         _at_least(self, "srun_wait", 0)
+        _at_least(self, "machine_rank", 0)
+        if self.machine_rank >= self.nodes:
+            raise ConfigError(f"machine_rank: {self.machine_rank} must be below nodes ({self.nodes})")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"port: {self.port} must be in [1, 65535]")
+        if not self.head:
+            raise ConfigError("head: the head node's address must not be empty")
         if self.nvme_path is not None and not Path(self.nvme_path).is_absolute():
-            raise ConfigError(
-                f"nvme_path: {_shown(self.nvme_path)} must be an absolute path (it is used on every node)"
-            )
+            raise ConfigError(f"nvme_path: {shown(self.nvme_path)} must be an absolute path (it is used on every node)")
         if self.strategy == "zero3_nvme" and not self.nvme_path:
             raise ConfigError("nvme_path: required for strategy zero3_nvme (an absolute path on node-local NVMe)")
         if self.time is not None and self.time.isdigit():
             raise ConfigError(
-                f"time: {_shown(self.time)} is ambiguous: YAML reads an unquoted 24:00:00 as the number 86400; write the "
+                f"time: {shown(self.time)} is ambiguous: YAML reads an unquoted 24:00:00 as the number 86400; write the "
                 "limit quoted, with a colon or a dash ('24:00:00', '2-00:00:00', '90:00')"
             )
 
@@ -335,185 +316,6 @@ class RunConfig:
         such an evaluator) check it before any work."""
         if self.train.keep_best is not None and not self.data.eval:
             raise ConfigError(
-                f"train.keep_best: {_shown(self.train.keep_best)} needs data.eval (without evaluation there "
+                f"train.keep_best: {shown(self.train.keep_best)} needs data.eval (without evaluation there "
                 "is no best model to keep)"
             )
-
-
-def _valid_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            keys.extend(_valid_keys(hint, f"{prefix}{f.name}."))
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-def valid_keys() -> list[str]:
-    """Every dotted key a run config accepts."""
-    return _valid_keys(RunConfig)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``hint``; return it converted where YAML is lax."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {_shown(value)}")
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, str):  # one name: logging.trackers=tensorboard
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {_shown(value)}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{key}: {_shown(value)} is not one of {', '.join(map(repr, choices))}")
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            # PyYAML reads "3e-5" (no dot) as a string; users write learning rates that way.
-            with contextlib.suppress(ValueError):
-                number = float(value)
-        if number is not None:
-            if not math.isfinite(number):
-                raise ConfigError(f"{key}: {_shown(value)} is not a finite number")
-            return number
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {_shown(value)}")
-
-
-def _build(cls: type, values: dict, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names, key=str)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key {_shown(prefix + str(unknown[0]))}; valid keys: " + ", ".join(_valid_keys(cls, prefix))
-        )
-    kwargs = {}
-    for name, value in values.items():
-        hint, key = hints[name], prefix + name
-        if dataclasses.is_dataclass(hint):
-            if value is None:
-                value = {}
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping of {hint.__name__} keys, got {_shown(value)}")
-            kwargs[name] = _build(hint, value, key + ".")
-        else:
-            kwargs[name] = _coerce(value, hint, key)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:  # a range or cross-field check of __post_init__, which names the field only
-        raise ConfigError(f"{prefix}{e}") from None
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {_shown(dotted)}: {_shown(part)} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``key=value`` strings; values are read as YAML scalars (``null``, ``true``, numbers)."""
-    pairs = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(
-                f"override {_shown(item)} is not of the form key=value; valid keys: " + ", ".join(valid_keys())
-            )
-        try:
-            value = safe_load_yaml(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        pairs.append((key.strip(), value))
-    return pairs
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a run config from YAML (or defaults when ``path`` is None) and apply dotted overrides."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read config: {e}") from None
-        try:
-            loaded = safe_load_yaml(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a run config is a mapping of sections, got {type(loaded).__name__}")
-        tree = loaded
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
-    try:
-        return _build(RunConfig, tree, "")
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
-
-
-def config_to_dict(config: RunConfig) -> dict:
-    return dataclasses.asdict(config)
-
-
-RESOLVED_CONFIG = "config.yaml"
-"""Under the run directory: the resolved config, every key with defaults included."""
-
-
-def resolved_config_yaml(config: RunConfig) -> str:
-    """The resolved config as YAML (every key, defaults included), as ``qa-dist config`` prints it."""
-    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
-
-
-def resolved_config_record(config: RunConfig, run_dir: str | Path | None = None) -> tuple[Path, str]:
-    """Where the resolved config goes (``<run_dir>/config.yaml``) and its text, for a reporter to write."""
-    return Path(run_dir if run_dir is not None else config.run_dir) / RESOLVED_CONFIG, resolved_config_yaml(config)
-
-
-def write_resolved_config(config: RunConfig, run_dir: str | Path | None = None) -> Path:
-    """Write the resolved config to ``<run_dir>/config.yaml``."""
-    target, text = resolved_config_record(config, run_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(target, text)
-    return target
