@@ -275,11 +275,11 @@ LAUNCH_FLAGS: dict[str, tuple[str, str]] = {
 Their defaults and documentation are the config's (``LaunchConfig``)."""
 
 
-def _named_by_flag(error: Exception, names: dict[str, str], values: dict) -> str:
+def _named_by_flag(error: Exception, given: dict[str, str]) -> str:
     """An error about a ``launch.*`` key that a flag set, said with the flag's name."""
     message = str(error)
-    for key in values:
-        message = message.replace(f"{key}:", f"{names[key]} ({key}):")
+    for key, flag in given.items():
+        message = message.replace(f"{key}:", f"{flag} ({key}):")
     return message
 
 
@@ -293,6 +293,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if not args.config:
         raise ConfigError("qa-dist launch needs --config RUN.yaml (the recipes are in configs/runs/)")
     values, names = _flag_values(args, LAUNCH_FLAGS)
+    given = {key: names[key] for key in values}  # messages name a flag only where one set the key
     for override in args.overrides:
         key = override.partition("=")[0].strip()
         if key in values:
@@ -302,10 +303,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, overrides)
         plan = LaunchPlan.build(
-            config, args.config, overrides, slurm=args.slurm, check=not args.no_check, names=names, report=_stderr
+            config, args.config, overrides, slurm=args.slurm, check=not args.no_check, names=given, report=_stderr
         ).write_configs()
     except ConfigError as e:
-        raise ConfigError(_named_by_flag(e, names, values)) from None
+        raise ConfigError(_named_by_flag(e, given)) from None
     print(f"launch configs: {plan.plan.launch_dir}", file=sys.stderr)
     if args.slurm:
         if args.dry_run:

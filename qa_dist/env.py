@@ -87,7 +87,11 @@ def cache_report() -> dict[str, str]:
     existing = next((p for p in (cache, *cache.parents) if p.exists()), Path("/"))
     kind = filesystem_of(existing)
     shared = "shared (network filesystem)" if kind.split(".")[-1] in NETWORK_FILESYSTEMS else "node-local"
-    return {"path": str(cache), "filesystem": kind, "sharing": f"{shared}; data.cache_shared=auto probes it at run time"}
+    return {
+        "path": str(cache),
+        "filesystem": kind,
+        "sharing": f"{shared}; data.cache_shared=auto probes it at run time",
+    }
 
 
 def environment_report() -> dict[str, Any]:

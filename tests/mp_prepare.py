@@ -14,9 +14,9 @@ import torch.distributed as dist
 
 import qa_dist.features
 from qa_dist.config import load_config
-from qa_dist.runtime.dist import current_context
-from qa_dist.models import load_tokenizer
 from qa_dist.features.prepare import prepare_features
+from qa_dist.models import load_tokenizer
+from qa_dist.runtime.dist import current_context
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--config")

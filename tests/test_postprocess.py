@@ -12,9 +12,9 @@ import torch
 from conftest import SQUAD20_DEV, subset_nested
 
 from qa_dist import build_eval_features, load_examples, postprocess
-from qa_dist.features.batches import eval_plan
 from qa_dist.eval import Candidates, WindowOffsets, decode
 from qa_dist.eval.diagnostics import diagnostics
+from qa_dist.features.batches import eval_plan
 
 CONTEXT = "the cat sat"
 FEATURES = [  # two windows of one example: [CLS] the cat [SEP] and [CLS] cat sat [SEP]

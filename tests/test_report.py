@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import REPO, small_run_overrides
 
-from qa_dist.features.batches import epoch_plan, micro_batches
 from qa_dist.config import TrainConfig
 from qa_dist.errors import ConfigError
+from qa_dist.features.batches import epoch_plan, micro_batches
 from qa_dist.runtime.report import SilentReporter, reporter_for
 
 

@@ -6,6 +6,7 @@ its arguments: nothing the values spell out runs, and each value arrives as one 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
@@ -17,9 +18,10 @@ import pytest
 from conftest import REPO
 
 from qa_dist import cli
-from qa_dist import launch as L
 from qa_dist.config import load_config
 from qa_dist.errors import ConfigError
+from qa_dist.launch import accelerate as LA
+from qa_dist.launch import slurm as LS
 
 CONFIG = REPO / "configs" / "runs" / "cpu_sample_en.yaml"
 
@@ -137,8 +139,11 @@ def test_hostile_run_dir_and_overrides_never_run_in_the_training_script(tmp_path
     config = load_config(str(config_path), overrides)
     run_dir = Path(config.run_dir)  # as the config reads it (YAML: " #" starts a comment there)
     # Launched from the resolved configs written into the hostile run directory, as qa-dist launch does.
-    plan = L.write_launch_configs(L.Plan("ddp", nodes=2, processes_per_node=1, cpu=True), run_dir)
-    script = L.render_sbatch(plan, config, str(config_path), overrides, partition="cpu,debug", time_limit="1-02:00:00")
+    plan = LA.write_launch_configs(LA.Plan("ddp", nodes=2, processes_per_node=1, cpu=True), run_dir)
+    config = dataclasses.replace(
+        config, launch=dataclasses.replace(config.launch, partition="cpu,debug", time="1-02:00:00")
+    )
+    script = LS.render_sbatch(plan, config, str(config_path), overrides)
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
     done = _execute(script, tmp_path, bin_dir)
@@ -149,7 +154,7 @@ def test_hostile_run_dir_and_overrides_never_run_in_the_training_script(tmp_path
     expected = [
         "-m",
         "accelerate.commands.launch",
-        *L.accelerate_args(plan, machine_rank="1", head="node-a", port=port),
+        *LA.accelerate_args(plan, machine_rank="1", head="node-a", port=port),
         "-m",
         "qa_dist",
         "train",
@@ -165,7 +170,7 @@ def test_hostile_run_dir_and_overrides_never_run_in_the_training_script(tmp_path
     assert options == [
         "--partition=cpu,debug",
         "--time=1-02:00:00",
-        f"--job-name={L.job_name(str(run_dir))}",
+        f"--job-name={LS.job_name(str(run_dir))}",
         "--nodes=2",
         "--ntasks-per-node=1",
         "--cpus-per-task=1",
@@ -176,7 +181,7 @@ def test_hostile_run_dir_and_overrides_never_run_in_the_training_script(tmp_path
     ]
     first_command = next(i for i, line in enumerate(script.splitlines()) if line and not line.startswith("#"))
     assert all(i < first_command for i, line in enumerate(script.splitlines()) if line.startswith("#SBATCH"))
-    assert re.fullmatch(r"qa-dist-[A-Za-z0-9._+-]*", L.job_name(str(run_dir)))
+    assert re.fullmatch(r"qa-dist-[A-Za-z0-9._+-]*", LS.job_name(str(run_dir)))
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES[:4])
@@ -185,8 +190,8 @@ def test_hostile_values_never_run_in_the_prepare_script(tmp_path, stubs, name):
     overrides = [f"run_dir={tmp_path / 'runs' / name}", f"data.train=/data/{name}.json"]
     config = load_config(str(CONFIG), overrides)
     run_dir = Path(config.run_dir)
-    plan = L.Plan("ddp", nodes=1, processes_per_node=2, cpu=True)
-    script = L.render_sbatch(plan, config, str(CONFIG), overrides, script="prepare.sbatch")
+    plan = LA.Plan("ddp", nodes=1, processes_per_node=2, cpu=True)
+    script = LS.render_sbatch(plan, config, str(CONFIG), overrides, script="prepare.sbatch")
     done = _execute(script, tmp_path, bin_dir)
     _nothing_ran(tmp_path)
     assert done.returncode == 0, done.stderr
@@ -196,9 +201,9 @@ def test_hostile_values_never_run_in_the_prepare_script(tmp_path, stubs, name):
 
 
 def test_only_the_fixed_slurm_expressions_stay_expandable():
-    plan = L.Plan("zero3", nodes=2, processes_per_node=8, cpu=False)
+    plan = LA.Plan("zero3", nodes=2, processes_per_node=8, cpu=False)
     config = load_config(str(CONFIG), ["run_dir=/tmp/r"])
-    script = L.render_sbatch(plan, config, str(CONFIG), ["train.lr=3e-5"])
+    script = LS.render_sbatch(plan, config, str(CONFIG), ["train.lr=3e-5"])
     expandable = re.findall(r'"\$[A-Z_]+"', script.split("launch_on_node() {")[1].split("}")[0])
     assert sorted(expandable) == ['"$HEAD_NODE"', '"$PORT"', '"$QA_DIST_PYTHON"', '"$SLURM_PROCID"']
 
@@ -268,12 +273,12 @@ def test_a_newline_in_the_run_dir_exits_2_through_the_command_line(tmp_path):
 def test_run_dirs_sbatch_cannot_carry_are_refused_with_a_reason(run_dir):
     config = load_config(str(CONFIG), [f"run_dir={run_dir}"])
     with pytest.raises(ConfigError, match="run_dir"):
-        L.render_sbatch(L.Plan("ddp", 1, 2, cpu=True), config, str(CONFIG), [])
+        LS.render_sbatch(LA.Plan("ddp", 1, 2, cpu=True), config, str(CONFIG), [])
 
 
 def test_the_printed_accelerate_line_is_shell_quoted(tmp_path):
     overrides = [f"run_dir={tmp_path}/x$(touch pwned); touch pwned", "data.train=/d/`touch pwned`.json"]
-    line = L.launch_line(L.Plan("ddp", 1, 2, cpu=True), str(CONFIG), overrides)
+    line = LA.launch_line(LA.Plan("ddp", 1, 2, cpu=True), str(CONFIG), overrides, machine_rank=0, head="h", port=1)
     printed = shlex.join(line)
     assert shlex.split(printed) == line
     done = subprocess.run(["bash", "-c", "printf '%s\\0' " + printed], capture_output=True, cwd=tmp_path, check=True)

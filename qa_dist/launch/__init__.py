@@ -13,7 +13,7 @@ Pure planning is kept apart from the few side effects:
 from __future__ import annotations
 
 from qa_dist.launch.accelerate import CONFIGS, Plan, launch_line, resolved_configs, write_launch_configs
-from qa_dist.launch.estimate import AUTO_ORDER, STRATEGIES, ModelShape, choose_strategy, estimate, model_shape
+from qa_dist.launch.estimate import AUTO_ORDER, STRATEGIES, ModelShape, choose_strategy, model_shape
 from qa_dist.launch.plan import LaunchPlan
 from qa_dist.launch.slurm import SLURM_DIR, SlurmOptions, render_sbatch
 
@@ -27,7 +27,6 @@ __all__ = [
     "Plan",
     "SlurmOptions",
     "choose_strategy",
-    "estimate",
     "launch_line",
     "model_shape",
     "render_sbatch",

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qa_dist.config import RunConfig
+from qa_dist.config import RunConfig, load_config
 from qa_dist.errors import ConfigError
 from qa_dist.features.prepare import warm_entries
 from qa_dist.launch.accelerate import Plan, check_nvme_path, launch_line, write_launch_configs
@@ -148,6 +148,12 @@ class LaunchPlan:
             cold=slurm and _cache_is_cold(config, plan),
             notes=tuple(notes),
         )
+
+    @classmethod
+    def load(cls, config_path: str, overrides: Sequence[str] = (), **options) -> LaunchPlan:
+        """``build`` for the config at ``config_path`` with ``overrides`` (``launch.*`` keys for what
+        ``qa-dist launch``'s flags set); ``options`` are ``build``'s."""
+        return cls.build(load_config(config_path, list(overrides)), config_path, overrides, **options)
 
     def write_configs(self) -> LaunchPlan:
         """Write the resolved Accelerate/DeepSpeed configs into RUN_DIR/launch/ and return the plan
