@@ -112,10 +112,3 @@ def test_train_stops_on_a_plan_that_fills_no_step_before_loading_the_model(tmp_p
     assert len(lines) == 1 and "do not fill one optimizer step" in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_the_loop_file_holds_the_loop():
-    """Issue 13: metrics, the DeepSpeed fill and batching live with their owners."""
-    text = (REPO / "qa_dist" / "train" / "loop.py").read_text()
-    for name in ("PEAK_TFLOPS", "def mfu", "class Meter", "def _fill_deepspeed_config", "def micro_batches"):
-        assert name not in text

@@ -187,6 +187,30 @@ class NBestLists(Mapping):
         return len(self._ids)
 
 
+def _ranked_rows(score: np.ndarray, window_example: np.ndarray, num_examples: int):
+    """All valid candidates, sorted by (example, score descending): each row's window and score,
+    the order, and each sorted row's example."""
+    num_windows, n = len(window_example), (score.shape[1] if score.ndim == 2 else 0)
+    row_window = np.repeat(np.arange(num_windows), n)
+    row_score = score.ravel()
+    valid = np.flatnonzero(np.isfinite(row_score))
+    if num_windows and np.all(window_example[1:] >= window_example[:-1]):
+        # Windows come grouped by example (as every feature builder makes them) and each window's
+        # candidates are sorted already: only examples with several windows need sorting.
+        sort = valid
+        row_example = window_example[row_window[sort]]  # (sorting inside a group keeps it)
+        windows_of = np.bincount(window_example, minlength=num_examples)
+        multi = np.flatnonzero(windows_of[row_example] > 1)
+        if len(multi):
+            sub = multi[np.lexsort((-row_score[sort[multi]], row_example[multi]))]
+            sort = sort.copy()
+            sort[multi] = sort[sub]
+    else:
+        sort = valid[np.lexsort((-row_score[valid], window_example[row_window[valid]]))]
+        row_example = window_example[row_window[sort]]
+    return row_window, row_score, sort, row_example
+
+
 def decode(
     candidates: Candidates,
     offsets: WindowOffsets,
@@ -217,7 +241,6 @@ def decode(
     start, end = candidates.start[keep].astype(np.int64), candidates.end[keep].astype(np.int64)
     log_norm = candidates.log_norm[keep].astype(np.float64)
     window_example = np.asarray(window_example, dtype=np.int64)
-    n = score.shape[1] if score.ndim == 2 else 0
 
     # Each example's null score: the minimum over its windows, and which window gave it.
     null_order = np.lexsort((null, window_example))
@@ -226,24 +249,7 @@ def decode(
     null_window = np.full(num_examples, -1, dtype=np.int64)
     null_window[ex_sorted[firsts]] = null_order[firsts]
 
-    # All valid candidates, sorted by (example, score descending); keep each example's first n.
-    row_window = np.repeat(np.arange(num_windows), n)
-    row_score = score.ravel()
-    valid = np.flatnonzero(np.isfinite(row_score))
-    if num_windows and np.all(window_example[1:] >= window_example[:-1]):
-        # Windows come grouped by example (as every feature builder makes them) and each window's
-        # candidates are sorted already: only examples with several windows need sorting.
-        sort = valid
-        row_example = window_example[row_window[sort]]  # (sorting inside a group keeps it)
-        windows_of = np.bincount(window_example, minlength=num_examples)
-        multi = np.flatnonzero(windows_of[row_example] > 1)
-        if len(multi):
-            sub = multi[np.lexsort((-row_score[sort[multi]], row_example[multi]))]
-            sort = sort.copy()
-            sort[multi] = sort[sub]
-    else:
-        sort = valid[np.lexsort((-row_score[valid], window_example[row_window[valid]]))]
-        row_example = window_example[row_window[sort]]
+    row_window, row_score, sort, row_example = _ranked_rows(score, window_example, num_examples)
     group_first = np.searchsorted(row_example, row_example, side="left")
     top = sort[np.arange(len(sort)) - group_first < n_best_size]
     top_window, top_example = row_window[top], window_example[row_window[top]]
