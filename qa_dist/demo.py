@@ -44,8 +44,8 @@ RECIPES = {
 
 
 def _cpu_has_bf16() -> bool:
-    """bf16 autocast trains MiniLM 1.5x faster on CPUs with AVX512-BF16 (measured here); on other
-    CPUs bf16 is emulated and slower than fp32."""
+    """bf16 autocast trains faster on CPUs with AVX512-BF16; on other CPUs bf16 is emulated and
+    slower than fp32."""
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(check and check())
 

@@ -148,9 +148,9 @@ class TrainConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """Attention kernel asked of transformers at model load. ``auto`` leaves it to transformers, which (5.x) picks PyTorch's fused ``sdpa`` wherever the architecture supports it and ``eager`` elsewhere; ``flash_attention_2`` needs the flash-attn package and a bf16/fp16 run on Ampere+ GPUs."""
     compile: bool = False
-    """``torch.compile`` the model before training (inductor, through Accelerate). Off by default, as measured on the CPU (``bench/compile.py``, MiniLM at 384 with dynamic padding): the compiled step was 1.19x-1.23x slower than eager (2 recompilations for new window lengths in 30 steps), and the cold compilation cost 80-87 s. Not measured on a GPU yet (``bench/gpu_throughput.py --compile`` does)."""
+    """``torch.compile`` the model before training (inductor, through Accelerate). Off by default: with dynamic padding every new window length recompiles, and on the CPU the compiled step is slower than eager and the cold compilation costs minutes (``bench/compile.py``; figures in docs/benchmarks.md). On GPUs ``bench/gpu_throughput.py --compile`` measures it."""
     fused_adamw: bool = True
-    """AdamW's fused kernel (``torch.optim.AdamW(fused=True)``, PyTorch's documented fastest, the Trainer's default) on CUDA and on the CPU, without DeepSpeed or FSDP (those shard the parameters; they keep the default implementation). On the CPU it steps MiniLM 4x faster than the default foreach kernel."""
+    """AdamW's fused kernel (``torch.optim.AdamW(fused=True)``, PyTorch's documented fastest, the Trainer's default) on CUDA and on the CPU, without DeepSpeed or FSDP (those shard the parameters; they keep the default implementation). On the CPU too it is much faster than the default foreach kernel (docs/benchmarks.md)."""
     tf32: bool = True
     """On CUDA, let fp32 matrix multiplications and convolutions use TF32 tensor cores (Ampere and later; ``torch.set_float32_matmul_precision("high")``): much faster fp32 runs at about 10 bits of mantissa in the products. No effect on bf16/fp16 autocast regions or on the CPU; false for full-fp32 numerics."""
     pin_memory: bool = True

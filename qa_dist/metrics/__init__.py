@@ -64,11 +64,11 @@ def score(
     metric = resolve_metric(examples, metric, with_null_odds=na_probs is not None)
     predictions = {qid: text for qid, text in predictions.items() if text is not None}
     if metric == "squad":
-        unanswerable = [ex["id"] for ex in examples if unanswerable(ex)]
-        if unanswerable:
+        no_answer = [ex["id"] for ex in examples if unanswerable(ex)]
+        if no_answer:
             raise DataError(
-                f"metric squad (SQuAD v1.1) cannot score unanswerable questions, and {len(unanswerable)} of the "
-                f"{len(examples)} questions are (first: {unanswerable[0]!r}); use metric squad_v2 (or cmrc)"
+                f"metric squad (SQuAD v1.1) cannot score unanswerable questions, and {len(no_answer)} of the "
+                f"{len(examples)} questions are (first: {no_answer[0]!r}); use metric squad_v2 (or cmrc)"
             )
     if metric == "squad":
         result = score_squad_v1(examples, predictions)
