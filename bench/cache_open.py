@@ -41,9 +41,9 @@ def _config(args):
 
 
 def worker(args) -> None:
-    from qa_dist.runtime.dist import current_context
-    from qa_dist.models import load_tokenizer
     from qa_dist.features.prepare import prepare_features
+    from qa_dist.models import load_tokenizer
+    from qa_dist.runtime.dist import current_context
 
     ctx = current_context(init=True)
     config = _config(args)
@@ -77,8 +77,8 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from qa_dist.models import load_tokenizer
     from qa_dist.features.prepare import prepare_features
+    from qa_dist.models import load_tokenizer
     from qa_dist.runtime.report import Reporter
 
     config = _config(args)

