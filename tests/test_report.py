@@ -50,13 +50,15 @@ def test_rank_zero_reports_and_the_others_are_silent(tmp_path, capsys):
 
 RANK_CHECK = re.compile(r"is_main_process|\brank == 0|\.rank != 0|process_index == 0")
 COORDINATION = {
-    # Writer elections inside collective protocols, not output (see qa_dist/report.py).
-    "report.py",
-    "dist.py",  # the rank a gather goes to
-    "cache.py",  # which process builds an entry, the shared-filesystem probe
-    "train/checkpoint.py",  # a checkpoint's markers and pruning, between barriers
+    # Writer elections inside collective protocols, not output (see qa_dist/runtime/report.py).
+    "runtime/report.py",
+    "runtime/dist.py",  # the rank a gather goes to
+    "features/cache.py",  # which process builds an entry, the shared-filesystem probe
+    "train/checkpoint/checkpointer.py",  # a checkpoint's markers and pruning, between barriers
+    "train/best.py",  # the best keeper's decision, made on rank zero for all
     "train/export.py",  # save_pretrained(is_main_process=...) and the export check
-    "launch.py",  # accelerate's --main_process_ip/port flags
+    "train/setup.py",  # who holds the run directory's lock, who puts a verified export in place
+    "launch/accelerate.py",  # accelerate's --main_process_ip/port flags
 }
 
 

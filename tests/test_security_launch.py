@@ -299,3 +299,29 @@ def test_launch_wrappers_pass_every_argument_through_intact(tmp_path, script):
     if script == "multi_node.sh":
         assert "--head=-h" in argv  # a value starting with "-" cannot be taken for an option
     _nothing_ran(tmp_path)
+
+
+@pytest.mark.parametrize("script", ["one_node.sh", "multi_node.sh"])
+def test_a_recipes_strategy_survives_the_wrappers(tmp_path, script):
+    """The wrappers pass only what the user set: the recipe's launch.strategy is what the launch
+    plans with, unless STRATEGY says otherwise."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(CONFIG.read_text().replace("  strategy: ddp\n", "  strategy: single\n", 1))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HEAD": "127.0.0.1"}
+    env |= {"NODES": "1", "RANK": "0"}
+    env.pop("STRATEGY", None)
+    env.pop("PORT", None)
+    args = ["--dry-run", "--no-check", f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    done = subprocess.run(
+        [str(REPO / "launch" / script), str(recipe), *args], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--num_processes 1" in done.stdout  # single: one process, not auto's two CPU processes
+    done = subprocess.run(
+        [str(REPO / "launch" / script), str(recipe), *args],
+        env={**env, "STRATEGY": "ddp"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and "--num_processes 2" in done.stdout, done.stderr

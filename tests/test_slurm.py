@@ -168,7 +168,7 @@ def test_sigterm_from_the_scheduler_checkpoints_within_killwait_requeues_and_res
 
     Not reproducible with checkpointing, on Slurm 22.05: a SIGTERM to the batch step too (plain
     scancel, `scancel --full`, a preemption with GraceTime=0): srun itself gets it and answers with
-    SIGKILL to its tasks at once ("forcing job termination"); see the README."""
+    SIGKILL to its tasks at once ("forcing job termination"); see docs/launching.md."""
     reference_dir, cache = reference
     run_dir = tmp_path / "run"
     job, log = _start_and_wait_for_training(slurm, run_dir, cache, tiny_model)

@@ -102,11 +102,13 @@ def test_two_processes_train_and_export(tmp_path, tiny_model, cache_dir, strateg
     assert re.search(r"^step 30: .*eval/f1 ", done.stderr, re.MULTILINE)
 
     # The export loads and predicts what the model at the end of training predicted.
-    saved = torch.load(run_dir / "final_batch_logits.pt")
+    saved = load_file(str(run_dir / "export_check_logits.safetensors"))  # no pickle among qa-dist's files
+    inputs = {k.removeprefix("inputs."): v for k, v in saved.items() if k.startswith("inputs.")}
     exported = AutoModelForQuestionAnswering.from_pretrained(str(run_dir / "model")).eval()
     with torch.no_grad():
-        out = exported(**saved["inputs"])
+        out = exported(**inputs)
     assert torch.allclose(torch.stack([out.start_logits, out.end_logits]), saved["logits"], atol=1e-5)
+    assert not list(run_dir.glob("*.pt")) and not (run_dir / "model.partial").exists()
     weights = load_file(str(run_dir / "model" / "model.safetensors"))
     assert all(t.numel() > 0 for t in weights.values())  # ZeRO-3 gathered, not empty shards
     assert json.loads((run_dir / "export_check.json").read_text())["max_abs_diff"] <= 1e-4
@@ -615,7 +617,8 @@ def test_an_attention_kernel_that_cannot_load_is_one_line_naming_the_switch(tmp_
 def test_an_error_that_only_mentions_attention_is_not_blamed_on_the_switch(tmp_path, tiny_model):
     """The switch is blamed only when the same load works without it: a head count that does not
     divide the hidden size, or a path with "attention" in it, stay the model's errors."""
-    from qa_dist.config import ConfigError, ModelConfig
+    from qa_dist.config import ModelConfig
+    from qa_dist.errors import ConfigError
     from qa_dist.models import load_qa_model
 
     bad = tmp_path / "bad-heads"

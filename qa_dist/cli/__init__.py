@@ -9,6 +9,7 @@ import sys
 
 from qa_dist.cli.commands import LAUNCH_FLAGS, PREDICT_FLAGS
 from qa_dist.cli.parser import build_parser
+from qa_dist.runtime.safepath import drop_working_directory
 
 EXIT_USAGE = 2
 
@@ -16,6 +17,7 @@ EXIT_USAGE = 2
 def main(argv: list[str] | None = None) -> int:
     from qa_dist.errors import QaDistError
 
+    drop_working_directory()  # (again, for the console script and callers of main())
     logging.basicConfig(level=logging.WARNING, format="qa-dist: %(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -69,7 +69,8 @@ def _read_json_mapping(path: str, what: str) -> dict:
     from qa_dist.errors import DataError
 
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark is accepted, as in data files (Windows editors write one)
+        with open(path, encoding="utf-8-sig") as f:
             value = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: {what} file not found") from None
@@ -77,11 +78,25 @@ def _read_json_mapping(path: str, what: str) -> dict:
         raise DataError(f"{path}: {what} file is not valid JSON ({e})") from None
     except RecursionError:
         raise DataError(f"{path}: {what} file is JSON nested too deeply to read") from None
+    except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise DataError(
+            f"{path}: {what} file holds a number of more than {sys.get_int_max_str_digits()} digits"
+        ) from None
     except OSError as e:
         raise DataError(f"{path}: cannot read the {what} file ({e.strerror or e})") from None
     if not isinstance(value, dict):
         raise DataError(f"{path}: {what} must be a JSON object mapping question ids to values")
     return value
+
+
+def _finite_number(value) -> bool:
+    """A JSON number that is a finite float: not a bool, and an integer that fits one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float's range (math.isfinite converts it)
+        return False
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -101,8 +116,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     predictions = {qid: text for qid, text in predictions.items() if text is not None}  # null: missing
     na_probs = _read_json_mapping(args.na_probs, "null odds") if args.na_probs else None
     for qid, odds in (na_probs or {}).items():
-        if isinstance(odds, bool) or not isinstance(odds, (int, float)) or not math.isfinite(odds):
+        if not _finite_number(odds):
             got = repr(odds) if isinstance(odds, float) else type(odds).__name__
+            got = "an integer too large for a float" if isinstance(odds, int) and not isinstance(odds, bool) else got
             raise DataError(f"{args.na_probs}: question {qid!r}: null odds must be a finite number, got {got}")
     try:
         result = score(examples, predictions, na_probs=na_probs, metric=args.metric)
@@ -259,7 +275,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
             return 0
         plan.submit(report=print)
         return 0
-    print(shlex.join(plan.line()), flush=True)
+    # As it runs (qa-dist sets it when it runs the line): copied, the line keeps the working directory off sys.path.
+    print("PYTHONSAFEPATH=1 " + shlex.join(plan.line()), flush=True)
     if args.dry_run:
         return 0
     return plan.run()

@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import json
 import logging
+import sys
 import zlib
 from dataclasses import dataclass
 from importlib import resources
@@ -97,6 +98,9 @@ def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
     except RecursionError:
         where = f" at line {line}" if line else ""
         raise DataError(f"{path}: JSON nested too deeply to read{where} (no SQuAD-format file nests so deep)") from None
+    except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        where = f" at line {line}" if line else ""
+        raise DataError(f"{path}: a number of more than {sys.get_int_max_str_digits()} digits{where}") from None
 
 
 def _json_lines(text: str):
@@ -252,7 +256,7 @@ def load_file(path: str | Path, *, strict: bool = False, labelled: bool = True) 
             items, lines = _jsonl_items(text, path)
             return from_items(items, lambda i: f"line {lines[i]}")
         parsed = _parse_json(text, path)  # raises the error naming line and column
-    except RecursionError:
+    except (RecursionError, ValueError):
         parsed = _parse_json(text, path)
     if is_dureader(parsed):  # one DuReader record alone
         return from_items([parsed], lambda i: "line 1")

@@ -16,6 +16,7 @@ from qa_dist.launch.estimate import choose_strategy, describe, gpus_available, m
 from qa_dist.launch.process import run
 from qa_dist.launch.slurm import SlurmOptions, render_sbatch, sbatch_output_dir, submit
 from qa_dist.models import load_tokenizer
+from qa_dist.runtime.rundir import check_free
 
 
 def _quiet(_message: str) -> None:
@@ -139,6 +140,8 @@ class LaunchPlan:
             raise ConfigError("environment check failed:\n  " + "\n  ".join(problems))
         if slurm:
             sbatch_output_dir(str(Path(config.run_dir).resolve()))  # (raises for a run_dir sbatch cannot carry)
+        else:  # a batch job checks when it starts: the holder may be gone by then
+            check_free(config.run_dir)
         return cls(
             config=config,
             config_path=config_path,

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil  # a dependency of accelerate
 
 from qa_dist.runtime.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
+from qa_dist.runtime.safepath import safe_environ
 
 
 def run(cmd: list[str], run_dir: str | Path | None = None) -> int:
@@ -54,7 +55,7 @@ def run(cmd: list[str], run_dir: str | Path | None = None) -> int:
     handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
     previous = {sig: signal.signal(sig, forward) for sig in handled}
     try:
-        proc = subprocess.Popen(cmd, start_new_session=True)
+        proc = subprocess.Popen(cmd, start_new_session=True, env=safe_environ())
         for signum in pending:
             forward(signum)
         code = proc.wait()

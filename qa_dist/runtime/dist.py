@@ -107,7 +107,7 @@ def make_accelerator(
     On a machine without GPUs a plain ``Accelerator()`` under torchrun reports one process on every
     rank and each trains alone, silently; ``cpu=True`` gives gloo multi-process. Under DeepSpeed on
     CPU, Accelerate's own state is wrong unless the process group is made with gloo explicitly.
-    Both were seen on a CPU-only machine (README, "On CPU"); the world size is checked here.
+    Both were seen on a CPU-only machine (docs/training.md, "On CPU"); the world size is checked here.
     """
     import torch
     from accelerate import Accelerator

@@ -28,3 +28,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write(path: str | Path, text: str) -> None:
     """``atomic_write_bytes`` for UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_dir(partial: str | Path, final: str | Path) -> None:
+    """Put the complete directory ``partial`` where ``final`` is: the old one is renamed aside
+    first and removed after, so ``final`` is only ever a complete directory (or, for the moment
+    between two renames, absent), never a half-written one."""
+    import shutil
+
+    partial, final = Path(partial), Path(final)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from qa_dist.errors import ConfigError
-from qa_dist.runtime.fsutil import atomic_write
 from qa_dist.train.checkpoint import Checkpointer, TrainState
 from qa_dist.train.checkpoint.checkpointer import broadcast_from_main
 
@@ -38,7 +36,8 @@ class BestKeeper:
     step; the checkpointer never prunes the best step's checkpoint."""
 
     def __init__(self, accelerator, run_dir: Path, spec: str, checkpointer: Checkpointer, export) -> None:
-        """``export(out_dir)``: every rank calls it; it exports the model there and checks it."""
+        """``export(out_dir, files=...)``: every rank calls it; it exports the model there with the
+        given files beside it, verified, or raises."""
         self.accelerator = accelerator
         self.run_dir = Path(run_dir)
         self.spec = spec
@@ -75,23 +74,14 @@ class BestKeeper:
         if value is None:
             return False
         # The export first: should the run die before the checkpoint, the resumed run evaluates
-        # this step again and exports the same model.
-        partial = self.run_dir / (BEST_DIR + ".partial")
-        if acc.is_main_process and partial.exists():
-            shutil.rmtree(partial)
-        acc.wait_for_everyone()
-        self.export(partial)
+        # this step again and exports the same model. best/ and best.json are put in place
+        # together, and only once the export is verified.
+        info = {"metric": self.key, "mode": self.mode, "value": value, "step": state.step}
+        self.export(self.run_dir / BEST_DIR, files={BEST_JSON: json.dumps(info, indent=2)})
         if acc.is_main_process:
-            info = {"metric": self.key, "mode": self.mode, "value": value, "step": state.step}
-            atomic_write(partial / BEST_JSON, json.dumps(info, indent=2))
-            best, old = self.run_dir / BEST_DIR, self.run_dir / (BEST_DIR + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            if best.exists():
-                best.rename(old)
-            partial.rename(best)
-            shutil.rmtree(old, ignore_errors=True)
-            log.warning("new best %s %.6g at step %d: exported to %s", self.key, value, state.step, best)
+            log.warning(
+                "new best %s %.6g at step %d: exported to %s", self.key, value, state.step, self.run_dir / BEST_DIR
+            )
         acc.wait_for_everyone()
         state.best_metric, state.best_value, state.best_step = self.spec, value, state.step
         self.checkpointer.save(state)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from transformers import AutoModelForQuestionAnswering
 
@@ -14,6 +14,9 @@ from qa_dist.config import DataConfig
 from qa_dist.models import autocast_dtype, record_windows, stack_logits
 from qa_dist.runtime.fsutil import atomic_write, atomic_write_bytes
 from qa_dist.train.inference import LABELS, batch_logits
+
+CHECK_LOGITS = "export_check_logits.safetensors"
+"""The export check's batch (``inputs.*``) and the trained model's logits on it (``logits``)."""
 
 
 def export_model(accelerator, model, tokenizer, out_dir: Path, data: DataConfig | None = None) -> None:
@@ -76,7 +79,7 @@ def check_export(
     export on the CPU and compares. ``tolerance`` is relative to the largest trained logit (at
     least 1): a wrong or empty export is off by about the logits themselves, while bf16/fp16 runs
     differ by their rounding, which grows with the logits. Writes ``export_check.json`` and
-    ``final_batch_logits.pt`` to ``report_dir`` (default: ``out_dir``'s parent) and raises on a
+    ``export_check_logits.safetensors`` (the batch's inputs and the trained logits) to ``report_dir`` (default: ``out_dir``'s parent) and raises on a
     mismatch."""
     report_dir = Path(out_dir).parent if report_dir is None else Path(report_dir)
     trained = batch_logits(accelerator, model, batch).cpu()
@@ -91,9 +94,8 @@ def check_export(
         with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
             again = exported(**inputs)
         loaded = stack_logits(again)
-        buffer = io.BytesIO()
-        torch.save({"inputs": inputs, "logits": trained}, buffer)
-        atomic_write_bytes(report_dir / "final_batch_logits.pt", buffer.getvalue())
+        tensors = {"logits": trained.contiguous(), **{f"inputs.{k}": v.contiguous() for k, v in inputs.items()}}
+        atomic_write_bytes(report_dir / CHECK_LOGITS, safetensors.torch.save(tensors))
         report = {
             "max_abs_diff": float((loaded - trained).abs().max()),
             "scale": max(1.0, float(trained.abs().max())),

@@ -38,22 +38,15 @@ def train(config: RunConfig, evaluator: Evaluator | None = None, trackers: Seque
     them on the main process only): they get the resolved config and every logged scalar."""
     if evaluator is None:
         config.check_keep_best()
-    trainer = Trainer(build_run(config, evaluator, trackers))
+    run = build_run(config, evaluator, trackers)
     try:
-        if trainer.state.eval_pending:  # the checkpointed step's evaluation, which a preemption stopped
-            trainer.state.eval_pending = False
-            trainer.evaluate(trainer.run.evaluator.maybe_run)
-        trainer.fit()
-        trainer.run.checkpointer.ensure_saved(trainer.state)
-        trainer.evaluate(trainer.run.evaluator.finish)  # a requeued run evaluates (finish) and exports
-        export_dir = trainer.run.run_dir / "model"
-        trainer.run.export(export_dir)
-        trainer.run.tracker.finish(export_dir)
-        return TrainResult(trainer.state.step, preempted=False, export_dir=export_dir)
-    except Preempted:
-        return TrainResult(trainer.state.step, preempted=True, export_dir=None)
+        trainer = Trainer(run)
+        try:
+            return trainer.run_to_end()
+        finally:
+            trainer.preemption.restore()
     finally:
-        trainer.preemption.restore()
+        run.release()
 
 
 class Trainer:
@@ -63,6 +56,23 @@ class Trainer:
         self.run, self.state = run, run.state
         self.meter = Meter()
         self.preemption = PreemptionFlag()
+
+    def run_to_end(self) -> TrainResult:
+        """A stopped evaluation first, the loop, the last checkpoint and evaluation, the export."""
+        run, state = self.run, self.state
+        try:
+            if state.eval_pending:  # the checkpointed step's evaluation, which a preemption stopped
+                state.eval_pending = False
+                self.evaluate(run.evaluator.maybe_run)
+            self.fit()
+            run.checkpointer.ensure_saved(state)
+            self.evaluate(run.evaluator.finish)  # a requeued run evaluates (finish) and exports
+            export_dir = run.run_dir / "model"
+            run.export(export_dir, report_dir=run.run_dir)
+            run.tracker.finish(export_dir)
+            return TrainResult(state.step, preempted=False, export_dir=export_dir)
+        except Preempted:
+            return TrainResult(state.step, preempted=True, export_dir=None)
 
     def fit(self) -> None:
         run, state, t = self.run, self.state, self.run.config.train

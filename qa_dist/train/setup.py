@@ -6,6 +6,7 @@ keeper. Every rank builds the same run; ``qa_dist.train.loop`` runs it."""
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +16,18 @@ import numpy as np
 from accelerate.utils import set_seed
 
 from qa_dist.config import RunConfig, config_to_dict, resolved_config_record
+from qa_dist.errors import ConfigError
 from qa_dist.eval.evaluator import GatheredEvaluator
 from qa_dist.eval.hooks import Evaluator, NullEvaluator
 from qa_dist.features.batches import FeatureColumns
 from qa_dist.features.prepare import prepare_features
 from qa_dist.models import enable_gradient_checkpointing, load_qa_model, load_tokenizer, parameter_count
-from qa_dist.runtime.dist import context_of, enable_tf32, fill_deepspeed_config, make_accelerator
+from qa_dist.runtime.dist import context_of, enable_tf32, fill_deepspeed_config, make_accelerator, max_over_ranks
+from qa_dist.runtime.faults import kill_point
+from qa_dist.runtime.fsutil import atomic_write, replace_dir
 from qa_dist.runtime.preemption import clear_preempted_marker
 from qa_dist.runtime.report import Reporter, reporter_for
+from qa_dist.runtime.rundir import LOCK_FILE, RunDirLock, describe, read_holder
 from qa_dist.train.best import BestKeeper
 from qa_dist.train.checkpoint import Checkpointer, TrainState
 from qa_dist.train.export import check_export, export_model
@@ -53,6 +58,8 @@ class Run:
     tracker: Any
     evaluator: Evaluator
     keeper: BestKeeper | None = None
+    lock: RunDirLock | None = None
+    """The run directory's lock (global rank zero holds it; None elsewhere)."""
 
     @property
     def run_dir(self) -> Path:
@@ -62,18 +69,35 @@ class Run:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id or 0
 
-    def export(self, out_dir: Path, *, report_dir: Path | None = None) -> None:
-        """The model as a Hugging Face directory, verified against the trained model's logits on a
-        few training windows. Every rank calls this (ZeRO-3 gathers the weights collectively)."""
-        export_model(self.acc, self.model, self.tokenizer, out_dir, data=self.config.data)
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def export(self, out_dir: Path, *, files: dict[str, str] | None = None, report_dir: Path | None = None) -> None:
+        """The model as a Hugging Face directory at ``out_dir``, with ``files`` (name: text) beside
+        it (and the export check's report, unless ``report_dir`` says where else), verified against the trained model's logits on a few training windows before it is put
+        in place: ``out_dir`` never holds a half-written or unverified export. Every rank calls
+        this (ZeRO-3 gathers the weights collectively)."""
+        acc, partial = self.acc, out_dir.with_name(out_dir.name + ".partial")
+        if acc.is_main_process and partial.exists():
+            shutil.rmtree(partial)  # a killed export's leftover
+        acc.wait_for_everyone()
+        kill_point("export:before-weights")
+        export_model(acc, self.model, self.tokenizer, partial, data=self.config.data)
         sample = self.columns.batch(np.arange(min(8, len(self.columns))), self.pad_id)
         tolerance = 1e-4 if self.config.train.mixed_precision == "no" else 2e-2
-        check_export(self.acc, self.model, sample, out_dir, tolerance, report_dir=report_dir)
+        check_export(acc, self.model, sample, partial, tolerance, report_dir=report_dir or partial)
+        if acc.is_main_process:
+            for name, text in (files or {}).items():
+                atomic_write(partial / name, text)
+            kill_point("export:before-publish")
+            replace_dir(partial, out_dir)
+        acc.wait_for_everyone()
 
 
 def build_run(config: RunConfig, evaluator: Evaluator | None = None, trackers: Sequence = ()) -> Run:
-    """Every rank calls this with the same config; collectives inside (the cache, the model under
-    ZeRO-3, the checkpoint's verdict) run on all of them."""
+    """Every rank calls this with the same config; collectives inside (the run directory's lock,
+    the cache, the model under ZeRO-3, the checkpoint's verdict) run on all of them."""
     t, run_dir = config.train, Path(config.run_dir)
     acc = make_accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -83,6 +107,34 @@ def build_run(config: RunConfig, evaluator: Evaluator | None = None, trackers: S
         project_dir=str(run_dir),
         compile=t.compile,
     )
+    lock = lock_run_dir(acc, run_dir)
+    try:
+        run = _build(config, acc, evaluator, trackers)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def lock_run_dir(acc, run_dir: Path) -> RunDirLock | None:
+    """Global rank zero takes the run directory's lock; every rank learns whether it could, so that
+    all stop together, before anything is written there, when another run holds it."""
+    lock, problem = (RunDirLock(run_dir), "") if acc.is_main_process else (None, "")
+    if lock is not None:
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            lock, problem = None, str(e)
+    if max_over_ranks(int(bool(problem)), acc.device):
+        holder = read_holder(run_dir / LOCK_FILE) or {}
+        raise ConfigError(problem or f"run_dir {run_dir}: another run is using it ({describe(holder)})")
+    return lock
+
+
+def _build(config: RunConfig, acc, evaluator: Evaluator | None, trackers: Sequence) -> Run:
+    t, run_dir = config.train, Path(config.run_dir)
     if acc.device.type == "cuda" and t.tf32:
         enable_tf32()
     set_seed(t.seed)
@@ -125,5 +177,5 @@ def build_run(config: RunConfig, evaluator: Evaluator | None = None, trackers: S
         checkpointer, state, tracker, evaluator or NullEvaluator(),
     )  # fmt: skip
     if t.keep_best:  # each best model is exported and verified as the final one is
-        run.keeper = BestKeeper(acc, run_dir, t.keep_best, checkpointer, lambda out: run.export(out, report_dir=out))
+        run.keeper = BestKeeper(acc, run_dir, t.keep_best, checkpointer, run.export)
     return run

@@ -16,6 +16,7 @@ import torch.distributed
 
 from qa_dist.errors import ConfigError
 from qa_dist.runtime.dist import max_over_ranks
+from qa_dist.runtime.faults import kill_point
 from qa_dist.runtime.fsutil import atomic_write
 from qa_dist.train.checkpoint.manifest import COMPLETE, complete_checkpoints, step_of, verify, write_manifest
 from qa_dist.train.checkpoint.safe_load import safe_torch_load
@@ -89,9 +90,11 @@ class Checkpointer:
         if acc.is_main_process and path.exists():
             shutil.rmtree(path)  # an incomplete leftover of a killed save, or a damaged checkpoint
         acc.wait_for_everyone()
+        kill_point("checkpoint:before-weights")
         acc.save_state(str(path))
         rank = acc.process_index
         (path / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # pickled; ours is JSON
+        kill_point("checkpoint:between-files")
         atomic_write(path / rng_file(rank), rng_state_json())
         # All ranks have returned from writing their shards before the marker exists.
         acc.wait_for_everyone()
@@ -108,6 +111,7 @@ class Checkpointer:
             atomic_write(path / STATE, json.dumps(asdict(state)))
             if self.scheduler is not None:
                 atomic_write(path / SCHEDULER, scheduler_state_json(self.scheduler))
+            kill_point("checkpoint:before-complete")
             write_manifest(path, state.step)
             self._prune(path, keep_step=state.best_step)
         acc.wait_for_everyone()
