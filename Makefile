@@ -33,7 +33,7 @@ test-fast: $(STAMP)
 # The GPU tier on every visible GPU (NCCL; 2+ processes where there are 2+ GPUs): DDP, FSDP, ZeRO-2/3
 # in bf16, exact resume, evaluation on 1 and N GPUs, the export check. Skips where no GPU is visible.
 test-gpu: $(STAMP)
-	$(BIN)/pytest -q -ra -m gpu tests/test_gpu.py
+	$(BIN)/pytest -q -ra -m gpu tests/gpu
 
 # Per GPU: samples/s, tokens/s, peak memory and MFU of BERT-large at 384 tokens in bf16, each strategy
 # beside the Hugging Face Trainer. Exits with a message where no GPU is visible.

@@ -18,7 +18,7 @@ from qa_dist.errors import ConfigError
 from qa_dist.runtime import rundir
 from qa_dist.runtime.rundir import LOCK_FILE, RunDirLock, check_free
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "qa_dist" / "configs" / "runs" / "cpu_sample_en.yaml"
 
 

@@ -23,7 +23,7 @@ from qa_dist import load_examples
 from qa_dist.config import EvalConfig, TrainConfig
 from qa_dist.train.checkpoint import COMPLETE, complete_checkpoints
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 

@@ -13,7 +13,7 @@ import pytest
 from qa_dist import DataError, load_examples, score
 from qa_dist.data import load_source
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KEYS = {"id", "title", "context", "question", "answers", "is_impossible"}
 
 

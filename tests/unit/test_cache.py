@@ -23,7 +23,7 @@ from qa_dist.features.cache import check_entry
 from qa_dist.features.prepare import prepare_features
 from qa_dist.models import load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

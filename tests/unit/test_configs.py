@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ACCELERATE_CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
 DEEPSPEED_CONFIGS = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
 
@@ -103,7 +103,7 @@ def test_deepspeed_configs_fit_what_qa_dist_fills(path):
         assert ds["zero_force_ds_cpu_optimizer"] is False  # qa-dist brings its own AdamW
     if "nvme" in path.stem:
         assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "nvme"
-        # A placeholder that qa-dist launch replaces with launch.nvme_path (tests/test_launch.py).
+        # A placeholder that qa-dist launch replaces with launch.nvme_path (tests/e2e/test_launch.py).
         assert zero["offload_optimizer"]["nvme_path"] == zero["offload_param"]["nvme_path"] == "/local_nvme"
         assert ds["zero_force_ds_cpu_optimizer"] is False
         from deepspeed.runtime.swap_tensor.aio_config import get_aio_config

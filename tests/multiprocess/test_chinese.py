@@ -14,7 +14,7 @@ import pytest
 
 from qa_dist import load_examples
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "runs" / "cpu_sample_zh.yaml"
 
 

@@ -27,7 +27,7 @@ from qa_dist.train.checkpoint import complete_checkpoints  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 NPROC = GPUS  # every visible GPU: 2+ processes where there are 2+ GPUs
 needs_two = pytest.mark.skipif(GPUS < 2, reason=f"needs 2+ GPUs ({GPUS} visible)")

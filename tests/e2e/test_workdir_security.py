@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import small_run_overrides
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "qa_dist" / "configs" / "runs" / "cpu_sample_en.yaml"
 
 

@@ -16,7 +16,7 @@ from qa_dist import ConfigError, load_config
 from qa_dist.config import ModelConfig
 from qa_dist.models import check_window_fits, max_window_length, resolve_model_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args, cwd, timeout=120, input=None):
@@ -220,3 +220,28 @@ def test_broken_pipe_is_quiet(tmp_path):
     )
     assert done.stdout.strip() == "run_dir"
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+
+
+def test_pickled_weights_that_hold_more_than_tensors_are_one_line(tmp_path):
+    """A pytorch_model.bin whose pickle names a callable: torch.load(weights_only=True) refuses it,
+    and the refusal is one line naming the model, not 40 lines of UnpicklingError."""
+    import collections
+
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    marker = tmp_path / "unpickled"
+    model = BertForQuestionAnswering(
+        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
+    model.config.save_pretrained(tmp_path / "model")
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    state = collections.OrderedDict(model.state_dict(), planted=Planted())
+    torch.save(state, tmp_path / "model" / "pytorch_model.bin")
+    done = run_cli("predict", "--model", str(tmp_path / "model"), "--question", "q", "--context", "c", cwd=tmp_path)
+    assert not marker.exists()
+    assert_one_line_error(done, "model.name_or_path", "refused to load pickled weights")

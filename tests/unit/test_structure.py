@@ -63,7 +63,7 @@ def test_metrics_import_no_stage_above_them(module):
 
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 90
-PACKAGE = Path(__file__).resolve().parents[1] / "qa_dist"
+PACKAGE = Path(__file__).resolve().parents[2] / "qa_dist"
 
 
 def _sources() -> list[Path]:

@@ -18,7 +18,7 @@ from wandb_log import config, history, history_keys, summary
 from qa_dist.config import load_config
 from qa_dist.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --- configuration -----------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def test_label_property_on_real_data(request, tmp_path, path, paragraphs, tokeni
 
 def _tutorial_labels(tokenizer, question, context, answer_start, answer_text, max_length, stride):
     """Labels of the Hugging Face notebook's ``prepare_train_features`` (as in bench/preprocess.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from preprocess import tutorial_prepare_train_features
 
     columns = {

@@ -10,7 +10,7 @@ import yaml
 from qa_dist import ConfigError, RunConfig, load_config
 from qa_dist.config import resolved_config_record, valid_keys
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "runs").glob("*.yaml")), ids=lambda p: p.name)

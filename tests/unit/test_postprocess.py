@@ -175,7 +175,7 @@ def test_builder_features_plain_lists_and_arrow_give_identical_predictions(tmp_p
     from qa_dist.features import OffsetMapping
     from qa_dist.features.prepare import examples_table, features_table
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from postprocess import tutorial_prepare_validation_features
 
     path = tmp_path / "dev.json"

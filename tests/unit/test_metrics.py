@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -349,3 +350,29 @@ def test_tuned_threshold_on_squad_v2_dev_reaches_the_official_best_f1():
     assert tuned["f1"] == pytest.approx(official["best_f1"], rel=1e-12)
     assert tuned["threshold"] == official["best_f1_thresh"]
     assert tuned["f1"] > score(examples, spans)["f1"]  # better than answering everything
+
+
+def test_numbers_too_long_to_convert_are_one_line(score_files, capsys, tmp_path):
+    data, write = score_files
+    digits = "9" * 5000  # past Python's int max str digits (4300): a ValueError inside json
+    preds = write("predictions.json", '{"a": "France", "b": ' + digits + "}")
+    line = _one_error_line(*_score_cli(capsys, "--data", data, "--predictions", preds)[::2])
+    assert "predictions.json" in line and "digits" in line
+    good = write("good.json", {"a": "France", "b": ""})
+    odds = write("null_odds.json", '{"a": -1.0, "b": ' + "9" * 400 + "}")  # an int float() cannot hold
+    line = _one_error_line(*_score_cli(capsys, "--data", data, "--predictions", good, "--na-probs", odds)[::2])
+    assert "null_odds.json" in line and "'b'" in line and "too large" in line
+    bad_data = tmp_path / "digits.jsonl"
+    bad_data.write_text(Path(data).read_text().replace('"answer_start": [12]', '"answer_start": [' + digits + "]"))
+    line = _one_error_line(*_score_cli(capsys, "--data", str(bad_data), "--predictions", good)[::2])
+    assert "digits.jsonl" in line and "line 1" in line and "digits" in line
+
+
+def test_a_byte_order_mark_is_accepted_in_predictions_and_null_odds(score_files, capsys):
+    data, write = score_files
+    bom = "\ufeff"  # what Windows editors put before the JSON; data files accept it too
+    preds = write("predictions.json", bom + json.dumps({"a": "France", "b": ""}))
+    odds = write("null_odds.json", bom + json.dumps({"a": -1.0, "b": 2.0}))
+    code, out, err = _score_cli(capsys, "--data", data, "--predictions", preds, "--na-probs", odds)
+    assert code == 0, err
+    assert json.loads(out)["exact"] == 100.0

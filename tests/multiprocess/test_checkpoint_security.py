@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from qa_dist.train.checkpoint import COMPLETE, STATE, Checkpointer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NEWEST, OLDER = "step-00000004", "step-00000002"
 
 

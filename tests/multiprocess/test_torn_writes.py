@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from qa_dist.train.checkpoint import complete_checkpoints
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "qa_dist" / "configs" / "runs" / "cpu_sample_en.yaml"
 STEPS = ["train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2", "data.eval=null"]
 
