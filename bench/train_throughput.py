@@ -11,6 +11,15 @@ windows (384/128, from the feature cache), same CPU, one process:
    step by step (the same batch in both), so a noisy neighbour slowing one run does not decide it.
 
     python bench/train_throughput.py [--steps 12] [--batch-size 16]
+
+``--after-eval``: training speed after an in-training evaluation against before it, on 2 CPU
+processes (``qa-dist launch`` of the shipped English recipe, evaluation every ``--eval-every``
+steps, a log line every step), with qa-dist's thread plan (qa_dist.runtime.threads) and, side by
+side in the same run, without it (``QA_DIST_THREAD_PLAN=off``). samples/s of the windows before
+the first evaluation against those after it (the evaluation's own time is excluded from every
+window by the meter). Target: after >= 0.9 x before.
+
+    python bench/train_throughput.py --after-eval [--steps 30] [--eval-every 10]
 """
 
 from __future__ import annotations
@@ -40,7 +49,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(HERE.parents[1] / ".qa-dist-cache" / "bench"))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--after-eval", action="store_true", help="speed after evaluations, 2 processes")
+    parser.add_argument("--eval-every", type=int, default=10)
     args = parser.parse_args()
+    if args.after_eval:
+        return after_evaluation(args)
 
     from qa_dist.config import load_config
     from qa_dist.features.batches import FeatureColumns, epoch_plan
@@ -109,6 +122,53 @@ def main() -> None:
         + " ".join(f"{100 * (x - 1):+.0f}%" for x in paired)
     )
     sys.stdout.flush()
+
+
+def _launch_rates(overrides: list[str], env: dict[str, str]) -> dict[int, float]:
+    """samples/s logged at each step by ``qa-dist launch`` (2 processes) of the English recipe."""
+    import subprocess
+
+    recipe = HERE.parents[1] / "qa_dist" / "configs" / "runs" / "cpu_sample_en.yaml"
+    qa_dist = Path(sys.executable).parent / "qa-dist"
+    cmd = [str(qa_dist), "launch", "--config", str(recipe), "--gpus-per-node", "2", "--no-check", *overrides]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if done.returncode != 0:
+        raise SystemExit(f"qa-dist launch failed:\n{done.stderr[-3000:]}")
+    found = re.findall(r"^step (\d+): loss \S+  samples_per_s ([0-9.e+]+)", done.stderr, re.MULTILINE)
+    return {int(step): float(rate) for step, rate in found}
+
+
+def after_evaluation(args) -> None:
+    """Windows before the first evaluation against windows after it, plan on and off side by side."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    env |= {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    print(f"2 processes on {os.cpu_count()} cores, {args.steps} steps, evaluation every {args.eval_every}")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("off", "on"):  # alternated twice: a slower minute of the machine hits both
+            for repeat in range(2):
+                overrides = [
+                    f"run_dir={tmp}/{mode}-{repeat}",
+                    f"data.cache_dir={args.cache_dir}",
+                    f"train.max_steps={args.steps}",
+                    f"eval.every={args.eval_every}",
+                    "logging.log_every=1",
+                    "train.checkpoint_every=0",
+                ]
+                rates = _launch_rates(overrides, {**env, "QA_DIST_THREAD_PLAN": mode})
+                # Step 1 holds start-up; the step right after an evaluation pays for nothing else now.
+                before = [r for s, r in rates.items() if 1 < s <= args.eval_every]
+                after = [r for s, r in rates.items() if s > args.eval_every]
+                results.setdefault(mode, []).append((float(np.median(before)), float(np.median(after))))
+    for mode, runs in results.items():
+        before, after = np.mean([b for b, _ in runs]), np.mean([a for _, a in runs])
+        label = "thread plan on " if mode == "on" else "thread plan off"
+        print(
+            f"{label}: before the first evaluation {before:6.2f} samples/s, after {after:6.2f}: "
+            f"RATIO after/before {after / before:.2f} (target >= 0.9; runs: "
+            + ", ".join(f"{a / b:.2f}" for b, a in runs)
+            + ")"
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from qa_dist.config import ModelConfig, ScratchConfig
 from qa_dist.data.loading import sample_path
 from qa_dist.errors import ConfigError
 from qa_dist.runtime.fsutil import atomic_write
+from qa_dist.runtime.hub import go_offline_unless_reachable, unreachable_message
 from qa_dist.runtime.safepath import site_directories
 
 MODEL_ENTRY_POINTS = "qa_dist.models"
@@ -40,7 +41,11 @@ def resolve_model_path(name: str) -> str:
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     declared = _declared_model_path(name)
-    return str(declared) if declared is not None else name
+    if declared is not None:
+        return str(declared)
+    if not looks_like_a_path(name):
+        go_offline_unless_reachable()  # before transformers first asks the hub about it
+    return name
 
 
 def _installed_distributions() -> list[metadata.Distribution]:
@@ -145,19 +150,40 @@ def check_window_fits(model: ModelConfig, max_length: int, key: str = "data.max_
 
 def load_tokenizer(model: ModelConfig):
     """The fast tokenizer of ``model`` (``model.tokenizer`` when set, else the model's own)."""
+    key = "model.tokenizer" if model.tokenizer else "model.name_or_path"  # the key the user gave
+    given = model.tokenizer or model.name_or_path
+    name = resolve_model_path(given)
+    offline = _offline_for(name, key)
     from transformers import AutoTokenizer
 
-    name = resolve_model_path(model.tokenizer or model.name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
     except (OSError, ValueError) as e:
+        if offline and isinstance(e, OSError):
+            raise ConfigError(unreachable_message(key, given)) from None
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.tokenizer: cannot load tokenizer {name!r}: {first_line}") from None
+        raise ConfigError(f"{key}: cannot load a tokenizer from {given!r}: {first_line}") from None
     if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(f"model.tokenizer: {name!r} has no fast (tokenizers-backed) tokenizer; offsets need one")
+        raise ConfigError(f"{key}: {given!r} has no fast (tokenizers-backed) tokenizer; offsets need one")
     return tokenizer
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A name the hub cannot hold (hub ids are ``name`` or ``org/name``): a local path."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _offline_for(name: str, key: str = "model.name_or_path") -> bool:
+    """For a hub name: offline mode when the hub cannot be reached (probed once per process, before
+    transformers reads its settings); whether this process is offline. A missing local path is an
+    error here: neither the hub nor a retry can help it."""
+    if Path(name).expanduser().exists():
+        return False
+    if looks_like_a_path(name):
+        raise ConfigError(f"{key}: {name!r}: no such directory")
+    return go_offline_unless_reachable()
 
 
 def scratch_config(scratch: ScratchConfig, vocab_size: int, pad_token_id: int | None = None):
@@ -194,6 +220,7 @@ def load_qa_model(model: ModelConfig, *, tokenizer=None, for_training: bool = Fa
     if scratch and tokenizer is None:
         raise ValueError("init=scratch needs the tokenizer (its vocabulary size)")
     name = None if scratch else resolve_model_path(model.name_or_path)
+    offline = not scratch and _offline_for(name)
 
     def load(**kwargs):
         if scratch:
@@ -228,6 +255,8 @@ def load_qa_model(model: ModelConfig, *, tokenizer=None, for_training: bool = Fa
                 raise ConfigError(f"train.attn_implementation={attn_implementation}: {first_line}") from None
         if scratch:
             raise
+        if offline and isinstance(e, OSError):
+            raise ConfigError(unreachable_message("model.name_or_path", model.name_or_path)) from None
         hint = ""
         if not for_training and model.init == "scratch":
             hint = " (init=scratch builds a model for training only: evaluate the trained one, RUN_DIR/model)"

@@ -27,6 +27,7 @@ from typing import Any
 from qa_dist.data.dureader import dureader_records, is_dureader
 from qa_dist.data.validate import ValidationReport, check_unique_ids, validate_record
 from qa_dist.errors import DataError
+from qa_dist.runtime.hub import go_offline_unless_reachable, unreachable_message
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +298,8 @@ def _open_hf_dataset(name: str, split: str):
     """A Hugging Face dataset (``squad``, ``squad_v2``, ``cmrc2018``, ``name:config``, or a local
     dataset folder) through ``datasets.load_dataset``; a ``save_to_disk`` folder through
     ``load_from_disk``. Returns the dataset and a description of the source."""
+    hub = not Path(name).exists()
+    offline = go_offline_unless_reachable() if hub else False  # before datasets reads its settings
     import datasets  # about 1.5 s: only for hub names and dataset folders
 
     config_name = None
@@ -318,8 +321,12 @@ def _open_hf_dataset(name: str, split: str):
         cause = str(e.__cause__ or e).strip().splitlines()[0]  # (an error message, not data)
         raise DataError(f"{source}: cannot read these files as one dataset: {cause}") from None
     except FileNotFoundError as e:
+        if offline:
+            raise DataError(unreachable_message("data", name)) from None
         raise DataError(f"{name}: no such local file or Hugging Face dataset ({e})") from None
     except (ConnectionError, OSError) as e:
+        if offline:
+            raise DataError(unreachable_message("data", name)) from None
         raise DataError(
             f"{name}: cannot load this Hugging Face dataset ({e}); without network access, give a "
             "local file or folder, or set HF_DATASETS_CACHE to a cache that holds it"

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from qa_dist.errors import QaDistError
+from qa_dist.runtime.threads import plan_threads
 
 if TYPE_CHECKING:  # config sits beside dist, below everything; dist only reads the section
     from qa_dist.config import TrainConfig
@@ -80,6 +81,8 @@ def current_context(init: bool = False) -> DistContext:
     import torch
     import torch.distributed as dist
 
+    if init:
+        plan_threads()  # evaluate and prepare under a launcher: the node's processes share its cores
     world = _env_int("WORLD_SIZE", default=1)
     if init and world > 1 and dist.is_available() and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -113,6 +116,7 @@ def make_accelerator(
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    plan_threads()  # before the first evaluation starts numba's pool
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     gpu = torch.cuda.is_available()

@@ -93,8 +93,10 @@ class Trainer:
                 metrics = step_metrics(self.meter, run.acc, run.scheduler, epoch, grad_norm, run.n_params)
                 run.tracker.log(metrics, state.step)
                 self.meter.reset()
-            self.evaluate(run.evaluator.maybe_run)
-            run.checkpointer.maybe_save(state)
+            with self.meter.paused("eval"):
+                self.evaluate(run.evaluator.maybe_run)
+            with self.meter.paused("checkpoint"):
+                run.checkpointer.maybe_save(state)
 
     def micro_step(self, indices):
         """Forward, backward and (on the accumulation's last micro-batch) the optimizer step; the

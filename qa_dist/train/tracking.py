@@ -8,6 +8,7 @@ zero's reporter (qa_dist.runtime.report)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -61,6 +62,17 @@ class Meter:
         self.samples = self.tokens = 0
         self.loss_sum, self.loss_count = None, 0
         self.started = time.perf_counter()
+        self.paused_seconds = {"eval": 0.0, "checkpoint": 0.0}
+
+    @contextlib.contextmanager
+    def paused(self, kind: str):
+        """Time spent evaluating or checkpointing: left out of samples_per_s and tokens_per_s, and
+        logged on its own (``time/eval_s``, ``time/checkpoint_s``)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds[kind] += time.perf_counter() - started
 
     def add(self, cpu_batch: dict, loss: torch.Tensor) -> None:
         self.samples += int(cpu_batch["input_ids"].shape[0])
@@ -82,7 +94,8 @@ def step_metrics(meter: Meter, acc, scheduler, epoch: int, grad_norm, n_params: 
         # Kernels still queued (the optimizer's, after the loss was read) belong to this interval;
         # a log step waits for the device anyway.
         torch.cuda.synchronize(acc.device)
-    seconds = max(time.perf_counter() - meter.started, 1e-9)
+    paused = sum(meter.paused_seconds.values())
+    seconds = max(time.perf_counter() - meter.started - paused, 1e-9)
     samples, tokens, loss_sum, loss_count = sum_over_ranks(local, acc.device)
     metrics = {
         "loss": loss_sum / max(loss_count, 1),
@@ -91,6 +104,7 @@ def step_metrics(meter: Meter, acc, scheduler, epoch: int, grad_norm, n_params: 
         "lr": scheduler.get_last_lr()[0],
         "epoch": epoch,
     }
+    metrics |= {f"time/{kind}_s": s for kind, s in meter.paused_seconds.items() if s}
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     if acc.device.type == "cuda":

