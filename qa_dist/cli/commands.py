@@ -48,9 +48,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from qa_dist.config import load_config
+    from qa_dist.errors import ConfigError
     from qa_dist.models import check_window_fits
     from qa_dist.train import EXIT_PREEMPTED, train
 
+    if not args.config:
+        raise ConfigError("qa-dist train needs --config RUN.yaml (the recipes are in configs/runs/)")
     config = load_config(args.config, args.overrides)
     check_window_fits(config.model, config.data.max_length)
     result = train(config)
@@ -268,10 +271,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
     print(f"launch configs: {plan.plan.launch_dir}", file=sys.stderr)
     if args.slurm:
         if args.dry_run:
-            scripts = plan.scripts()
-            if "prepare.sbatch" in scripts:
-                print(scripts["prepare.sbatch"])
-            print(scripts["train.sbatch"], end="")
+            from qa_dist.launch.slurm import how_to_submit, job_name
+
+            paths = plan.write_scripts()
+            for name, text in plan.scripts().items():
+                print(f"# ===== {paths[name]} =====\n{text}", end="")
+            for line in [
+                f"scripts written: {', '.join(map(str, paths.values()))}",
+                *how_to_submit(paths, config.run_dir, job_name(config.run_dir)),
+            ]:
+                _stderr(line)
             return 0
         plan.submit(report=print)
         return 0

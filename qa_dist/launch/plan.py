@@ -16,7 +16,9 @@ from qa_dist.launch.estimate import choose_strategy, describe, gpus_available, m
 from qa_dist.launch.process import run
 from qa_dist.launch.slurm import SlurmOptions, render_sbatch, sbatch_output_dir, submit
 from qa_dist.models import load_tokenizer
+from qa_dist.runtime.fsutil import atomic_write
 from qa_dist.runtime.rundir import check_free
+from qa_dist.runtime.threads import available_cores
 
 
 def _quiet(_message: str) -> None:
@@ -132,6 +134,8 @@ class LaunchPlan:
             report(message)
 
         layout = _layout(config, slurm=slurm, note=note)
+        if layout.cpu and not slurm and layout.per_node > (cores := available_cores()):
+            note(f"warning: {layout.per_node} CPU processes on {cores} cores are oversubscribed; use at most {cores}")
         check_nvme_path(layout.strategy, config.launch.nvme_path)
         config.check_keep_best()  # launch runs qa-dist train, with qa-dist's own evaluation
         plan = Plan(strategy=layout.strategy, nodes=layout.nodes, processes_per_node=layout.per_node, cpu=layout.cpu)
@@ -195,16 +199,25 @@ class LaunchPlan:
         scripts["train.sbatch"] = train
         return scripts
 
+    def write_scripts(self) -> dict[str, Path]:
+        """Write the Slurm scripts into RUN_DIR/slurm/ (atomically: a file never holds half a
+        script), also for a dry run; their paths by file name, in submission order."""
+        slurm_dir = Path(self.config.run_dir).resolve() / "slurm"
+        paths = {}
+        for name, text in self.scripts().items():
+            atomic_write(slurm_dir / name, text)
+            paths[name] = slurm_dir / name
+        return paths
+
     def submit(self, report=_quiet) -> str:
         """Write the scripts into RUN_DIR/slurm/ and submit them with ``sbatch``, training after the
         prepare job; ``report`` is told each submission. Returns the training job's id."""
-        scripts = self.scripts()
-        slurm_dir = Path(self.config.run_dir).resolve() / "slurm"
+        paths = self.write_scripts()
         dependency = None
-        if "prepare.sbatch" in scripts:
-            dependency = submit(scripts["prepare.sbatch"], slurm_dir / "prepare.sbatch")
+        if "prepare.sbatch" in paths:
+            dependency = submit(paths["prepare.sbatch"])
             if dependency:
                 report(f"submitted prepare job {dependency} (the feature cache is cold)")
-        job = submit(scripts["train.sbatch"], slurm_dir / "train.sbatch", dependency=dependency)
+        job = submit(paths["train.sbatch"], dependency=dependency)
         report(f"submitted training job {job}" + (f" (after {dependency})" if dependency else ""))
         return job

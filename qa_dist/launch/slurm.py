@@ -192,10 +192,8 @@ def _fill(placeholder: str, values: dict[str, str], script: str) -> str:
     return values[placeholder]
 
 
-def submit(script_text: str, script_path: Path, dependency: str | None = None) -> str:
-    """Write the script and submit it; returns the job id."""
-    script_path.parent.mkdir(parents=True, exist_ok=True)
-    script_path.write_text(script_text)
+def submit(script_path: Path, dependency: str | None = None) -> str:
+    """Submit a written script; returns the job id."""
     if shutil.which("sbatch") is None:
         raise ConfigError("sbatch not found: --slurm needs a Slurm client on this machine")
     cmd = ["sbatch", "--parsable"]
@@ -205,3 +203,22 @@ def submit(script_text: str, script_path: Path, dependency: str | None = None) -
     if done.returncode != 0:
         raise ConfigError(f"sbatch refused {script_path}: {done.stderr.strip()}")
     return done.stdout.strip().split(";")[0]
+
+
+def how_to_submit(paths: dict[str, Path], run_dir: str, job: str) -> list[str]:
+    """The lines that submit the written scripts by hand, in order, and how to watch the job."""
+    lines = ["# submit (the training job waits for the prepare job, which builds the feature cache):"]
+    train = shlex.quote(str(paths["train.sbatch"]))
+    if "prepare.sbatch" in paths:
+        lines.append(f"PREPARE=$(sbatch --parsable {shlex.quote(str(paths['prepare.sbatch']))})")
+        lines.append(f"sbatch --dependency=afterok:$PREPARE {train}")
+    else:
+        lines[0] = "# submit:"
+        lines.append(f"sbatch {train}")
+    logs = shlex.quote(str(Path(run_dir).resolve())) + "/slurm-JOBID.out"
+    lines += [
+        "# watch: the queue, then the log (a requeued job appends to the same file)",
+        f"squeue --me --name {shlex.quote(job)}",
+        f"tail -f {logs}",
+    ]
+    return lines

@@ -5,6 +5,7 @@ torch and accelerate are imported inside the functions that use them: the data s
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from qa_dist.errors import QaDistError
 from qa_dist.runtime.threads import plan_threads
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # config sits beside dist, below everything; dist only reads the section
     from qa_dist.config import TrainConfig
@@ -144,7 +147,51 @@ def make_accelerator(
             f"the launcher started {launched} processes but Accelerate sees {accelerator.num_processes} "
             f"(process group: {actual}); each would train alone. Check the accelerate config."
         )
+    if accelerator.is_main_process:
+        for warning in launch_warnings(launched, gpu):
+            log.warning(warning)
     return accelerator
+
+
+def _requested_processes() -> int | None:
+    """``--num_processes`` of the ``accelerate launch`` that started this process, if one did."""
+    import psutil  # a dependency of accelerate
+
+    try:
+        cmd = psutil.Process().parent().cmdline()
+    except (psutil.Error, AttributeError):
+        return None
+    if not any("accelerate" in part for part in cmd[:3]):
+        return None
+    for i, part in enumerate(cmd):
+        value = part.split("=", 1)[1] if part.startswith("--num_processes=") else None
+        if part == "--num_processes" and i + 1 < len(cmd):
+            value = cmd[i + 1]
+        if value is not None:
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def launch_warnings(world: int, gpu: bool) -> list[str]:
+    """What a user who typed the launch line by hand should hear before a run that is not the one
+    they asked for: one process where ``accelerate launch`` was asked for more (``--cpu`` alone
+    starts one), and, on the CPU, more processes on this machine than cores."""
+    from qa_dist.runtime.threads import available_cores
+
+    warnings = []
+    requested = _requested_processes()
+    if world == 1 and requested and requested > 1:
+        warnings.append(
+            f"accelerate launch asked for {requested} processes, but this run has 1 (accelerate launch --cpu starts "
+            "one): use qa-dist launch, or accelerate launch --config_file configs/accelerate/cpu_ddp.yaml"
+        )
+    local = _env_int("LOCAL_WORLD_SIZE", default=1)
+    if not gpu and local > (cores := available_cores()):
+        warnings.append(
+            f"{local} training processes on {cores} cores: each waits for the others' cores (oversubscribed); "
+            f"use at most {cores}"
+        )
+    return warnings
 
 
 def fill_deepspeed_config(accelerator, train: TrainConfig) -> None:

@@ -443,3 +443,48 @@ def test_with_a_warm_cache_launch_refuses_a_plan_whose_windows_fill_no_step(tmp_
             f"qa-dist: error: {windows:,} training windows do not fill one optimizer step of 2 process(es) x "
             f"train.per_device_batch_size {windows // 2 + 1} x train.gradient_accumulation_steps 1"
         )
+
+
+def test_launch_traps_are_named(tmp_path, tiny_model):
+    """The forms tutorial users type first: accelerate launch --cpu --num_processes 2 (one process
+    in fact), more CPU processes than cores, and a command without --config."""
+    import os
+
+    from conftest import small_run_overrides
+
+    overrides = small_run_overrides(tiny_model, tmp_path / "run", tmp_path / "cache", "train.max_steps=1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "-m", "qa_dist"]
+    done = subprocess.run(
+        [*cmd, "train", "--config", str(CONFIG), *overrides, "data.eval=null"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "accelerate launch asked for 2 processes, but this run has 1" in done.stderr
+    assert "configs/accelerate/cpu_ddp.yaml" in done.stderr
+    cores = len(os.sched_getaffinity(0))
+    many = _launch("--dry-run", "--gpus-per-node", str(cores + 2), f"run_dir={tmp_path / 'r2'}")
+    assert many.returncode == 0 and f"{cores + 2} CPU processes on {cores} cores are oversubscribed" in many.stderr
+    for command in ("train", "launch"):
+        alone = subprocess.run([sys.executable, "-m", "qa_dist", command], capture_output=True, text=True, cwd=tmp_path)
+        assert alone.returncode == 2 and alone.stderr.count("\n") == 1, alone.stderr
+        assert f"qa-dist {command} needs --config RUN.yaml" in alone.stderr
+
+
+def test_a_slurm_dry_run_writes_scripts_you_can_submit(tmp_path):
+    run_dir = tmp_path / "run"
+    done = _launch(
+        "--slurm", "--cpu", "--dry-run", "--no-check", f"run_dir={run_dir}", f"data.cache_dir={tmp_path / 'c'}"
+    )
+    assert done.returncode == 0, done.stderr
+    written = {p.name: p.read_text() for p in (run_dir / "slurm").iterdir()}
+    assert sorted(written) == ["prepare.sbatch", "train.sbatch"]  # the cache is cold: a prepare job first
+    for name, text in written.items():  # what was printed is what was written, each under its path
+        assert f"# ===== {run_dir / 'slurm' / name} =====\n{text}" in done.stdout
+    err = done.stderr.splitlines()
+    prepare, train = (shlex.quote(str(run_dir / "slurm" / n)) for n in ("prepare.sbatch", "train.sbatch"))
+    assert f"PREPARE=$(sbatch --parsable {prepare})" in err
+    assert f"sbatch --dependency=afterok:$PREPARE {train}" in err
+    assert f"squeue --me --name qa-dist-{run_dir.name}" in err and f"tail -f {run_dir}/slurm-JOBID.out" in err
