@@ -9,6 +9,7 @@ import sys
 
 from qa_dist.cli.commands import LAUNCH_FLAGS, PREDICT_FLAGS
 from qa_dist.cli.parser import build_parser
+from qa_dist.runtime.report import quiet_libraries_on_other_ranks
 from qa_dist.runtime.safepath import drop_working_directory
 
 EXIT_USAGE = 2
@@ -18,12 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     from qa_dist.errors import QaDistError
 
     drop_working_directory()  # (again, for the console script and callers of main())
+    quiet_libraries_on_other_ranks()
     logging.basicConfig(level=logging.WARNING, format="qa-dist: %(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except QaDistError as e:
-        print(f"qa-dist: error: {e}", file=sys.stderr)
+        # One line per problem, each with the prefix a log filter looks for.
+        print("\n".join(f"qa-dist: error: {line}" for line in str(e).splitlines() or [""]), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("qa-dist: interrupted", file=sys.stderr)

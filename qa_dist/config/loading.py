@@ -4,6 +4,7 @@ keys), and the resolved config written back into the run directory."""
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -104,14 +105,45 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {shown(value)}")
 
 
+TRAINER_NAMES = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.per_device_batch_size",
+    "per_device_eval_batch_size": "eval.per_device_batch_size",
+    "max_seq_length": "data.max_length",
+    "output_dir": "run_dir",
+    "model_name_or_path": "model.name_or_path",
+    "max_answer_length": "eval.max_answer_length",
+    "n_best_size": "eval.n_best_size",
+    "eval_steps": "eval.every",
+    "save_steps": "train.checkpoint_every",
+    "logging_steps": "logging.log_every",
+}
+"""The Hugging Face Trainer's / run_qa.py's names for keys qa-dist spells otherwise."""
+
+
+def _unknown_key_message(cls: type, prefix: str, name: str) -> str:
+    """One line: the key, the closest valid one (or the Trainer name's qa-dist key), and the keys of
+    its section, not every key of the tree."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    guess = TRAINER_NAMES.get(name)
+    if guess is None:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        guess = prefix + close[0] if close else None
+    hint = f"; did you mean {guess!r}?" if guess else ""
+    section = f"keys of {prefix[:-1]}" if prefix else "sections and keys"
+    return (
+        f"unknown config key {shown(prefix + name)}{hint} ({section}: {', '.join(names)}; "
+        "qa-dist config --keys lists every key)"
+    )
+
+
 def _build(cls: type, values: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names, key=str)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {shown(prefix + str(unknown[0]))}; valid keys: " + ", ".join(_valid_keys(cls, prefix))
-        )
+        raise ConfigError(_unknown_key_message(cls, prefix, str(unknown[0])))
     kwargs = {}
     for name, value in values.items():
         hint, key = hints[name], prefix + name
@@ -147,7 +179,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(
-                f"override {shown(item)} is not of the form key=value; valid keys: " + ", ".join(valid_keys())
+                f"override {shown(item)} is not of the form key=value (qa-dist config --keys lists every key)"
             )
         try:
             value = safe_load_yaml(raw) if raw != "" else ""

@@ -141,7 +141,7 @@ class LaunchPlan:
         plan = Plan(strategy=layout.strategy, nodes=layout.nodes, processes_per_node=layout.per_node, cpu=layout.cpu)
         _ = plan.accelerate_config  # (raises for strategies without a CPU path)
         if check and (problems := check_environment(config, plan, local=not slurm)):
-            raise ConfigError("environment check failed:\n  " + "\n  ".join(problems))
+            raise ConfigError("\n".join(f"environment check: {problem}" for problem in problems))
         if slurm:
             sbatch_output_dir(str(Path(config.run_dir).resolve()))  # (raises for a run_dir sbatch cannot carry)
         else:  # a batch job checks when it starts: the holder may be gone by then

@@ -13,7 +13,10 @@ the cache (which process builds an entry) and ``dist`` (the rank a gather goes t
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -110,3 +113,21 @@ SILENT = SilentReporter()
 def reporter_for(rank: int, progress: bool = True) -> Reporter:
     """The reporter of a process: rank zero's prints and writes, the others' are silent."""
     return Reporter(progress) if rank == 0 else SilentReporter()
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def quiet_libraries_on_other_ranks() -> None:
+    """Other libraries' notices (transformers' load report, DeepSpeed's accelerator note, Python
+    warnings) once, from global rank zero: every rank would print the same. Errors still come from
+    every rank. Called before those libraries are imported (they read their verbosity then)."""
+    if os.environ.get("RANK", "0") == "0":
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    for name in ("DeepSpeed", "accelerate", "transformers", "datasets"):
+        logging.getLogger(name).addFilter(_ErrorsOnly())
+    warnings.simplefilter("ignore")

@@ -333,6 +333,9 @@ def test_environment_checks_stop_a_launch_before_cluster_time_is_spent(tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "HF_DATASETS_CACHE" in done.stderr and "HF_HUB_OFLINE" in done.stderr
     assert "/nowhere/train.json does not exist" in done.stderr
+    # One line per failure, each a complete error line.
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("qa-dist: error: environment check: ") for line in lines), lines
 
 
 @pytest.fixture(scope="module")

@@ -58,11 +58,11 @@ def test_overrides_and_yaml_scalars(tmp_path):
     [
         (
             ["train.learning_rate=1e-5"],
-            r"unknown config key 'train.learning_rate'; valid keys: train.lr, train.epochs",
+            r"unknown config key 'train.learning_rate'; did you mean 'train.lr'\? \(keys of train: lr, epochs,",
         ),
         (
             ["dat.max_length=3"],
-            r"unknown config key 'dat'; valid keys: run_dir, resume, data.train",
+            r"unknown config key 'dat'; did you mean 'data'\? \(sections and keys: run_dir, resume, data, model",
         ),
         (["data.max_length=long"], r"data.max_length: expected int, got 'long'"),
         (["data.max_length=3.5"], r"data.max_length: expected int"),
