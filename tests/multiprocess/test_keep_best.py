@@ -139,8 +139,10 @@ def test_keep_best_direction_and_memory(tmp_path):
         def save(self, state):
             saved.append((state.step, state.best_value))
 
-    def export(out_dir):
-        out_dir.mkdir(parents=True)
+    def export(out_dir, files=None):  # the contract of Run.export: the directory and its files, in place
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in (files or {}).items():
+            (out_dir / name).write_text(text)
         exported.append(out_dir)
 
     state = TrainState(step=2, best_metric="min:eval/loss", best_value=1.0, best_step=1)  # as resumed
