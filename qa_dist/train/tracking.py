@@ -190,6 +190,31 @@ class NoopTracker:
         pass
 
 
+def _has_ans_f1(metrics: dict) -> float | None:
+    """F1 on the answerable questions (SQuAD v2's HasAns_f1, CMRC's HasAns_F1), where reported."""
+    value = next((metrics[k] for k in ("eval/HasAns_f1", "eval/HasAns_F1") if k in metrics), None)
+    return float(value) if _is_number(value) else None
+
+
+def _f1_row(summary: dict, which: str) -> str | None:
+    if f"{which}_eval_f1" not in summary:
+        return None
+    row = f"{summary[f'{which}_eval_f1']:.2f} at step {summary[f'{which}_eval_f1_step']}"
+    has_ans = summary.get(f"{which}_eval_has_ans_f1")
+    return row + (f" (answerable questions: F1 {has_ans:.2f})" if has_ans is not None else "")
+
+
+def abstention_note(has_ans_f1: float | None) -> str | None:
+    """One line when a model answers none of the answerable questions right: its overall F1 then
+    comes from abstaining on the unanswerable ones, and says nothing about reading."""
+    if has_ans_f1 is None or has_ans_f1 > 0:
+        return None
+    return (
+        "the model answers no answerable question (F1 0 on them): its F1 comes from answering "
+        '"no answer" to the unanswerable ones; train longer or with a higher train.lr'
+    )
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -228,7 +253,7 @@ class MainTracker(NoopTracker):
         self.mode = wandb_mode(config.logging)
         self.run_dir = config.run_dir
         self.keep_best = config.train.keep_best
-        self.final_f1: tuple[float, int] | None = None
+        self.final_f1: tuple[float, int, float | None] | None = None
         self.bar = None
         if not self.any_tracker:
             return
@@ -275,7 +300,7 @@ class MainTracker(NoopTracker):
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scalars.items())
         self._print(f"step {step}: {shown}")
         if (key := _f1_key(scalars)) is not None:
-            self._note_f1(float(scalars[key]), step)
+            self._note_f1(float(scalars[key]), step, _has_ans_f1(scalars))
         if not self.any_tracker:
             return
         if scalars:
@@ -283,10 +308,10 @@ class MainTracker(NoopTracker):
         if rich:
             self._log_rich(rich, step)
 
-    def _note_f1(self, value: float, step: int) -> None:
-        self.final_f1 = (value, step)
+    def _note_f1(self, value: float, step: int, has_ans: float | None) -> None:
+        self.final_f1 = (value, step, has_ans)
         if self.state.best_f1 is None or value > self.state.best_f1:
-            self.state.best_f1, self.state.best_f1_step = value, step
+            self.state.best_f1, self.state.best_f1_step, self.state.best_has_ans_f1 = value, step, has_ans
 
     def _log_rich(self, rich: dict, step: int) -> None:
         if wb := self._wandb():
@@ -335,8 +360,12 @@ class MainTracker(NoopTracker):
         if self.state.best_f1 is not None:
             out["best_eval_f1"] = self.state.best_f1
             out["best_eval_f1_step"] = self.state.best_f1_step
+            if self.state.best_has_ans_f1 is not None:
+                out["best_eval_has_ans_f1"] = self.state.best_has_ans_f1
         if self.final_f1 is not None:
-            out["final_eval_f1"], out["final_eval_f1_step"] = self.final_f1
+            out["final_eval_f1"], out["final_eval_f1_step"], has_ans = self.final_f1
+            if has_ans is not None:
+                out["final_eval_has_ans_f1"] = has_ans
         if model_dir is not None:
             out["model_dir"] = str(model_dir)
         if self.keep_best and model_dir is not None:
@@ -347,16 +376,13 @@ class MainTracker(NoopTracker):
         if not summary:
             return
         rows = [
-            ("best eval F1", f"{summary['best_eval_f1']:.2f} at step {summary['best_eval_f1_step']}")
-            if "best_eval_f1" in summary
-            else None,
-            ("final eval F1", f"{summary['final_eval_f1']:.2f} at step {summary['final_eval_f1_step']}")
-            if "final_eval_f1" in summary
-            else None,
+            ("best eval F1", _f1_row(summary, "best")),
+            ("final eval F1", _f1_row(summary, "final")),
             ("model", summary.get("model_dir")),
             (f"best model ({self.keep_best})", summary.get("best_model_dir")),
+            ("note", abstention_note(summary.get("final_eval_has_ans_f1"))),
         ]
-        rows = [r for r in rows if r is not None and r[1] is not None]
+        rows = [r for r in rows if r[1] is not None]
         width = max(len(name) for name, _ in rows) if rows else 0
         lines = ["== run summary"] + [f"  {name:<{width}}  {value}" for name, value in rows]
         self._print("\n".join(lines))

@@ -51,28 +51,30 @@ def _env(**extra) -> dict[str, str]:
     return {**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", **extra}
 
 
-def test_python_m_qa_dist_ignores_planted_entry_points_for_a_hub_id(tmp_path):
-    # A hand-typed `python -m qa_dist` (no -P): qa-dist drops the working directory itself. The
-    # planted qa_dist/ is left out here: the interpreter imports it before any qa-dist code runs,
-    # which only `python -P` / PYTHONSAFEPATH=1 prevents (docs/security.md).
+def _prepare_from_a_planted_directory(tmp_path, *args) -> tuple[Path, subprocess.CompletedProcess]:
+    """``python -m qa_dist prepare ARGS`` from a directory holding the plants (but qa_dist/), as a
+    user types it (no -P); the marker file, and the finished process."""
     marker = tmp_path / "planted-code-ran"
     (tmp_path / "work").mkdir()
     work = plant(tmp_path / "work", marker, qa_dist_package=False)
+    where = [f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}"]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qa_dist",
-            "prepare",
-            "model.name_or_path=bert-base-uncased",
-            "data.train=sample:en-train",
-        ]
-        + [f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}"],
+        [sys.executable, "-m", "qa_dist", "prepare", *args, *where],
         cwd=work,
         env=_env(),
         capture_output=True,
         text=True,
         timeout=300,
+    )
+    return marker, done
+
+
+def test_python_m_qa_dist_ignores_planted_entry_points_for_a_hub_id(tmp_path):
+    # qa-dist drops the working directory itself. The planted qa_dist/ is left out here: the
+    # interpreter imports it before any qa-dist code runs, which only `python -P` /
+    # PYTHONSAFEPATH=1 prevents (docs/security.md).
+    marker, done = _prepare_from_a_planted_directory(
+        tmp_path, "model.name_or_path=bert-base-uncased", "data.train=sample:en-train"
     )
     assert not marker.exists(), marker.read_text()
     # bert-base-uncased is not in this machine's hub cache: one line naming it, not the planted path
@@ -81,18 +83,7 @@ def test_python_m_qa_dist_ignores_planted_entry_points_for_a_hub_id(tmp_path):
 
 
 def test_python_m_qa_dist_uses_the_installed_model_package_not_a_planted_one(tmp_path):
-    marker = tmp_path / "planted-code-ran"
-    (tmp_path / "work").mkdir()
-    work = plant(tmp_path / "work", marker, qa_dist_package=False)
-    done = subprocess.run(
-        [sys.executable, "-m", "qa_dist", "prepare", "--config", str(RECIPE), "--quiet"]
-        + [f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", "data.eval=null"],
-        cwd=work,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    marker, done = _prepare_from_a_planted_directory(tmp_path, "--config", str(RECIPE), "--quiet", "data.eval=null")
     assert not marker.exists(), marker.read_text()
     assert done.returncode == 0, done.stderr[-2000:]
 

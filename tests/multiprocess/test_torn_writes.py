@@ -22,7 +22,7 @@ from qa_dist.train.checkpoint import complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "qa_dist" / "configs" / "runs" / "cpu_sample_en.yaml"
-STEPS = ["train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2", "data.eval=null"]
+STEPS = ["train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=2", "data.eval=null"]
 
 
 def _train(model, cache, run_dir, *extra, processes: int = 2, kill_at: str | None = None):

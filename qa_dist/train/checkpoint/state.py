@@ -34,6 +34,8 @@ class TrainState:
     best_f1: float | None = None
     """Best eval F1 logged so far, and its step (the run summary's; rank zero's tracker keeps them)."""
     best_f1_step: int | None = None
+    best_has_ans_f1: float | None = None
+    """F1 on the answerable questions at ``best_f1_step``, where the metric reports it."""
     best_metric: str | None = None
     """``train.keep_best`` as it was when ``best_value`` was reached at ``best_step``."""
     best_value: float | None = None
