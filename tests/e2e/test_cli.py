@@ -369,3 +369,19 @@ def test_an_unreachable_hub_is_one_line_without_retries(tmp_path, args, named):
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-3000:]
     assert named in done.stderr and "not in the local cache, and the hub is unreachable" in done.stderr
+
+
+def test_every_option_says_what_it_does():
+    import argparse
+
+    from qa_dist.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, command in sub.choices.items()
+        for action in command._actions
+        if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()
+    ]
+    assert missing == []

@@ -114,3 +114,14 @@ def test_train_stops_on_a_plan_that_fills_no_step_before_loading_the_model(tmp_p
     assert len(lines) == 1 and "do not fill one optimizer step" in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_run_summary_says_when_a_model_only_abstains():
+    from qa_dist.train.tracking import _f1_row, abstention_note
+
+    summary = {"best_eval_f1": 48.2, "best_eval_f1_step": 20, "best_eval_has_ans_f1": 0.0}
+    summary |= {"final_eval_f1": 31.5, "final_eval_f1_step": 22, "final_eval_has_ans_f1": 12.25}
+    assert _f1_row(summary, "best") == "48.20 at step 20 (answerable questions: F1 0.00)"
+    assert _f1_row(summary, "final") == "31.50 at step 22 (answerable questions: F1 12.25)"
+    assert abstention_note(12.25) is None and abstention_note(None) is None  # CMRC without unanswerables
+    assert "answers no answerable question" in abstention_note(0.0)
