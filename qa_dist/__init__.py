@@ -5,8 +5,12 @@ line's ``qa-dist config --keys`` must not pay for torch, transformers and numba.
 
 from __future__ import annotations
 
+# Only modules the interpreter has loaded before ``python -m`` runs anything (importlib, sys):
+# this file runs while the working directory, which may hold a planted typing.py, is still first
+# on sys.path (qa_dist.runtime.safepath removes it next).
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
@@ -42,7 +46,7 @@ __all__ = [
 assert sorted(__all__) == sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'qa_dist' has no attribute {name!r}")

@@ -13,3 +13,8 @@ class DataError(QaDistError, ValueError):
 
 class ConfigError(QaDistError, ValueError):
     """A run configuration is invalid; the message names the key and lists the valid ones."""
+
+
+class AgreedError(ConfigError):
+    """Raised on every rank at once, after the ranks agreed on it: only global rank zero prints it
+    (one line, not one per rank); the others exit with the same code quietly."""

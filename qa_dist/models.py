@@ -18,7 +18,7 @@ from qa_dist.data.loading import sample_path
 from qa_dist.errors import ConfigError
 from qa_dist.runtime.fsutil import atomic_write
 from qa_dist.runtime.hub import go_offline_unless_reachable, unreachable_message
-from qa_dist.runtime.safepath import site_directories
+from qa_dist.runtime.safepath import trusted_directories
 
 MODEL_ENTRY_POINTS = "qa_dist.models"
 """Entry-point group through which an installed package offers model directories by name: an entry
@@ -49,10 +49,11 @@ def resolve_model_path(name: str) -> str:
 
 
 def _installed_distributions() -> list[metadata.Distribution]:
-    """Distributions installed in this interpreter's site directories: never one found elsewhere on
-    ``sys.path`` (a ``*.dist-info`` folder planted in the working directory declares entry points
-    as well as an installed one does)."""
-    return list(metadata.distributions(path=[str(p) for p in site_directories()]))
+    """Distributions installed in this interpreter's site directories or in the directories
+    ``PYTHONPATH`` names (``pip install --target``): never one found elsewhere on ``sys.path`` (a
+    ``*.dist-info`` folder planted in the working directory declares entry points as well as an
+    installed one does)."""
+    return list(metadata.distributions(path=[str(p) for p in trusted_directories()]))
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -98,11 +99,25 @@ def _own_module(distribution: metadata.Distribution, module_name: str):
     parts = module_name.split(".")
     wanted = {"/".join(parts[:i]) + suffix for i in range(1, len(parts) + 1) for suffix in (".py", "/__init__.py")}
     own = {Path(distribution.locate_file(f)).resolve() for f in distribution.files or () if str(f) in wanted}
+    source = _editable_source(distribution)
     for i in range(1, len(parts) + 1):
         spec = importlib.util.find_spec(".".join(parts[:i]))  # imports the packages above it (checked already)
-        if spec is None or spec.origin is None or Path(spec.origin).resolve() not in own:
+        origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+        if origin is None or not (origin in own or (source is not None and source in origin.parents)):
             return None
     return importlib.import_module(module_name)
+
+
+def _editable_source(distribution: metadata.Distribution) -> Path | None:
+    """The project directory of an editable install (``pip install -e``: its files are not in the
+    RECORD), from the distribution's ``direct_url.json`` (PEP 610)."""
+    try:
+        record = json.loads(distribution.read_text("direct_url.json") or "{}")
+    except ValueError:
+        return None
+    url = record.get("url", "") if isinstance(record, dict) else ""
+    editable = isinstance(record, dict) and (record.get("dir_info") or {}).get("editable") is True
+    return Path(url.removeprefix("file://")).resolve() if editable and url.startswith("file://") else None
 
 
 # Architectures whose position ids start after the padding index (RoBERTa's ``pad_token_id + 1``), so

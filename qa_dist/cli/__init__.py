@@ -16,7 +16,7 @@ EXIT_USAGE = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qa_dist.errors import QaDistError
+    from qa_dist.errors import AgreedError, QaDistError
 
     drop_working_directory()  # (again, for the console script and callers of main())
     quiet_libraries_on_other_ranks()
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except QaDistError as e:
+        if isinstance(e, AgreedError) and os.environ.get("RANK", "0") != "0":
+            return EXIT_USAGE  # every rank raised it together: rank zero says it once
         # One line per problem, each with the prefix a log filter looks for.
         print("\n".join(f"qa-dist: error: {line}" for line in str(e).splitlines() or [""]), file=sys.stderr)
         return EXIT_USAGE

@@ -79,7 +79,7 @@ def _add_launch(sub) -> None:
     p.add_argument(
         flag["gpus_per_node"],
         type=_at_least(1),
-        help="processes per node; 0: the visible GPUs, 2 on CPU; required with --slurm where no GPU is visible "
+        help="processes per node (unset: the visible GPUs, 2 on CPU); required with --slurm where no GPU is visible "
         f"({key['gpus_per_node']})",
     )
     p.add_argument(flag["nodes"], type=_at_least(1), help=f"machines ({key['nodes']})")
@@ -108,7 +108,7 @@ def _add_launch(sub) -> None:
     p.add_argument(
         flag["cpus_per_task"],
         type=_at_least(1),
-        help=f"CPUs of the one Slurm task per node; 0: 4 per GPU process ({key['cpus_per_task']})",
+        help=f"CPUs of the one Slurm task per node (unset: 4 per GPU process) ({key['cpus_per_task']})",
     )
     p.add_argument("--dry-run", action="store_true", help="print the line or the script, run nothing")
     p.add_argument(

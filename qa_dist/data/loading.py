@@ -27,7 +27,7 @@ from typing import Any
 from qa_dist.data.dureader import dureader_records, is_dureader
 from qa_dist.data.validate import ValidationReport, check_unique_ids, validate_record
 from qa_dist.errors import DataError
-from qa_dist.runtime.hub import go_offline_unless_reachable, unreachable_message
+from qa_dist.runtime.hub import apply_offline, go_offline_unless_reachable, unreachable_message
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +301,8 @@ def _open_hf_dataset(name: str, split: str):
     hub = not Path(name).exists()
     offline = go_offline_unless_reachable() if hub else False  # before datasets reads its settings
     import datasets  # about 1.5 s: only for hub names and dataset folders
+
+    apply_offline()  # datasets read its own offline switch when it was imported
 
     config_name = None
     if ":" in name and not Path(name).exists():  # "dataset:config" selects a configuration

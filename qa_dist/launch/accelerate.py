@@ -15,6 +15,7 @@ import yaml
 from qa_dist.errors import ConfigError
 from qa_dist.launch.quoting import check_printable, override_key
 from qa_dist.runtime.fsutil import atomic_write
+from qa_dist.runtime.threads import threads_per_process
 
 
 def package_dir(name: str) -> Path:
@@ -125,10 +126,14 @@ def write_launch_configs(plan: Plan, run_dir: str | Path, nvme_path: str | None 
     return resolved
 
 
-def accelerate_args(plan: Plan, *, machine_rank: str, head: str, port: str) -> list[str]:
-    """``accelerate launch`` options for ``plan``. ``machine_rank``/``head``/``port`` may be shell
-    expressions (Slurm fills them in on each node)."""
+def accelerate_args(plan: Plan, *, machine_rank: str, head: str, port: str, threads: str | None = None) -> list[str]:
+    """``accelerate launch`` options for ``plan``. ``machine_rank``/``head``/``port``/``threads`` may
+    be shell expressions (Slurm fills them in on each node). ``threads``: each process's
+    ``OMP_NUM_THREADS``, which accelerate otherwise sets to 1 (qa_dist.runtime.threads plans torch's
+    and numba's pools from it)."""
     args = ["--config_file", str(plan.accelerate_config), "--num_processes", str(plan.num_processes)]
+    if threads is not None:
+        args += ["--num_cpu_threads_per_process", threads]
     if plan.deepspeed_config:
         args += ["--deepspeed_config_file", str(plan.deepspeed_config)]
     if plan.nodes > 1:
@@ -152,6 +157,7 @@ def launch_line(
     head: str,
     port: int,
 ) -> list[str]:
+    threads = threads_per_process(plan.processes_per_node)  # this machine's cores, shared by its processes
     check_printable("--config", str(config_path))
     check_printable("launch.head", head)
     for override in overrides:
@@ -160,6 +166,6 @@ def launch_line(
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        *accelerate_args(plan, machine_rank=str(machine_rank), head=head, port=str(port)),
+        *accelerate_args(plan, machine_rank=str(machine_rank), head=head, port=str(port), threads=str(threads)),
         *train_command(config_path, overrides),
     ]

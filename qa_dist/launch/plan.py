@@ -87,6 +87,18 @@ def _cache_is_cold(config: RunConfig, plan: Plan) -> bool:
     return any(manifest is None for manifest in entries.values())
 
 
+def _absolute_paths(config: RunConfig) -> tuple[str, ...]:
+    """``run_dir`` and ``data.cache_dir`` as absolute paths, where the config has them relative: the
+    printed line and the Slurm scripts work from any directory (a job starts where ``sbatch`` was
+    run), and the run writes where the scripts look for its markers."""
+    paths = []
+    if not Path(config.run_dir).is_absolute():
+        paths.append(f"run_dir={Path(config.run_dir).resolve()}")
+    if not Path(config.data.cache_dir).expanduser().is_absolute():
+        paths.append(f"data.cache_dir={Path(config.data.cache_dir).resolve()}")
+    return tuple(paths)
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     """Everything ``qa-dist launch`` decided, validated when built: ``LaunchPlan.build`` raises
@@ -144,12 +156,13 @@ class LaunchPlan:
             raise ConfigError("\n".join(f"environment check: {problem}" for problem in problems))
         if slurm:
             sbatch_output_dir(str(Path(config.run_dir).resolve()))  # (raises for a run_dir sbatch cannot carry)
-        else:  # a batch job checks when it starts: the holder may be gone by then
-            check_free(config.run_dir)
+        # Also before a Slurm launch writes its configs and scripts there: a live job rereads them
+        # when it is requeued. (The job itself takes the lock when it starts.)
+        check_free(config.run_dir)
         return cls(
             config=config,
             config_path=config_path,
-            overrides=(*overrides, *layout.overrides),
+            overrides=(*overrides, *_absolute_paths(config), *layout.overrides),
             plan=plan,
             slurm=options if slurm else None,
             cold=slurm and _cache_is_cold(config, plan),

@@ -21,7 +21,12 @@ from qa_dist.launch.quoting import check_printable, sbatch_word
 SLURM_DIR = package_dir("slurm")
 
 
-SLURM_SHELL_VALUES = {"machine_rank": "$SLURM_PROCID", "head": "$HEAD_NODE", "port": "$PORT"}
+SLURM_SHELL_VALUES = {
+    "machine_rank": "$SLURM_PROCID",
+    "head": "$HEAD_NODE",
+    "port": "$PORT",
+    "threads": "$THREADS_PER_PROCESS",
+}
 """The shell expressions ``accelerate_args`` takes in the Slurm script, expanded in each srun task.
 These exact strings, and nothing else, are written double-quoted rather than shell-quoted."""
 

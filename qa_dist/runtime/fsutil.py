@@ -38,9 +38,19 @@ def replace_dir(partial: str | Path, final: str | Path) -> None:
 
     partial, final = Path(partial), Path(final)
     old = final.with_name(final.name + ".old")
+    recover_dir(final)
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
         final.rename(old)
     partial.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: str | Path) -> None:
+    """Undo a ``replace_dir`` killed between its two renames: the previous complete directory, set
+    aside as ``*.old``, goes back in place, so it is not lost before its replacement is ready."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and old.is_dir():
+        old.rename(final)

@@ -3,8 +3,11 @@
 Without a network, transformers and datasets retry every file of a hub name for a minute or more
 and print each retry, before the real error. So before a hub name is first looked up, qa-dist
 probes the hub's endpoint once (a TCP connection, at most ``PROBE_SECONDS``); when it cannot be
-reached, the process goes offline (``HF_HUB_OFFLINE=1``, as if the user had set it): names in the
-local cache still load, and any other name fails at once, as one line that says why."""
+reached, this process goes offline (the hub client's own offline switch, as ``HF_HUB_OFFLINE=1``
+would set it): names in the local cache still load, and any other name fails at once, as one line
+that says why. Only this process: the environment that launch lines and batch jobs inherit is left
+as it was (a compute node may reach the hub where a login node does not). Behind an HTTP proxy the
+probe cannot tell, so it is not made."""
 
 from __future__ import annotations
 
@@ -18,10 +21,15 @@ PROBE_SECONDS = 3.0
 _reachable: bool | None = None
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_forced_offline = False
+
+
 def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` (or ``HF_DATASETS_OFFLINE``) is set: the user asked for no network."""
-    return any(
-        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    """The user asked for no network (any of ``OFFLINE_VARIABLES``), or the probe found none."""
+    return _forced_offline or any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARIABLES
     )
 
 
@@ -48,6 +56,8 @@ def hub_reachable() -> bool:
     global _reachable
     if hub_offline():
         return False
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return True  # through a proxy: only the hub client itself can tell
     if _reachable is None:
         url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
         port = url.port or (443 if url.scheme == "https" else 80)
@@ -56,18 +66,29 @@ def hub_reachable() -> bool:
 
 
 def go_offline_unless_reachable() -> bool:
-    """Before a hub name is looked up: offline mode for this process when the hub cannot be reached
-    (the libraries already imported are told too). True when the process is offline."""
+    """Before a hub name is looked up: offline mode for this process when the hub cannot be reached.
+    True when the process is offline."""
+    global _forced_offline
     if hub_offline():
+        apply_offline()
         return True
     if hub_reachable():
         return False
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if "huggingface_hub.constants" in sys.modules:
-        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+    _forced_offline = True
+    apply_offline()
+    return True
+
+
+def apply_offline() -> None:
+    """Tell the hub client (and datasets, once imported: it keeps its own copy) that this process is
+    offline; a no-op unless it is. transformers asks the hub client."""
+    if not _forced_offline:
+        return
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
     if "datasets.config" in sys.modules:
         sys.modules["datasets.config"].HF_HUB_OFFLINE = True
-    return True
 
 
 def unreachable_message(key: str, name: str) -> str:

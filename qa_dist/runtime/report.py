@@ -128,6 +128,8 @@ def quiet_libraries_on_other_ranks() -> None:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
-    for name in ("DeepSpeed", "accelerate", "transformers", "datasets"):
-        logging.getLogger(name).addFilter(_ErrorsOnly())
+    for name in ("accelerate", "transformers", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # their modules' loggers inherit it
+    # DeepSpeed sets its logger's level when it creates it: a filter on the logger survives that.
+    logging.getLogger("DeepSpeed").addFilter(_ErrorsOnly())
     warnings.simplefilter("ignore")

@@ -84,10 +84,17 @@ def describe(holder: dict) -> str:
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}{job}"
 
 
+def _restarts(value) -> int:
+    return int(value) if isinstance(value, str) and value.isdigit() else 0
+
+
 def _own_earlier_job(holder: dict) -> bool:
-    """The holder is this Slurm job before a requeue (a node failure leaves its lock behind)."""
+    """The holder is this Slurm job before a requeue (a node failure leaves its lock behind): the
+    same job id, and fewer restarts than this incarnation has. Two steps of one allocation share
+    the job id and the restart count: neither takes the other's lock."""
     job = os.environ.get("SLURM_JOB_ID")
-    return bool(job) and holder.get("slurm_job") == job
+    earlier = _restarts(holder.get("slurm_restart")) < _restarts(os.environ.get("SLURM_RESTART_COUNT"))
+    return bool(job) and holder.get("slurm_job") == job and earlier
 
 
 def check_free(run_dir: str | Path) -> None:
@@ -115,12 +122,14 @@ class RunDirLock:
         self.heartbeat = heartbeat
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
+        self._writing = threading.Lock()  # a heartbeat write and the release never overlap
         self._thread: threading.Thread | None = None
 
     def _record(self) -> str:
         now = time.time()
         record = {"host": _this_host(), "pid": os.getpid(), "started": self._started, "heartbeat": now}
         record |= {"token": self.token, "slurm_job": os.environ.get("SLURM_JOB_ID")}
+        record["slurm_restart"] = os.environ.get("SLURM_RESTART_COUNT", "0")
         return json.dumps(record) + "\n"
 
     def acquire(self) -> RunDirLock:
@@ -163,19 +172,26 @@ class RunDirLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
-            holder = read_holder(self.path)
-            if not holder or holder.get("token") != self.token:
-                return  # taken over (this run was judged dead): never write over another run's lock
-            with contextlib.suppress(OSError):
-                atomic_write(self.path, self._record())
+            with self._writing:
+                if self._stop.is_set():
+                    return
+                holder = read_holder(self.path)
+                if holder and "token" in holder and holder["token"] != self.token:
+                    log.warning("%s: another run took this run's lock (%s)", self.run_dir, describe(holder))
+                    return  # never write over another run's lock
+                if not holder:
+                    continue  # unreadable for a moment (a shared filesystem's hiccup): the next beat retries
+                with contextlib.suppress(OSError):
+                    atomic_write(self.path, self._record())
 
     def release(self) -> None:
-        self._stop.set()
+        with self._writing:  # after this, no heartbeat writes the file again
+            self._stop.set()
+            holder = read_holder(self.path)
+            if holder and holder.get("token") == self.token:
+                self.path.unlink(missing_ok=True)
         if self._thread is not None:
-            self._thread.join(timeout=5)
-        holder = read_holder(self.path)
-        if holder and holder.get("token") == self.token:
-            self.path.unlink(missing_ok=True)
+            self._thread.join(timeout=30)
 
     def __enter__(self) -> RunDirLock:
         return self.acquire()

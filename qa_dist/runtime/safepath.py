@@ -62,3 +62,16 @@ def site_directories() -> list:
 def safe_environ(base: dict[str, str] | None = None) -> dict[str, str]:
     """``base`` (default: this process's environment) with ``PYTHONSAFEPATH=1``."""
     return {**(os.environ if base is None else base), **SAFE_PATH_ENV}
+
+
+def trusted_directories() -> list:
+    """Where installed distributions are looked for: the site directories and what ``PYTHONPATH``
+    names (absolute entries; the environment is trusted, the working directory is not)."""
+    from pathlib import Path
+
+    cwd = os.path.realpath(os.getcwd()) if os.path.isdir(".") else None
+    extra = []
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and os.path.isabs(entry) and os.path.isdir(entry) and os.path.realpath(entry) != cwd:
+            extra.append(Path(entry).resolve())
+    return sorted(set(site_directories()) | set(extra))

@@ -16,7 +16,7 @@ import numpy as np
 from accelerate.utils import set_seed
 
 from qa_dist.config import RunConfig, config_to_dict, resolved_config_record
-from qa_dist.errors import ConfigError
+from qa_dist.errors import AgreedError, ConfigError
 from qa_dist.eval.evaluator import GatheredEvaluator
 from qa_dist.eval.hooks import Evaluator, NullEvaluator
 from qa_dist.features.batches import FeatureColumns
@@ -24,7 +24,7 @@ from qa_dist.features.prepare import prepare_features
 from qa_dist.models import enable_gradient_checkpointing, load_qa_model, load_tokenizer, parameter_count
 from qa_dist.runtime.dist import context_of, enable_tf32, fill_deepspeed_config, make_accelerator, max_over_ranks
 from qa_dist.runtime.faults import kill_point
-from qa_dist.runtime.fsutil import atomic_write, replace_dir
+from qa_dist.runtime.fsutil import atomic_write, recover_dir, replace_dir
 from qa_dist.runtime.preemption import clear_preempted_marker
 from qa_dist.runtime.report import Reporter, reporter_for
 from qa_dist.runtime.rundir import LOCK_FILE, RunDirLock, describe, read_holder
@@ -79,8 +79,10 @@ class Run:
         in place: ``out_dir`` never holds a half-written or unverified export. Every rank calls
         this (ZeRO-3 gathers the weights collectively)."""
         acc, partial = self.acc, out_dir.with_name(out_dir.name + ".partial")
-        if acc.is_main_process and partial.exists():
-            shutil.rmtree(partial)  # a killed export's leftover
+        if acc.is_main_process:
+            recover_dir(out_dir)  # the last complete export, should a kill have caught it set aside
+            if partial.exists():
+                shutil.rmtree(partial)  # a killed export's leftover
         acc.wait_for_everyone()
         kill_point("export:before-weights")
         export_model(acc, self.model, self.tokenizer, partial, data=self.config.data)
@@ -127,9 +129,11 @@ def lock_run_dir(acc, run_dir: Path) -> RunDirLock | None:
             lock.acquire()
         except ConfigError as e:
             lock, problem = None, str(e)
+        except OSError as e:  # an unwritable run directory: a verdict for every rank, not a hang
+            lock, problem = None, f"run_dir {run_dir}: cannot take its lock ({e.strerror or e})"
     if max_over_ranks(int(bool(problem)), acc.device):
         holder = read_holder(run_dir / LOCK_FILE) or {}
-        raise ConfigError(problem or f"run_dir {run_dir}: another run is using it ({describe(holder)})")
+        raise AgreedError(problem or f"run_dir {run_dir}: another run is using it ({describe(holder)})")
     return lock
 
 

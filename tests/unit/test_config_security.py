@@ -121,10 +121,14 @@ def test_installed_model_package_and_entry_point_resolve(tmp_path, monkeypatch):
     importlib.invalidate_caches()
     # On sys.path but not a site directory (as the working directory is under python -m): ignored.
     assert resolve_model_path("my-mrc-model") == "my-mrc-model"
+    # Named by PYTHONPATH (pip install --target): the environment is trusted, so it resolves.
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    assert resolve_model_path("my-mrc-model") == str(tmp_path / "weights")
+    monkeypatch.delenv("PYTHONPATH")
     # Installed in a site directory: its entry point resolves; a hub id is never taken over.
     import qa_dist.models
 
-    monkeypatch.setattr(qa_dist.models, "site_directories", lambda: [site])
+    monkeypatch.setattr(qa_dist.models, "trusted_directories", lambda: [site])
     assert resolve_model_path("my-mrc-model") == str(tmp_path / "weights")
     assert resolve_model_path("org/model") == "org/model"
     assert resolve_model_path("my_models") == "my_models"  # the module itself is no model name

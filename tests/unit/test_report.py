@@ -125,3 +125,18 @@ def test_the_run_summary_says_when_a_model_only_abstains():
     assert _f1_row(summary, "final") == "31.50 at step 22 (answerable questions: F1 12.25)"
     assert abstention_note(12.25) is None and abstention_note(None) is None  # CMRC without unanswerables
     assert "answers no answerable question" in abstention_note(0.0)
+
+
+def test_a_kill_between_the_two_renames_of_an_export_loses_nothing(tmp_path):
+    from qa_dist.runtime.fsutil import recover_dir, replace_dir
+
+    (tmp_path / "model.old").mkdir()  # the previous export, set aside; the kill came before the second rename
+    (tmp_path / "model.old" / "weights").write_text("previous")
+    recover_dir(tmp_path / "model")
+    assert (tmp_path / "model" / "weights").read_text() == "previous"
+    (tmp_path / "model.partial").mkdir()
+    (tmp_path / "model.partial" / "weights").write_text("new")
+    replace_dir(tmp_path / "model.partial", tmp_path / "model")
+    assert (tmp_path / "model" / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model"
+    ]

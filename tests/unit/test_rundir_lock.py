@@ -75,10 +75,16 @@ def test_another_hosts_lock_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
     holder = json.loads(fresh.read_text())
     _plant_lock(tmp_path, **{**holder, "heartbeat": time.time() - rundir.STALE_SECONDS - 1})
     RunDirLock(tmp_path).acquire().release()
-    # A requeued Slurm job takes over its own earlier incarnation's lock, wherever it ran.
-    _plant_lock(tmp_path, host="node-b", pid=1234, started=time.time(), heartbeat=time.time(), slurm_job="777")
+    # A requeued Slurm job takes over its own earlier incarnation's lock, wherever it ran...
+    live = {"host": "node-b", "pid": 1234, "started": time.time(), "heartbeat": time.time(), "slurm_job": "777"}
+    _plant_lock(tmp_path, **live, slurm_restart="0")
     monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     RunDirLock(tmp_path).acquire().release()
+    # ...but another step of the same allocation (same job, same restart count) is refused.
+    _plant_lock(tmp_path, **live, slurm_restart="1")
+    with pytest.raises(ConfigError, match="Slurm job 777"):
+        RunDirLock(tmp_path).acquire()
 
 
 @pytest.mark.parametrize("text", ["", "{not json", "[1, 2]", '"x"', "null", '{"host": 5, "pid": "a"}'])
@@ -137,3 +143,19 @@ def test_train_and_launch_into_a_held_run_dir_stop_at_once(tmp_path, tiny_model,
     done = _train(tmp_path, tiny_model)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "taking over the lock" in done.stderr and not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_a_moment_of_an_unreadable_lock_does_not_stop_the_heartbeat(tmp_path, monkeypatch):
+    lock = RunDirLock(tmp_path, heartbeat=0.05).acquire()
+    real, failures = rundir.read_holder, iter([{}, None])  # an ESTALE, then a missing file, on a shared filesystem
+
+    def flaky(path):
+        return next(failures, real(path))
+
+    monkeypatch.setattr(rundir, "read_holder", flaky)
+    first = json.loads(lock.path.read_text())["heartbeat"]
+    time.sleep(0.5)
+    assert json.loads(lock.path.read_text())["heartbeat"] > first
+    lock.release()
+    time.sleep(0.2)
+    assert not lock.path.exists()  # no heartbeat writes it back after the release
