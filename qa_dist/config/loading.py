@@ -51,9 +51,23 @@ def valid_keys() -> list[str]:
     return _valid_keys(RunConfig)
 
 
+class _Number:
+    """A number read from an override, with the text it was read from: a text field takes the text
+    (``launch.account=012345`` stays 012345, not YAML's octal 5349; ``launch.time=24:00:00`` stays a
+    time, not YAML's sexagesimal 86400), any other field the number."""
+
+    def __init__(self, text: str, number: int | float) -> None:
+        self.text, self.number = text, number
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``hint``; return it converted where YAML is lax."""
     origin = typing.get_origin(hint)
+    if isinstance(value, _Number) and origin not in (typing.Union, types.UnionType):
+        value = value.text if hint is str else value.number
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -101,6 +115,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if key.startswith("launch."):
+                # What lands in a launch line or an #SBATCH line: YAML's number may not be what was
+                # written (an unquoted 24:00:00 is 86400, 012345 is 5349).
+                raise ConfigError(f"{key}: {_shown_number(value)} was read as a number; write it quoted ('...')")
             return str(value)
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {shown(value)}")
 
@@ -136,6 +154,10 @@ def _unknown_key_message(cls: type, prefix: str, name: str) -> str:
         f"unknown config key {shown(prefix + name)}{hint} ({section}: {', '.join(names)}; "
         "qa-dist config --keys lists every key)"
     )
+
+
+def _shown_number(value: int | float) -> str:
+    return shown(value) if len(str(value)) < 40 else "a long number"
 
 
 def _build(cls: type, values: dict, prefix: str) -> Any:
@@ -185,6 +207,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             value = safe_load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = _Number(raw.strip(), value)
         pairs.append((key.strip(), value))
     return pairs
 

@@ -283,11 +283,6 @@ class LaunchConfig:
             raise ConfigError(f"nvme_path: {shown(self.nvme_path)} must be an absolute path (it is used on every node)")
         if self.strategy == "zero3_nvme" and not self.nvme_path:
             raise ConfigError("nvme_path: required for strategy zero3_nvme (an absolute path on node-local NVMe)")
-        if self.time is not None and self.time.isdigit():
-            raise ConfigError(
-                f"time: {shown(self.time)} is ambiguous: YAML reads an unquoted 24:00:00 as the number 86400; write the "
-                "limit quoted, with a colon or a dash ('24:00:00', '2-00:00:00', '90:00')"
-            )
 
 
 @dataclass(frozen=True)

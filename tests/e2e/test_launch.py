@@ -317,7 +317,7 @@ def test_slurm_options_from_keys_and_flags(tmp_path, capsys):
         (["launch.account=a b"], "launch.account"),
         (["--account", "x;y"], "--account"),
         (["launch.partition=gpu --qos=high"], "launch.partition"),
-        (["launch.time=90"], "launch.time"),
+        (["launch.time=1:2:3:4"], "launch.time"),
         (["launch.time='1:00:00\nhostname'"], "launch.time"),
         (["launch.srun_wait=-1"], "launch.srun_wait"),
     ]:

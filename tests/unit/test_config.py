@@ -148,3 +148,13 @@ def test_config_keys_and_help_do_not_import_torch():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout[:500]
+
+
+def test_text_keys_keep_the_text_an_override_gave(tmp_path):
+    """YAML reads 012345 as octal 5349 and 24:00:00 as 86400: a text field takes what was typed."""
+    config = load_config(None, ["launch.account=012345", "launch.time=24:00:00", "launch.time=90", "train.seed=0x10"])
+    assert (config.launch.account, config.launch.time, config.train.seed) == ("012345", "90", 16)
+    path = tmp_path / "run.yaml"
+    path.write_text("launch:\n  time: 24:00:00\n")  # in a file: refused, quoting asked for
+    with pytest.raises(ConfigError, match=r"launch.time: 86400 was read as a number; write it quoted"):
+        load_config(path)
