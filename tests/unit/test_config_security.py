@@ -249,3 +249,13 @@ def test_pickled_weights_that_hold_more_than_tensors_are_one_line(tmp_path):
     done = run_cli("predict", "--model", str(tmp_path / "model"), "--question", "q", "--context", "c", cwd=tmp_path)
     assert not marker.exists()
     assert_one_line_error(done, "model.name_or_path", "refused to load pickled weights")
+
+
+def test_a_directory_named_like_a_hub_id_is_used_with_a_warning(tmp_path, monkeypatch, caplog):
+    import logging
+
+    (tmp_path / "bert-base-uncased").mkdir()  # anyone who can write the working directory could
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="qa_dist.models"):
+        assert resolve_model_path("bert-base-uncased") == "bert-base-uncased"
+    assert "not the hub's 'bert-base-uncased'" in caplog.text
