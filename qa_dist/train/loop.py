@@ -63,7 +63,8 @@ class Trainer:
         try:
             if state.eval_pending:  # the checkpointed step's evaluation, which a preemption stopped
                 state.eval_pending = False
-                self.evaluate(run.evaluator.maybe_run)
+                with self.meter.paused("eval"):
+                    self.evaluate(run.evaluator.maybe_run)
             self.fit()
             run.checkpointer.ensure_saved(state)
             self.evaluate(run.evaluator.finish)  # a requeued run evaluates (finish) and exports
