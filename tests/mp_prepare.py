@@ -12,7 +12,7 @@ import time
 
 import torch.distributed as dist
 
-import qa_dist.features
+import qa_dist.features.windows
 from qa_dist.config import load_config
 from qa_dist.features.prepare import prepare_features
 from qa_dist.models import load_tokenizer
@@ -39,7 +39,7 @@ ctx = current_context()
 assert ctx.world_size == 2 == dist.get_world_size(), ctx
 
 calls = {"tokenize": 0}
-original = qa_dist.features._tokenize
+original = qa_dist.features.windows.tokenize_texts
 
 
 def counting_tokenize(backend, texts, offsets=True):
@@ -49,7 +49,7 @@ def counting_tokenize(backend, texts, offsets=True):
     return original(backend, texts, offsets)
 
 
-qa_dist.features._tokenize = counting_tokenize
+qa_dist.features.windows.tokenize_texts = counting_tokenize  # the name the window builder calls
 overrides = list(args.overrides)
 if args.per_rank_cache:
     overrides.append(f"data.cache_dir={args.out}/cache-rank{ctx.rank}")

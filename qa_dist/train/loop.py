@@ -121,6 +121,7 @@ class Trainer:
         """The evaluator's ``maybe_run`` or ``finish`` at this step, then the preemption check (a
         signal stops the evaluation on every rank at the same batch). Every rank calls this."""
         run, state = self.run, self.state
+        metrics = None  # stays None when a signal stops the evaluation (the context swallows the stop)
         with self.preemption.evaluation():
             metrics = run_evaluator(state.step, run.model)
         if metrics is not None:

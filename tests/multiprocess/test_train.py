@@ -628,4 +628,5 @@ def test_an_error_that_only_mentions_attention_is_not_blamed_on_the_switch(tmp_p
     for name in (bad, tmp_path / "no-attention-model-here"):
         with pytest.raises(ConfigError) as refused:
             load_qa_model(ModelConfig(name_or_path=str(name)), attn_implementation="eager")
-        assert str(refused.value).startswith("model.name_or_path: cannot load"), refused.value
+        message = str(refused.value)
+        assert message.startswith("model.name_or_path:") and "attn_implementation" not in message, message
