@@ -43,7 +43,9 @@ def test_the_readme_runs_as_written(tmp_path):
     for lang, code, skip in blocks(REPO / "README.md"):
         if skip:
             continue
-        cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+        # One shell session, as a reader's: the virtual environment the first block activates stays active.
+        shell = f". {activate}\n{code}"
+        cmd = ["bash", "-euo", "pipefail", "-c", shell] if lang == "bash" else [sys.executable, "-c", code]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=1500)
         assert done.returncode == 0, f"README block failed:\n{code}\n{done.stderr[-3000:]}"
         ran.append((code, done))
