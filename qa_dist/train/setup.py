@@ -75,9 +75,10 @@ class Run:
 
     def export(self, out_dir: Path, *, files: dict[str, str] | None = None, report_dir: Path | None = None) -> None:
         """The model as a Hugging Face directory at ``out_dir``, with ``files`` (name: text) beside
-        it (and the export check's report, unless ``report_dir`` says where else), verified against the trained model's logits on a few training windows before it is put
-        in place: ``out_dir`` never holds a half-written or unverified export. Every rank calls
-        this (ZeRO-3 gathers the weights collectively)."""
+        it, and the export check's report unless ``report_dir`` says where else. It is verified
+        against the trained model's logits on a few training windows before it is put in place:
+        ``out_dir`` never holds a half-written or unverified export. Every rank calls this (ZeRO-3
+        gathers the weights collectively)."""
         acc, partial = self.acc, out_dir.with_name(out_dir.name + ".partial")
         if acc.is_main_process:
             recover_dir(out_dir)  # the last complete export, should a kill have caught it set aside
