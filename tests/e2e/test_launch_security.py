@@ -154,7 +154,7 @@ def test_hostile_run_dir_and_overrides_never_run_in_the_training_script(tmp_path
     expected = [
         "-m",
         "accelerate.commands.launch",
-        *LA.accelerate_args(plan, machine_rank="1", head="node-a", port=port),
+        *LA.accelerate_args(plan, machine_rank="1", head="node-a", port=port, threads="1"),  # 1 CPU, 1 process
         "-m",
         "qa_dist",
         "train",
@@ -205,7 +205,7 @@ def test_only_the_fixed_slurm_expressions_stay_expandable():
     config = load_config(str(CONFIG), ["run_dir=/tmp/r"])
     script = LS.render_sbatch(plan, config, str(CONFIG), ["train.lr=3e-5"])
     expandable = re.findall(r'"\$[A-Z_]+"', script.split("launch_on_node() {")[1].split("}")[0])
-    assert sorted(expandable) == ['"$HEAD_NODE"', '"$PORT"', '"$QA_DIST_PYTHON"', '"$SLURM_PROCID"']
+    assert sorted(expandable) == ['"$HEAD_NODE"', '"$PORT"', '"$QA_DIST_PYTHON"', '"$SLURM_PROCID"', '"$THREADS_PER_PROCESS"']
 
 
 @pytest.mark.parametrize(
