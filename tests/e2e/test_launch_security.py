@@ -205,7 +205,13 @@ def test_only_the_fixed_slurm_expressions_stay_expandable():
     config = load_config(str(CONFIG), ["run_dir=/tmp/r"])
     script = LS.render_sbatch(plan, config, str(CONFIG), ["train.lr=3e-5"])
     expandable = re.findall(r'"\$[A-Z_]+"', script.split("launch_on_node() {")[1].split("}")[0])
-    assert sorted(expandable) == ['"$HEAD_NODE"', '"$PORT"', '"$QA_DIST_PYTHON"', '"$SLURM_PROCID"', '"$THREADS_PER_PROCESS"']
+    assert sorted(expandable) == [
+        '"$HEAD_NODE"',
+        '"$PORT"',
+        '"$QA_DIST_PYTHON"',
+        '"$SLURM_PROCID"',
+        '"$THREADS_PER_PROCESS"',
+    ]
 
 
 @pytest.mark.parametrize(
