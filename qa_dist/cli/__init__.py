@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, AgreedError) and os.environ.get("RANK", "0") != "0":
             return EXIT_USAGE  # every rank raised it together: rank zero says it once
         # One line per problem, each with the prefix a log filter looks for.
-        print("\n".join(f"qa-dist: error: {line}" for line in str(e).splitlines() or [""]), file=sys.stderr)
+        print("\n".join(f"qa-dist: error: {line}" for line in str(e).split("\n")), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("qa-dist: interrupted", file=sys.stderr)
