@@ -102,11 +102,17 @@ def check_free(run_dir: str | Path) -> None:
     before it starts anything; training takes the lock)."""
     path = Path(run_dir) / LOCK_FILE
     holder = read_holder(path)
-    if holder is not None and holder_alive(holder, path) and not _own_earlier_job(holder):
-        raise ConfigError(_held_message(run_dir, holder))
+    if holder is not None:
+        _refuse_if_held(run_dir, holder, path)
 
 
-def _held_message(run_dir, holder: dict) -> str:
+def _refuse_if_held(run_dir, holder: dict, path: Path) -> None:
+    """A ConfigError naming ``holder`` when it is a live run other than this job's earlier self."""
+    if holder_alive(holder, path) and not _own_earlier_job(holder):
+        raise ConfigError(held_message(run_dir, holder))
+
+
+def held_message(run_dir, holder: dict) -> str:
     return (
         f"run_dir {run_dir}: another run is using it ({describe(holder)}); wait for it to end, stop it, "
         "or give this run another run_dir"
@@ -154,8 +160,7 @@ class RunDirLock:
         holder = read_holder(self.path)
         if holder is None:
             return  # released meanwhile: try again
-        if holder_alive(holder, self.path) and not _own_earlier_job(holder):
-            raise ConfigError(_held_message(self.run_dir, holder))
+        _refuse_if_held(self.run_dir, holder, self.path)
         # Renamed away, not deleted: of two runs taking over at once, only one rename succeeds,
         # and the other finds the winner's fresh lock on its next try.
         stale = self.path.with_name(f"{LOCK_FILE}.stale-{self.token}")

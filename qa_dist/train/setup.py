@@ -27,7 +27,7 @@ from qa_dist.runtime.faults import kill_point
 from qa_dist.runtime.fsutil import atomic_write, recover_dir, replace_dir
 from qa_dist.runtime.preemption import clear_preempted_marker
 from qa_dist.runtime.report import Reporter, reporter_for
-from qa_dist.runtime.rundir import LOCK_FILE, RunDirLock, describe, read_holder
+from qa_dist.runtime.rundir import LOCK_FILE, RunDirLock, held_message, read_holder
 from qa_dist.train.best import BestKeeper
 from qa_dist.train.checkpoint import Checkpointer, TrainState
 from qa_dist.train.export import check_export, export_model
@@ -134,7 +134,7 @@ def lock_run_dir(acc, run_dir: Path) -> RunDirLock | None:
             lock, problem = None, f"run_dir {run_dir}: cannot take its lock ({e.strerror or e})"
     if max_over_ranks(int(bool(problem)), acc.device):
         holder = read_holder(run_dir / LOCK_FILE) or {}
-        raise AgreedError(problem or f"run_dir {run_dir}: another run is using it ({describe(holder)})")
+        raise AgreedError(problem or held_message(run_dir, holder))
     return lock
 
 
