@@ -9,7 +9,6 @@ flags), so that ``qa-dist predict``, ``predict`` and ``predict_one`` agree."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,6 +24,7 @@ from qa_dist.features import build_eval_features
 from qa_dist.features.prepare import examples_table, features_table, prepare_features
 from qa_dist.models import WINDOWS_FILE, autocast_dtype, check_window_fits, load_qa_model, load_tokenizer, stack_logits
 from qa_dist.runtime.dist import DistContext, current_context
+from qa_dist.runtime.jsonfile import Damaged, read_json
 from qa_dist.runtime.report import reporter_for
 
 """Written beside an exported model: ``{"max_length": .., "doc_stride": ..}``, the windows it was
@@ -85,8 +85,8 @@ def recorded_windows(model_path: str | Path) -> dict[str, int] | None:
     try:
         if not path.is_file():
             return None
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        value = read_json(path)
+    except (OSError, Damaged) as e:
         raise ConfigError(f"{path}: cannot read the recorded windows ({e})") from None
     if not isinstance(value, dict) or not all(
         isinstance(value.get(k), int) and not isinstance(value.get(k), bool) for k in WINDOW_KEYS

@@ -16,6 +16,8 @@ POINTS = (
     "checkpoint:before-weights",
     "checkpoint:between-files",
     "checkpoint:before-complete",
+    "checkpoint:before-rename",
+    "checkpoint:between-renames",
     "export:before-weights",
     "export:before-publish",
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -30,27 +31,44 @@ def atomic_write(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def replace_dir(partial: str | Path, final: str | Path) -> None:
-    """Put the complete directory ``partial`` where ``final`` is: the old one is renamed aside
-    first and removed after, so ``final`` is only ever a complete directory (or, for the moment
-    between two renames, absent), never a half-written one."""
+def remove_path(path: str | Path) -> None:
+    """Remove whatever is at ``path``: a link itself (never what it points to), a file, a folder."""
     import shutil
 
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def replace_dir(
+    partial: str | Path, final: str | Path, *, aside: str | Path | None = None, kill_at: str | None = None
+) -> None:
+    """Put the complete directory ``partial`` where ``final`` is: the old one is renamed aside
+    (to ``aside``, default ``<final>.old``) first and removed after, so ``final`` is only ever a
+    complete directory (or, for the moment between two renames, absent), never a half-written one.
+    ``kill_at``: the fault tests' name for the moment between the renames."""
+    from qa_dist.runtime.faults import kill_point
+
     partial, final = Path(partial), Path(final)
-    old = final.with_name(final.name + ".old")
-    recover_dir(final)
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
+    old = Path(aside) if aside is not None else final.with_name(final.name + ".old")
+    recover_dir(final, aside=old)
+    remove_path(old)
+    if final.exists() or final.is_symlink():
         final.rename(old)
+    if kill_at:
+        kill_point(kill_at)
     partial.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the new directory is in place; a leftover is only space
+        remove_path(old)
 
 
-def recover_dir(final: str | Path) -> None:
+def recover_dir(final: str | Path, *, aside: str | Path | None = None) -> None:
     """Undo a ``replace_dir`` killed between its two renames: the previous complete directory, set
-    aside as ``*.old``, goes back in place, so it is not lost before its replacement is ready."""
+    aside (``aside``, default ``<final>.old``), goes back in place, so it is not lost before its
+    replacement is ready."""
     final = Path(final)
-    old = final.with_name(final.name + ".old")
-    if not final.exists() and old.is_dir():
+    old = Path(aside) if aside is not None else final.with_name(final.name + ".old")
+    if not final.exists() and not final.is_symlink() and old.is_dir() and not old.is_symlink():
         old.rename(final)

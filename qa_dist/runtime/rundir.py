@@ -22,6 +22,7 @@ from pathlib import Path
 
 from qa_dist.errors import ConfigError
 from qa_dist.runtime.fsutil import atomic_write
+from qa_dist.runtime.jsonfile import Damaged, read_json
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,10 @@ def read_holder(path: Path) -> dict | None:
     """The lock's holder, or None when there is no lock; a damaged lock reads as an empty holder
     (dead, unless it is new enough to be being written)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        holder = read_json(path)
     except FileNotFoundError:
         return None
-    except OSError:
-        return {}
-    try:
-        holder = json.loads(text)
-    except (ValueError, RecursionError):
+    except Damaged:
         return {}
     return holder if isinstance(holder, dict) else {}
 
@@ -85,7 +82,7 @@ def describe(holder: dict) -> str:
 
 
 def _restarts(value) -> int:
-    return int(value) if isinstance(value, str) and value.isdigit() else 0
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else 0
 
 
 def _own_earlier_job(holder: dict) -> bool:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from qa_dist.errors import ConfigError
+from qa_dist.runtime.jsonfile import Damaged, dataclass_from_json, read_json
 from qa_dist.train.checkpoint import Checkpointer, TrainState
 from qa_dist.train.checkpoint.checkpointer import broadcast_from_main
 
@@ -17,6 +19,31 @@ log = logging.getLogger(__name__)
 
 BEST_DIR = "best"
 BEST_JSON = "best.json"
+
+
+@dataclass(frozen=True)
+class BestRecord:
+    """``best.json``: which metric, its direction, the best value and its step."""
+
+    metric: str
+    mode: str
+    value: float
+    step: int
+
+
+def read_best(run_dir: Path) -> BestRecord | None:
+    """``run_dir/best/best.json`` (None where there is none); ``Damaged`` for anything but what
+    qa-dist writes there."""
+    try:
+        value = read_json(Path(run_dir) / BEST_DIR / BEST_JSON)
+    except FileNotFoundError:
+        return None
+    if isinstance(value, dict) and set(value) != {"metric", "mode", "value", "step"}:
+        raise Damaged(f"{BEST_JSON} has keys {sorted(map(str, value))[:6]}, not metric, mode, value, step")
+    record = dataclass_from_json(BestRecord, value, what=BEST_JSON)
+    if record.mode not in ("max", "min") or record.step < 0:
+        raise Damaged(f"{BEST_JSON}: mode {record.mode!r} or step {record.step} is not one qa-dist writes")
+    return record
 
 
 def parse_keep_best(spec: str) -> tuple[str, str]:
@@ -44,6 +71,28 @@ class BestKeeper:
         self.mode, self.key = parse_keep_best(spec)
         self.checkpointer = checkpointer
         self.export = export
+
+    def check_resumed(self, state: TrainState) -> None:
+        """Rank zero, after a resume: say so when ``best/`` does not hold the best the trainer state
+        remembers (damaged, replaced, or lost to a kill between the export and its checkpoint). The
+        state decides; the next improvement exports again."""
+        if not self.accelerator.is_main_process or state.best_metric != self.spec:
+            return
+        path = self.run_dir / BEST_DIR / BEST_JSON
+        try:
+            record = read_best(self.run_dir)
+        except Damaged as e:
+            log.warning("%s is damaged (%s): best/ is not the best model of step %s", path, e, state.best_step)
+            return
+        if record is None or (record.step, record.metric) != (state.best_step, self.key):
+            found = "missing" if record is None else f"for {record.metric} at step {record.step}"
+            log.warning(
+                "%s is %s, the checkpoint's best is %s at step %s; the next improvement exports it again",
+                path,
+                found,
+                self.key,
+                state.best_step,
+            )
 
     def _better(self, value: float, best: float | None) -> bool:
         if best is None:

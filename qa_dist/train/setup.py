@@ -6,7 +6,6 @@ keeper. Every rank builds the same run; ``qa_dist.train.loop`` runs it."""
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from qa_dist.features.prepare import prepare_features
 from qa_dist.models import enable_gradient_checkpointing, load_qa_model, load_tokenizer, parameter_count
 from qa_dist.runtime.dist import context_of, enable_tf32, fill_deepspeed_config, make_accelerator, max_over_ranks
 from qa_dist.runtime.faults import kill_point
-from qa_dist.runtime.fsutil import atomic_write, recover_dir, replace_dir
+from qa_dist.runtime.fsutil import atomic_write, recover_dir, remove_path, replace_dir
 from qa_dist.runtime.preemption import clear_preempted_marker
 from qa_dist.runtime.report import Reporter, reporter_for
 from qa_dist.runtime.rundir import LOCK_FILE, RunDirLock, held_message, read_holder
@@ -82,8 +81,8 @@ class Run:
         acc, partial = self.acc, out_dir.with_name(out_dir.name + ".partial")
         if acc.is_main_process:
             recover_dir(out_dir)  # the last complete export, should a kill have caught it set aside
-            if partial.exists():
-                shutil.rmtree(partial)  # a killed export's leftover
+            remove_path(partial)  # a killed export's leftover, or a link planted there
+            partial.mkdir(parents=True)  # a fresh folder: nothing is written through a link
         acc.wait_for_everyone()
         kill_point("export:before-weights")
         export_model(acc, self.model, self.tokenizer, partial, data=self.config.data)
@@ -183,4 +182,5 @@ def _build(config: RunConfig, acc, evaluator: Evaluator | None, trackers: Sequen
     )  # fmt: skip
     if t.keep_best:  # each best model is exported and verified as the final one is
         run.keeper = BestKeeper(acc, run_dir, t.keep_best, checkpointer, run.export)
+        run.keeper.check_resumed(state)
     return run

@@ -17,13 +17,26 @@ import torch.distributed
 from qa_dist.errors import ConfigError
 from qa_dist.runtime.dist import max_over_ranks
 from qa_dist.runtime.faults import kill_point
-from qa_dist.runtime.fsutil import atomic_write
-from qa_dist.train.checkpoint.manifest import COMPLETE, complete_checkpoints, step_of, verify, write_manifest
+from qa_dist.runtime.fsutil import atomic_write, remove_path, replace_dir
+from qa_dist.runtime.jsonfile import Damaged
+from qa_dist.train.checkpoint.manifest import (
+    COMPLETE,
+    aside_path,
+    checkpoint_path,
+    complete_checkpoints,
+    foreign_folders,
+    partial_path,
+    recover_checkpoints,
+    step_of,
+    verify,
+    write_manifest,
+)
 from qa_dist.train.checkpoint.safe_load import safe_torch_load
 from qa_dist.train.checkpoint.state import (
     SCHEDULER,
     STATE,
     TrainState,
+    read_scheduler_state,
     read_state,
     rng_file,
     rng_state_json,
@@ -72,6 +85,7 @@ class Checkpointer:
         self.scheduler = scheduler
         self.last_saved: int | None = None
         """Step of the checkpoint this run last wrote or resumed from."""
+        self._warned_foreign = False
 
     def maybe_save(self, state: TrainState) -> Path | None:
         if self.every and state.step % self.every == 0 and self.last_saved != state.step:
@@ -84,23 +98,28 @@ class Checkpointer:
             self.save(state)
 
     def save(self, state: TrainState) -> Path:
-        """Every rank calls this."""
+        """Every rank calls this. The checkpoint is written under a hidden name and renamed into
+        place once complete: a re-save of a step (the best keeper's, after an evaluation of a
+        checkpointed step) never removes the intact checkpoint before its replacement is whole."""
         acc = self.accelerator
-        path = self.root / f"step-{state.step:08d}"
-        if acc.is_main_process and path.exists():
-            shutil.rmtree(path)  # an incomplete leftover of a killed save, or a damaged checkpoint
+        path = checkpoint_path(self.root, state.step)
+        partial = partial_path(path)
+        if acc.is_main_process:
+            recover_checkpoints(self.root)
+            remove_path(partial)  # a killed save's leftover (or whatever else was put there)
+            partial.mkdir(parents=True)
         acc.wait_for_everyone()
         kill_point("checkpoint:before-weights")
-        acc.save_state(str(path))
+        acc.save_state(str(partial))
         rank = acc.process_index
-        (path / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # pickled; ours is JSON
+        (partial / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # pickled; ours is JSON
         kill_point("checkpoint:between-files")
-        atomic_write(path / rng_file(rank), rng_state_json())
+        atomic_write(partial / rng_file(rank), rng_state_json())
         # All ranks have returned from writing their shards before the marker exists.
         acc.wait_for_everyone()
         # Rank zero hashes every rank's files: it must see them. Every rank learns whether it does,
         # so that none is left waiting at the barrier below while rank zero raises.
-        missing = [_missing_on_main(path, acc)]
+        missing = [_missing_on_main(partial, acc)]
         broadcast_from_main(missing, acc)
         if missing[0]:
             raise ConfigError(
@@ -108,39 +127,67 @@ class Checkpointer:
                 "run_dir must be on a filesystem shared by every node"
             )
         if acc.is_main_process:
-            atomic_write(path / STATE, json.dumps(asdict(state)))
+            atomic_write(partial / STATE, json.dumps(asdict(state)))
             if self.scheduler is not None:
-                atomic_write(path / SCHEDULER, scheduler_state_json(self.scheduler))
+                atomic_write(partial / SCHEDULER, scheduler_state_json(self.scheduler))
             kill_point("checkpoint:before-complete")
-            write_manifest(path, state.step)
+            write_manifest(partial, state.step)
+            kill_point("checkpoint:before-rename")
+            replace_dir(partial, path, aside=aside_path(path), kill_at="checkpoint:between-renames")
             self._prune(path, keep_step=state.best_step)
         acc.wait_for_everyone()
         self.last_saved = state.step
         return path
 
+    def _warn_foreign(self) -> None:
+        """Once a run: the ``step-*`` folders that are not checkpoints, which it leaves alone."""
+        if self._warned_foreign or not (foreign := foreign_folders(self.root.parent)):
+            return
+        self._warned_foreign = True
+        log.warning(
+            "%s: %s: not checkpoints (only step-<digits> folders are); skipped, never deleted",
+            self.root,
+            ", ".join(p.name for p in foreign),
+        )
+
     def _prune(self, newest: Path, keep_step: int | None = None) -> None:
         """Keep ``newest`` (just written and checksummed) and the ``keep - 1`` newest complete
         checkpoints before it. Checkpoints after it (found damaged at resume, left for a look)
         are not counted: they must never push out the only intact one. The checkpoint of
-        ``keep_step`` (the best so far, ``train.keep_best``) is kept besides, and not counted."""
-        older = [
-            p
-            for p in complete_checkpoints(self.root.parent)
-            if step_of(p) < step_of(newest) and step_of(p) != keep_step
-        ]
+        ``keep_step`` (the best so far, ``train.keep_best``) is kept besides, and not counted.
+        Only folders named ``step-<digits>`` are checkpoints; nothing else is touched."""
+        self._warn_foreign()
+        step = step_of(newest)
+        older = [p for p in complete_checkpoints(self.root.parent) if step_of(p) < step and step_of(p) != keep_step]
         for old in older[: max(0, len(older) - (self.keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
-        for partial in self.root.glob("step-*"):
-            if not (partial / COMPLETE).exists() and step_of(partial) < step_of(newest):
-                shutil.rmtree(partial, ignore_errors=True)
+        for leftover in self.root.glob("step-*"):
+            # a save of an older qa-dist killed before its marker (saves now write under a hidden name)
+            older_step = step_of(leftover) is not None and step_of(leftover) < step
+            if older_step and leftover.is_dir() and not (leftover / COMPLETE).exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+        for partial in self.root.glob(".step-*.partial"):
+            shutil.rmtree(partial, ignore_errors=True)  # killed saves' leftovers: this run holds the lock
+
+    def _problem(self, path: Path) -> str | None:
+        """``verify``, and whether the scheduler state fits this run's scheduler."""
+        problem = verify(path)
+        if problem is None and self.scheduler is not None and (path / SCHEDULER).exists():
+            try:
+                read_scheduler_state(self.scheduler, path / SCHEDULER)
+            except (OSError, Damaged) as e:
+                problem = f"unreadable trainer or scheduler state ({e})"
+        return problem
 
     def _choose(self, resume: str) -> tuple[Path | None, str | None]:
         """(checkpoint to load, or None; an error for every rank to raise, or None). Rank zero only."""
         if resume == "auto":
+            recover_checkpoints(self.root)
+            self._warn_foreign()
             found = complete_checkpoints(self.root.parent)
             problems = []
             for path in reversed(found):
-                problem = verify(path)
+                problem = self._problem(path)
                 if problem is None:
                     return path, None
                 log.warning("checkpoint %s is not intact: %s; trying an older one", path, problem)
@@ -150,11 +197,17 @@ class Checkpointer:
                     f"resume=auto: no intact checkpoint in {self.root} ({'; '.join(problems)}); "
                     "use resume=never to start afresh"
                 )
+            if leftovers := sorted(p.name for p in self.root.glob("*step-*") if p not in found):
+                log.warning(
+                    "resume=auto: starting from step 0: no complete checkpoint in %s, which holds %s",
+                    self.root,
+                    ", ".join(leftovers),
+                )
             return None, None
         path = Path(resume)
         if not (path / COMPLETE).exists():
             return None, f"resume: {path} is not a complete checkpoint (no {COMPLETE} marker)"
-        problem = verify(path)
+        problem = self._problem(path)
         if problem is not None:
             return None, f"resume: checkpoint {path} is not intact: {problem}"
         return path, None
@@ -186,7 +239,7 @@ class Checkpointer:
             with safe_torch_load():
                 acc.load_state(str(path), load_kwargs={"weights_only": True})
             if self.scheduler is not None:
-                self.scheduler.load_state_dict(json.loads((path / SCHEDULER).read_text()))
+                self.scheduler.load_state_dict(read_scheduler_state(self.scheduler, path / SCHEDULER))
             rng = path / rng_file(acc.process_index)
             if rng.exists():
                 set_rng_state(rng.read_text())

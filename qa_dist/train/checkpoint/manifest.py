@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
-from qa_dist.runtime.fsutil import atomic_write
+from qa_dist.runtime.fsutil import atomic_write, recover_dir, remove_path
+from qa_dist.runtime.jsonfile import Damaged, read_json
 from qa_dist.train.checkpoint.state import SCHEDULER, STATE, read_state
 
 COMPLETE = "COMPLETE"
@@ -17,14 +19,58 @@ _REFUSED_PICKLES = ("custom_checkpoint_*.pkl", "random_states_*.pkl", "scheduler
 """Pickled files Accelerate would load that qa-dist never writes: a checkpoint holding one is refused."""
 
 
-def step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[1])
+CHECKPOINT_NAME = re.compile(r"step-([0-9]+)")
+"""The only folder names that are checkpoints. Anything else under ``checkpoints/`` (a user's
+``step-00000002.bak``, a script's ``step-latest``) is not qa-dist's: never read, never deleted."""
+
+
+def step_of(checkpoint: Path) -> int | None:
+    """The step a checkpoint folder's name gives, or None where the name is not a checkpoint's."""
+    match = CHECKPOINT_NAME.fullmatch(Path(checkpoint).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_path(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def partial_path(checkpoint: Path) -> Path:
+    """Where a save writes before the checkpoint is complete: hidden, so that no listing of
+    ``step-*`` ever sees a half-written checkpoint under its step's name."""
+    return checkpoint.with_name(f".{checkpoint.name}.partial")
+
+
+def aside_path(checkpoint: Path) -> Path:
+    """Where a re-save of the same step sets the intact checkpoint while the new one takes its name."""
+    return checkpoint.with_name(f".{checkpoint.name}.old")
+
+
+def recover_checkpoints(root: Path) -> None:
+    """Undo a re-save killed between its two renames (``replace_dir``): the intact checkpoint
+    set aside goes back under its name; one superseded by its complete replacement goes."""
+    for aside in Path(root).glob(".step-*.old"):
+        final = aside.with_name(aside.name[1 : -len(".old")])
+        if step_of(final) is None:
+            continue
+        recover_dir(final, aside=aside)
+        if final.exists():
+            remove_path(aside)
+
+
+def foreign_folders(run_dir: Path) -> list[Path]:
+    """``checkpoints/step-*`` entries whose name is not a checkpoint's: left alone, and named."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if step_of(p) is None)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoints whose marker says every rank finished writing, oldest first (not yet verified)."""
     root = Path(run_dir) / "checkpoints"
-    found = [p for p in root.glob("step-*") if (p / COMPLETE).exists() and (p / STATE).exists()]
+    found = [
+        p
+        for p in root.glob("step-*")
+        if step_of(p) is not None and p.is_dir() and (p / COMPLETE).is_file() and (p / STATE).is_file()
+    ]
     return sorted(found, key=step_of)
 
 
@@ -55,7 +101,7 @@ def write_manifest(checkpoint: Path, step: int) -> None:
 
 def _well_formed(name, entry) -> bool:
     """A relative path inside the checkpoint with a size and a digest."""
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or "\x00" in name:
         return False
     parts = Path(name).parts
     return (
@@ -63,6 +109,7 @@ def _well_formed(name, entry) -> bool:
         and ".." not in parts
         and isinstance(entry, dict)
         and isinstance(entry.get("size"), int)
+        and not isinstance(entry.get("size"), bool)
         and isinstance(entry.get("sha256"), str)
     )
 
@@ -71,11 +118,11 @@ def verify(checkpoint: Path) -> str | None:
     """What is wrong with ``checkpoint`` (None: intact). Reads every file."""
     checkpoint = Path(checkpoint)
     try:
-        manifest = json.loads((checkpoint / COMPLETE).read_text())
+        manifest = read_json(checkpoint / COMPLETE)
     except FileNotFoundError:
         return f"no {COMPLETE} marker (an incomplete save)"
-    except (ValueError, UnicodeDecodeError):
-        manifest = None
+    except Damaged as e:
+        return f"{COMPLETE} is damaged ({e})"
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         return f"{COMPLETE} holds no checksums (written by an older qa-dist, or damaged): unverifiable"
     expected = manifest.get("files")
@@ -83,6 +130,8 @@ def verify(checkpoint: Path) -> str | None:
         return f"{COMPLETE} is malformed"
     for name, entry in sorted(expected.items()):
         path = checkpoint / name
+        if path.is_symlink():
+            return f"{name} is a symbolic link (a checkpoint holds none)"
         if not path.is_file():
             return f"{name} is missing"
         size = path.stat().st_size
@@ -97,9 +146,11 @@ def verify(checkpoint: Path) -> str | None:
     if refused:
         return f"{refused[0]} is a pickle qa-dist does not write (it is never loaded)"
     try:
-        read_state(checkpoint)
-        if (checkpoint / SCHEDULER).exists():
-            json.loads((checkpoint / SCHEDULER).read_text())
-    except (OSError, ValueError, TypeError) as e:
+        state = read_state(checkpoint)
+        if (checkpoint / SCHEDULER).exists() and not isinstance(read_json(checkpoint / SCHEDULER), dict):
+            raise Damaged(f"{SCHEDULER} is not an object")
+    except (OSError, Damaged) as e:
         return f"unreadable trainer or scheduler state ({e})"
+    if manifest.get("step") != state.step or step_of(checkpoint) not in (None, state.step):
+        return f"{COMPLETE}, {STATE} and the folder's name disagree on the step"
     return None

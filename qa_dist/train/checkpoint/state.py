@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.distributed
 
+from qa_dist.runtime.jsonfile import Damaged, dataclass_from_json, read_json
+
 STATE = "trainer_state.json"
 SCHEDULER = "scheduler.json"
 
@@ -45,7 +47,13 @@ class TrainState:
 
 
 def read_state(checkpoint: Path) -> TrainState:
-    return TrainState(**json.loads((Path(checkpoint) / STATE).read_text()))
+    """The trainer state of ``checkpoint``; ``Damaged`` when the file is not one qa-dist wrote
+    (FileNotFoundError when there is none)."""
+    state = dataclass_from_json(TrainState, read_json(Path(checkpoint) / STATE), what=STATE)
+    for name in ("step", "epoch", "micro_step"):
+        if getattr(state, name) < 0:
+            raise Damaged(f"{STATE}: {name} is negative")
+    return state
 
 
 # --- state as JSON -----------------------------------------------------------------------------
@@ -63,6 +71,30 @@ def scheduler_state_json(scheduler) -> str:
     """The LR scheduler's ``state_dict``: for LambdaLR, numbers and lists, plus ``lr_lambdas``
     entries that are None or the ``__dict__`` of callable objects ({} for functools.partial)."""
     return _exact_json(scheduler.state_dict())
+
+
+def _same_shape(value, like) -> bool:
+    if isinstance(like, dict):
+        return (
+            isinstance(value, dict)
+            and value.keys() == like.keys()
+            and all(_same_shape(value[k], like[k]) for k in like)
+        )
+    if isinstance(like, list):
+        return isinstance(value, list) and len(value) == len(like) and all(map(_same_shape, value, like))
+    if like is None or isinstance(like, (bool, str)):
+        return type(value) is type(like)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_scheduler_state(scheduler, path: Path) -> dict:
+    """``scheduler.json``, once it proves to have the keys and types of ``scheduler``'s own state
+    (``Damaged`` otherwise): ``load_state_dict`` sets whatever it is given as attributes, and a
+    wrong one would fail steps later, in the middle of training."""
+    value = read_json(path)
+    if not _same_shape(value, json.loads(scheduler_state_json(scheduler))):
+        raise Damaged(f"{path.name} does not hold this LR scheduler's state (other keys or types)")
+    return value
 
 
 def _tensor_b64(tensor: torch.Tensor) -> str:
