@@ -18,7 +18,8 @@ import torch
 from conftest import small_run_overrides
 from safetensors.torch import load_file
 
-from qa_dist.train.checkpoint import complete_checkpoints
+from qa_dist.train.checkpoint import complete_checkpoints, verify
+from qa_dist.train.checkpoint.manifest import aside_path
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "qa_dist" / "configs" / "runs" / "cpu_sample_en.yaml"
@@ -99,3 +100,27 @@ def test_a_torn_best_export_is_never_the_best_model(tmp_path, tiny_model):
     best = json.loads((run_dir / "best" / "best.json").read_text())
     assert best["step"] in (1, 2) and (run_dir / "best" / "model.safetensors").is_file()
     assert not (run_dir / "best.partial").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "point", ["checkpoint:before-weights@2", "checkpoint:before-complete@2", "checkpoint:between-renames@2"]
+)
+def test_a_best_resave_killed_midway_never_loses_the_only_checkpoint(tmp_path, tiny_model, point):
+    """keep_best with keep_checkpoints=1: the last step is checkpointed, then its evaluation is a
+    new best and the best keeper saves that step again. A SIGKILL inside that re-save (before the
+    weights, before the marker, between the renames that put it in place) leaves the first save
+    of the step intact, and resume=auto continues from it, not from step 0."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    steps = ["train.max_steps=2", "train.checkpoint_every=0", "train.keep_checkpoints=1", "train.keep_best=eval/f1"]
+    killed = _train(tiny_model, cache, run_dir, *steps, processes=1, kill_at=point)
+    assert killed.returncode != 0 and (run_dir / "best" / "best.json").exists(), killed.stderr[-2000:]
+    # The first save, in place or (killed between the renames) set aside under a hidden name.
+    step2 = run_dir / "checkpoints" / "step-00000002"
+    assert any(p.is_dir() and verify(p) is None for p in (step2, aside_path(step2))), killed.stderr[-2000:]
+    resumed = _train(tiny_model, cache, run_dir, *steps, "resume=auto", processes=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "(step 2)" in resumed.stderr, resumed.stderr[-3000:]
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-00000002"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002"]
+    assert json.loads((run_dir / "best" / "best.json").read_text())["step"] == 2
