@@ -56,6 +56,8 @@ class DataConfig:
     """Is cache_dir one filesystem for all nodes (global rank 0 builds) or per node (local rank 0 builds)? auto probes it."""
     cache_wait_timeout: float = 7200.0
     """Seconds a process waits for another one to build the cache before giving up."""
+    max_decompressed_mb: int = 4096
+    """MB a compressed data file (``.json.gz``, ``.jsonl.gz``) may decompress to; past it loading stops with an error. The default is far above the largest public SQuAD-format sets (SQuAD 2.0 train is about 40 MB decompressed)."""
 
     def __post_init__(self) -> None:
         _at_least(self, "max_length", 8)
@@ -66,6 +68,7 @@ class DataConfig:
                 "share doc_stride tokens"
             )
         _positive(self, "cache_wait_timeout")
+        _at_least(self, "max_decompressed_mb", 1)
 
 
 @dataclass(frozen=True)

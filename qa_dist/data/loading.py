@@ -13,17 +13,16 @@ Supported sources:
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
 import sys
-import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from qa_dist.data.compressed import MAX_DECOMPRESSED_MB, gunzip
 from qa_dist.data.dureader import dureader_records, is_dureader
 from qa_dist.data.validate import ValidationReport, check_unique_ids, validate_record
 from qa_dist.errors import DataError
@@ -71,15 +70,13 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read: {e.strerror}") from None
 
 
-def _read_text(path: Path) -> tuple[str, bytes]:
-    """The decoded text of a (possibly gzipped) UTF-8 file, and its raw bytes."""
+def _read_text(path: Path, *, max_decompressed_mb: int = MAX_DECOMPRESSED_MB) -> tuple[str, bytes]:
+    """The decoded text of a (possibly gzipped) UTF-8 file, and its raw bytes. A gzipped file may
+    decompress to ``max_decompressed_mb`` MB (of 2**20 bytes) at most."""
     raw = _read_bytes(path)
     data = raw
     if path.name.endswith(".gz"):
-        try:
-            data = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: not a valid gzip file ({e})") from None
+        data = gunzip(raw, path, max_decompressed_mb)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -221,10 +218,13 @@ def _dureader_lines(text: str) -> bool:
     return False
 
 
-def load_file(path: str | Path, *, strict: bool = False, labelled: bool = True) -> LoadedData:
-    """Read and validate one local file in any supported layout."""
+def load_file(
+    path: str | Path, *, strict: bool = False, labelled: bool = True, max_decompressed_mb: int = MAX_DECOMPRESSED_MB
+) -> LoadedData:
+    """Read and validate one local file in any supported layout (a gzipped one may decompress to
+    ``max_decompressed_mb`` MB at most)."""
     path = Path(path).expanduser()
-    text, raw = _read_text(path)
+    text, raw = _read_text(path, max_decompressed_mb=max_decompressed_mb)
     fingerprint = "sha256:" + hashlib.sha256(raw).hexdigest()
     source = str(path)
     name = path.name.lower()
@@ -294,10 +294,11 @@ def _from_dataset(dataset, source: str, strict: bool, labelled: bool = True) -> 
     return LoadedData(examples, report, f"datasets:{dataset._fingerprint}", source)  # as source_fingerprint
 
 
-def _open_hf_dataset(name: str, split: str):
+def _open_hf_dataset(name: str, split: str, *, max_decompressed_mb: int = MAX_DECOMPRESSED_MB):
     """A Hugging Face dataset (``squad``, ``squad_v2``, ``cmrc2018``, ``name:config``, or a local
     dataset folder) through ``datasets.load_dataset``; a ``save_to_disk`` folder through
-    ``load_from_disk``. Returns the dataset and a description of the source."""
+    ``load_from_disk``. Returns the dataset and a description of the source. A local folder's
+    gzipped JSON files may decompress to ``max_decompressed_mb`` MB at most."""
     hub = not Path(name).exists()
     offline = go_offline_unless_reachable() if hub else False  # before datasets reads its settings
     import datasets  # about 1.5 s: only for hub names and dataset folders
@@ -311,7 +312,7 @@ def _open_hf_dataset(name: str, split: str):
     saved = Path(name).is_dir() and any((Path(name) / f).exists() for f in ("state.json", "dataset_dict.json"))
     if Path(name).is_dir() and not saved:
         _check_one_format(Path(name))
-        _check_json_depth(Path(name))
+        _check_json_depth(Path(name), max_decompressed_mb=max_decompressed_mb)
     try:
         if saved:
             dataset = datasets.load_from_disk(name)
@@ -370,10 +371,11 @@ def _check_one_format(folder: Path) -> None:
         )
 
 
-def _check_json_depth(folder: Path) -> None:
+def _check_json_depth(folder: Path, *, max_decompressed_mb: int = MAX_DECOMPRESSED_MB) -> None:
     """pyarrow's JSON reader, which ``datasets`` uses, crashes the process (a segmentation fault) on
     deeply nested JSON; Python's parser raises RecursionError there, so JSON files of a folder are
-    parsed once here first. Malformed files are left to ``datasets``, which reports them."""
+    parsed once here first (which also bounds what a gzipped one decompresses to before ``datasets``
+    reads it). Malformed files are left to ``datasets``, which reports them."""
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
         name = path.name.lower().removesuffix(".gz")
@@ -383,7 +385,7 @@ def _check_json_depth(folder: Path) -> None:
             or not name.endswith((".json", ".jsonl", ".ndjson"))
         ):
             continue
-        text, _ = _read_text(path)
+        text, _ = _read_text(path, max_decompressed_mb=max_decompressed_mb)
         try:
             json.loads(text)
             continue
@@ -402,19 +404,27 @@ def _check_json_depth(folder: Path) -> None:
                 pass
 
 
-def load_hub_dataset(name: str, split: str, *, strict: bool = False, labelled: bool = True) -> LoadedData:
+def load_hub_dataset(
+    name: str,
+    split: str,
+    *,
+    strict: bool = False,
+    labelled: bool = True,
+    max_decompressed_mb: int = MAX_DECOMPRESSED_MB,
+) -> LoadedData:
     """Read and validate a Hugging Face dataset (see ``_open_hf_dataset``)."""
-    dataset, source = _open_hf_dataset(name, split)
+    dataset, source = _open_hf_dataset(name, split, max_decompressed_mb=max_decompressed_mb)
     return _from_dataset(dataset, source, strict, labelled)
 
 
-def source_fingerprint(source: str, split: str | None = None) -> str:
-    """What identifies a source's content, without parsing it: the same as ``LoadedData.fingerprint``."""
+def source_fingerprint(source: str, split: str | None = None, *, max_decompressed_mb: int = MAX_DECOMPRESSED_MB) -> str:
+    """What identifies a source's content, without parsing it: the same as ``LoadedData.fingerprint``
+    (a local data folder's JSON files are checked first: see ``_check_json_depth``)."""
     if source.startswith("sample:"):
         source = str(sample_path(source.split(":", 1)[1]))
     if looks_like_path(source) and not Path(source).expanduser().is_dir():
         return "sha256:" + hashlib.sha256(_read_bytes(Path(source).expanduser())).hexdigest()
-    dataset, _ = _open_hf_dataset(source, split or "train")
+    dataset, _ = _open_hf_dataset(source, split or "train", max_decompressed_mb=max_decompressed_mb)
     return f"datasets:{dataset._fingerprint}"
 
 
@@ -422,21 +432,34 @@ def looks_like_path(source: str) -> bool:
     return source.lower().endswith(_FILE_SUFFIXES) or "/" in source or "\\" in source or Path(source).exists()
 
 
-def load_source(source: str, split: str | None = None, *, strict: bool = False, labelled: bool = True) -> LoadedData:
+def load_source(
+    source: str,
+    split: str | None = None,
+    *,
+    strict: bool = False,
+    labelled: bool = True,
+    max_decompressed_mb: int = MAX_DECOMPRESSED_MB,
+) -> LoadedData:
     """Load examples from a file, a shipped sample or a Hugging Face dataset name."""
     if not isinstance(source, str) or not source.strip():
         raise DataError("data source is empty: give a file path, a dataset name or sample:en-train")
+    options = {"strict": strict, "labelled": labelled, "max_decompressed_mb": max_decompressed_mb}
     if source.startswith("sample:"):
-        return load_file(sample_path(source.split(":", 1)[1]), strict=strict, labelled=labelled)
+        return load_file(sample_path(source.split(":", 1)[1]), **options)
     if Path(source).expanduser().is_dir():
-        return load_hub_dataset(str(Path(source).expanduser()), split or "train", strict=strict, labelled=labelled)
+        return load_hub_dataset(str(Path(source).expanduser()), split or "train", **options)
     if looks_like_path(source):
-        return load_file(source, strict=strict, labelled=labelled)
-    return load_hub_dataset(source, split or "train", strict=strict, labelled=labelled)
+        return load_file(source, **options)
+    return load_hub_dataset(source, split or "train", **options)
 
 
 def load_examples(
-    source: str | Path, split: str | None = None, *, strict: bool = False, labelled: bool = True
+    source: str | Path,
+    split: str | None = None,
+    *,
+    strict: bool = False,
+    labelled: bool = True,
+    max_decompressed_mb: int = MAX_DECOMPRESSED_MB,
 ) -> list[dict]:
     """Read SQuAD-format question answering data into flat, validated examples.
 
@@ -444,9 +467,10 @@ def load_examples(
     (``{"text": [...], "answer_start": [...]}``) and ``is_impossible``. Raises :class:`DataError`
     naming the file and the question on bad input. Misplaced ``answer_start`` values are moved to
     the nearest exact occurrence of the answer text (an error when ``strict``). With
-    ``labelled=False`` (data to predict on) records may come without ``answers``.
+    ``labelled=False`` (data to predict on) records may come without ``answers``. A gzipped file
+    may decompress to ``max_decompressed_mb`` MB at most (``data.max_decompressed_mb``).
     """
-    loaded = load_source(str(source), split, strict=strict, labelled=labelled)
+    loaded = load_source(str(source), split, strict=strict, labelled=labelled, max_decompressed_mb=max_decompressed_mb)
     if loaded.report.relocations or loaded.report.skipped:
         log.warning(loaded.report.summary())
     return loaded.examples

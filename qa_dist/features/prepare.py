@@ -86,7 +86,7 @@ def split_key_parts(data: DataConfig, role: str, tokenizer_fp: str) -> dict | No
         return None
     return {
         "role": role,
-        "data": source_fingerprint(source, split),
+        "data": source_fingerprint(source, split, max_decompressed_mb=data.max_decompressed_mb),
         "tokenizer": tokenizer_fp,
         "max_length": data.max_length,
         "doc_stride": data.doc_stride,
@@ -144,7 +144,7 @@ def prepare_features(
 
         def build(source=source, split=split, role=role, parts=parts) -> Built:
             report.status(f"{role}: reading and validating {source}")
-            loaded = load_source(source, split, strict=data.strict)
+            loaded = load_source(source, split, strict=data.strict, max_decompressed_mb=data.max_decompressed_mb)
             report.status(f"{role}: tokenizing {len(loaded.examples):,} questions and their contexts")
             builder = build_train_features if role == "train" else build_eval_features
             columns = builder(
