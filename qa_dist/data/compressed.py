@@ -3,7 +3,6 @@ few MB that decompress to gigabytes stops with an error at the cost of a piece o
 
 from __future__ import annotations
 
-import gzip
 import re
 import zlib
 from pathlib import Path
@@ -18,31 +17,38 @@ _OUTPUT_PIECE = 1 << 20  # decompressed bytes zlib produces at a time
 _NONZERO = re.compile(rb"[^\x00]")
 
 
-def gzip_size_over(raw: bytes, limit: int) -> bool:
-    """Whether the gzip data ``raw`` decompresses to more than ``limit`` bytes. Its members (gzip
-    files may be concatenated, and zero bytes may pad the end of one, as ``gzip.decompress``
-    accepts) are decompressed as a stream, ``_OUTPUT_PIECE`` bytes at a time that are counted and
-    dropped; it stops as soon as the count passes ``limit``. Raises zlib.error or EOFError on data
-    that is not gzip."""
+def _pieces(raw: bytes):
+    """The decompressed bytes of the gzip data ``raw``, ``_OUTPUT_PIECE`` bytes at most at a time.
+    Its members (gzip files may be concatenated, and zero bytes may pad the end of one, as
+    ``gzip.decompress`` accepts) are read in turn from the one buffer, so many small members cost
+    linear time (``gzip.decompress`` copies the rest of the file at each member: quadratic). Raises
+    zlib.error or EOFError on data that is not gzip."""
     view = memoryview(raw)
-    total, start = 0, 0
+    start = 0
     while start < len(view):
         member = zlib.decompressobj(wbits=31)  # one gzip member: header, deflate stream, checked trailer
         at = start
         while not member.eof:
             if member.unconsumed_tail:  # input left over when the last piece filled _OUTPUT_PIECE
-                piece = member.decompress(member.unconsumed_tail, _OUTPUT_PIECE)
+                yield member.decompress(member.unconsumed_tail, _OUTPUT_PIECE)
             elif at < len(view):
-                piece = member.decompress(view[at : at + _INPUT_PIECE], _OUTPUT_PIECE)
+                yield member.decompress(view[at : at + _INPUT_PIECE], _OUTPUT_PIECE)
                 at += _INPUT_PIECE
             else:
                 raise EOFError("Compressed file ended before the end-of-stream marker was reached")
-            total += len(piece)
-            if total > limit:
-                return True
         start = min(at, len(view)) - len(member.unused_data)
         padding_end = _NONZERO.search(raw, start)
         start = padding_end.start() if padding_end else len(view)
+
+
+def gzip_size_over(raw: bytes, limit: int) -> bool:
+    """Whether the gzip data ``raw`` decompresses to more than ``limit`` bytes: its pieces are
+    counted and dropped, and counting stops as soon as the count passes ``limit``."""
+    total = 0
+    for piece in _pieces(raw):
+        total += len(piece)
+        if total > limit:
+            return True
     return False
 
 
@@ -52,12 +58,13 @@ def gunzip(raw: bytes, path: Path, max_decompressed_mb: int = MAX_DECOMPRESSED_M
     # Two passes over the compressed bytes: the first counts what they decompress to without
     # keeping it, the second (only under the limit) decompresses for real. A gzip bomb (10 MB that
     # decompress to 10 GB) then costs one piece of memory, not the limit: decompressing once while
-    # keeping the pieces would hold up to max_decompressed_mb before stopping. The first pass also
-    # judges the data: zlib is stricter than gzip.decompress (which skips a header's CRC, for one),
-    # so what the second pass reads has all been counted.
+    # keeping the pieces would hold up to max_decompressed_mb before stopping. Both passes walk the
+    # members the same way (_pieces), so the second reads exactly what the first counted; with
+    # gzip.decompress there instead, its laxer header parsing (it skips a header's CRC, which zlib
+    # checks) would have to be trusted to agree.
     try:
         over = gzip_size_over(raw, max_decompressed_mb << 20)
-        data = b"" if over else gzip.decompress(raw)
+        data = b"" if over else b"".join(_pieces(raw))
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: not a valid gzip file ({e})") from None
     if over:
