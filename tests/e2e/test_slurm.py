@@ -220,3 +220,40 @@ def test_a_run_dir_full_of_shell_and_sbatch_syntax_is_one_literal_path_on_slurm(
     assert TWO_PROCESSES.search(log.read_text())
     assert (run_dir / "model" / "config.json").exists()
     assert not list(tmp_path.rglob("pwned")) and not (REPO / "pwned").exists()
+
+
+def _job_state(slurm, job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=slurm.env).stdout
+    return re.search(r"JobState=(\S+)", out).group(1)
+
+
+def test_a_notice_to_one_job_reaches_only_its_own_processes_on_a_shared_node(slurm, tmp_path, tiny_model, reference):
+    """Two jobs of the same user share the node. One is preempted (USR1 to its batch shell, as
+    --signal=B:USR1@... sends it before the time limit): it checkpoints and requeues. The other,
+    training all the while, trains on undisturbed (no checkpoint on a signal, no requeue) and ends
+    with the weights and predictions of the same run alone."""
+    from safetensors.torch import load_file
+
+    reference_dir, cache = reference
+    undisturbed, victim = tmp_path / "undisturbed", tmp_path / "victim"
+    victim_args = small_run_overrides(tiny_model, victim, cache, "train.max_steps=100000", "train.checkpoint_every=0")
+    done = _launch(slurm, "--slurm", "--cpu", "--gpus-per-node", "1", *victim_args)
+    assert done.returncode == 0, done.stderr
+    (other,) = re.findall(r"submitted training job (\d+)", done.stdout)
+    other_log = victim / f"slurm-{other}.out"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        other_log.exists() and re.search(r"^step [1-9]\d*: loss", other_log.read_text(), re.M)
+    ):
+        time.sleep(0.2)
+    job, log = _start_and_wait_for_training(slurm, undisturbed, cache, tiny_model)
+    _signal_and_time_the_requeue(slurm, other, other_log, "--signal=USR1", "--batch")
+    time.sleep(2)  # what a stray signal would do takes a step or two: a checkpoint, an exit
+    assert _job_state(slurm, job) == "RUNNING", log.read_text()[-4000:]
+    subprocess.run(["scancel", other], check=True, env=slurm.env)  # it has shown what it does
+    assert slurm.wait_for(job, timeout=600) == "COMPLETED", log.read_text()[-4000:]
+    text = log.read_text()
+    assert "preempted at step" not in text and "requeueing job" not in text, text[-4000:]
+    assert _final_metrics(undisturbed, STEPS) == _final_metrics(reference_dir, STEPS)
+    weights, alone = (load_file(str(d / "model" / "model.safetensors")) for d in (undisturbed, reference_dir))
+    assert weights.keys() == alone.keys() and all(bool((weights[k] == alone[k]).all()) for k in weights)
