@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import typing
 from pathlib import Path
 
@@ -46,9 +47,10 @@ def check_environment(config: RunConfig, plan: Plan, *, local: bool = True) -> l
     cache = Path(default_cache_dir(config.data.cache_dir))
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        probe = cache / f".write-probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        # A fresh, uniquely named file (O_EXCL): a link planted under a guessable name is never written through.
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=cache)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         problems.append(f"data.cache_dir {cache}: not writable ({e})")
     nvme = config.launch.nvme_path

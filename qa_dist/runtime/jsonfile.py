@@ -4,6 +4,8 @@ can write: whatever a file holds, the reader gets a value or ``Damaged``, never 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import types
 import typing
 from pathlib import Path
@@ -24,12 +26,19 @@ def read_json(path: str | Path, *, limit: int = MAX_RECORD_BYTES) -> Any:
     JSON, nested deeper than Python's parser goes, a number too long to convert, unreadable."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
+        # Non-blocking: a FIFO planted in a record's place must not hang the reader.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise
     except OSError as e:
         raise Damaged(f"unreadable ({e.strerror or type(e).__name__})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise Damaged("not a regular file")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise Damaged(f"unreadable ({e.strerror or type(e).__name__})") from None
     if len(data) > limit:
         raise Damaged(f"larger than {limit >> 20} MiB")
     try:

@@ -65,6 +65,8 @@ def _number(value) -> float | None:
 
 
 def holder_alive(holder: dict, path: Path, now: float | None = None) -> bool:
+    if path.is_symlink():  # planted: a lock is created with O_EXCL, never as a link
+        return False
     now = time.time() if now is None else now
     pid, started = holder.get("pid"), _number(holder.get("started"))
     if holder.get("host") == _this_host() and isinstance(pid, int) and not isinstance(pid, bool):
