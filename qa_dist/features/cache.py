@@ -20,8 +20,11 @@ outcome in a collective instead (no build can happen there, only the verificatio
 
 Builders of one key are serialised across jobs by ``flock`` on ``.locks/<key>``, waiting at most
 ``wait_timeout`` seconds. On a filesystem whose ``flock`` does not work (some NFS setups) the build
-goes ahead without the lock, with a warning: publishing is an atomic rename, so that costs at
-most duplicate work, never a wrong entry.
+goes ahead without the lock, with a warning, and builders of one key may overlap. That costs at most
+duplicate work, never a wrong entry nor a failed build: each builder writes its own temporary folder
+and removes only those proved abandoned (``builders``); publishing is an atomic rename whose loser
+keeps the winner's entry once its checksums hold; a damaged entry another builder has already moved
+aside or replaced is left to it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +46,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from qa_dist.errors import DataError, QaDistError
+from qa_dist.features.builders import BuildFolder, fsync_dir, remove_stale, sha256_file, write_table
 from qa_dist.runtime.dist import DistContext
 from qa_dist.runtime.fsutil import atomic_write
 
@@ -71,14 +74,6 @@ def default_cache_dir(configured: str) -> Path:
     if "QA_DIST_CACHE" in os.environ and configured == "~/.cache/qa-dist/features":
         return Path(os.environ["QA_DIST_CACHE"]).expanduser()
     return Path(configured).expanduser()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_key(parts: dict) -> str:
@@ -115,20 +110,6 @@ class CacheEntry:
         import datasets  # about 1.5 s: only for the callers that ask for a Dataset
 
         return datasets.Dataset.from_file(str(self.path / f"{name}.arrow"), in_memory=False)
-
-
-def _write_table(table: pa.Table, path: Path) -> None:
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)  # one record batch: numpy views over a column need no copy
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def read_manifest(entry: Path) -> dict | None:
@@ -281,23 +262,9 @@ class FeatureCache:
             problem = check_entry(entry, key, full=True)
             if problem is None:
                 return False
-            if problem != "missing":
-                aside = self.root / f".corrupt-{key}-{uuid.uuid4().hex[:8]}"
-                log.warning(
-                    "feature cache entry %s is damaged (%s): moved aside to %s and rebuilt",
-                    entry,
-                    problem,
-                    aside,
-                )
-                try:
-                    entry.rename(aside)
-                except OSError as e:
-                    raise CacheError(
-                        f"{self.root}: cannot move damaged cache entry {key} aside ({_reason(e)})"
-                    ) from None
-                shutil.rmtree(aside, ignore_errors=True)
-            for stale in self.root.glob(f".tmp-{key}-*"):
-                shutil.rmtree(stale, ignore_errors=True)  # left by a killed build; we hold the lock
+            if problem != "missing" and not self._move_aside(key, problem):
+                return False  # another builder (no flock) replaced the damaged entry meanwhile
+            remove_stale(self.root, key)  # abandoned builds' folders; never a live builder's
             built = build()
             try:
                 self._publish(key, built, description)
@@ -307,6 +274,27 @@ class FeatureCache:
                     "published: free space there or set data.cache_dir elsewhere"
                 ) from None
         return True
+
+    def _move_aside(self, key: str, problem: str) -> bool:
+        """Move the damaged entry out of the way (False: a whole one is there now). Without flock,
+        another builder may have moved it already, or published a whole entry in its place: what
+        was moved is checked again, and goes back if it is whole (a damaged entry never is)."""
+        entry, aside = self.root / key, self.root / f".corrupt-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            entry.rename(aside)
+        except FileNotFoundError:  # another builder moved it aside
+            return check_entry(entry, key, full=True) is not None
+        except OSError as e:
+            raise CacheError(f"{self.root}: cannot move damaged cache entry {key} aside ({_reason(e)})") from None
+        if check_entry(aside, key, full=True) is None:  # another builder's, published meanwhile
+            with contextlib.suppress(OSError):  # (fails where yet another whole entry is in place)
+                aside.rename(entry)
+        else:
+            log.warning("feature cache entry %s is damaged (%s): moved aside to %s and rebuilt", entry, problem, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            aside.unlink()  # (a damaged "entry" that was a file, not a folder)
+        return check_entry(entry, key, full=True) is not None
 
     @contextlib.contextmanager
     def _lock(self, key: str):
@@ -366,13 +354,12 @@ class FeatureCache:
         )
 
     def _publish(self, key: str, built: Built, description: str) -> None:
-        tmp = self.root / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.mkdir()
+        with BuildFolder(self.root, key) as folder:
+            tmp = folder.path
             files = {}
             for name, table in built.tables.items():
                 path = tmp / f"{name}.arrow"
-                _write_table(table, path)
+                write_table(table, path)
                 files[path.name] = {
                     "bytes": path.stat().st_size,
                     "sha256": sha256_file(path),
@@ -387,17 +374,15 @@ class FeatureCache:
                 **built.info,
             }
             atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2))  # written last
-            _fsync_dir(tmp)
+            folder.seal()
+            fsync_dir(tmp)
             try:
                 tmp.rename(self.root / key)
             except OSError:
                 if check_entry(self.root / key, key, full=True) is not None:
                     raise
-                shutil.rmtree(tmp, ignore_errors=True)  # another builder published first
-            _fsync_dir(self.root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                # another builder published first: its entry stays, this folder goes
+            fsync_dir(self.root)
 
     def _signal(self, signal: Path, outcome: dict) -> None:
         try:

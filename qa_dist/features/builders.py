@@ -1,0 +1,240 @@
+"""Writing feature cache entries: the temporary folder of one build, who owns it and when it is
+proved abandoned; the files written into it, and the bounded reader of the JSON read back.
+
+An entry is built in ``<cache_dir>/.tmp-<key>-<host>-<pid>-<uuid>/`` and renamed into place. Where
+``flock`` works, one builder at a time writes such folders for a key; where it does not (some NFS
+setups), several may at once, and none of them may delete a folder that another live builder is
+writing. So each folder holds ``.owner.json`` (its builder's host, pid, the process's start time and
+the machine's boot id), and the builder touches that file every ``HEARTBEAT_SECONDS`` while it
+writes. Another builder removes the folder only once it is proved abandoned (``is_stale``): its
+owner's process is gone from this machine, or, for another machine's folder, nothing in it has
+changed for ``STALE_SECONDS``. A folder whose staleness is not proved is left alone: the worst
+that costs is a folder that waits for a later builder to remove it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import stat
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+OWNER = ".owner.json"
+HEARTBEAT_SECONDS = 30.0
+"""How often a builder touches its owner file (its mtime is the heartbeat) while it writes an entry."""
+STALE_SECONDS = 600.0
+"""A temporary folder in which nothing (owner file, folder, files) has changed for this long, twenty
+heartbeats, is an abandoned build's. Long, because a wrong verdict deletes a live build while a late
+one only leaves a folder behind a while longer: it covers a loaded NFS server that delays writes and
+attributes, a process paused for a while, and some clock skew between hosts. The same bound judges a
+folder without a readable owner file (an older qa-dist's leftover, or a build killed between making
+the folder and writing the file): its files' mtimes move while a live builder writes them."""
+_MAX_OWNER_BYTES = 1 << 16
+_START_TIME_SLACK = 1.0
+"""Seconds by which a process's start time may differ between two reads of it (psutil derives it
+from clock ticks since boot); a larger difference is another process that was given the same pid."""
+
+
+def read_json(path: Path, limit: int):
+    """The JSON value in the regular file ``path``; ValueError saying why there is none (OSError:
+    the file cannot be read). Files over ``limit`` bytes are refused unread."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO must not block the reader)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{st.st_size} bytes, more than {limit} (refused unread)")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"more than {limit} bytes")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, or an integer longer than int() converts
+        raise ValueError(f"not JSON ({str(e).splitlines()[0][:80]})") from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)  # one record batch: numpy views over a column need no copy
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _boot_id() -> str | None:
+    """This boot of this machine (Linux); None where unknown."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> float | None:
+    """When process ``pid`` started (None: no such process, or a zombie that will never write again)."""
+    import psutil  # a dependency of accelerate
+
+    try:
+        process = psutil.Process(pid)
+        started = process.create_time()
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+    except psutil.NoSuchProcess:  # (ZombieProcess is one too)
+        return None
+    except psutil.Error:  # (access denied) it exists: alive, start time unknown
+        return float("nan")
+    return started
+
+
+def owner_record() -> dict:
+    """What identifies this process as the owner of a temporary folder."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()), "boot": _boot_id()}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_owner(folder: Path) -> dict | None:
+    """The folder's owner record, or None where it has no readable, well-formed one."""
+    try:
+        owner = read_json(folder / OWNER, _MAX_OWNER_BYTES)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(owner, dict) or not isinstance(owner.get("host"), str):
+        return None
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 31:
+        return None
+    return owner
+
+
+def _on_this_machine(owner: dict) -> bool:
+    """The owner ran on this machine, in this boot of it, so its pid can be looked up here. Two boot
+    ids that differ under one host name are a reboot or two machines with one name: not provable."""
+    if owner["host"] != socket.gethostname():
+        return False
+    boot, here = owner.get("boot"), _boot_id()
+    return boot is None or here is None or boot == here
+
+
+def _owner_alive(owner: dict) -> bool:
+    started = _start_time(owner["pid"])
+    if started is None:
+        return False
+    recorded = owner.get("started")
+    if not _is_number(recorded) or started != started:  # unknown start time: the pid alone decides
+        return True
+    return abs(started - recorded) <= _START_TIME_SLACK
+
+
+def _newest_mtime(folder: Path) -> float | None:
+    """The newest mtime of the folder and what is in it (None: the folder is gone)."""
+    try:
+        newest = folder.lstat().st_mtime
+        with os.scandir(folder) as entries:
+            for item in entries:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, item.stat(follow_symlinks=False).st_mtime)
+    except OSError:
+        return None
+    return newest
+
+
+def is_stale(folder: Path, now: float | None = None) -> bool:
+    """Whether ``folder`` is proved abandoned: its owner's process is gone from this machine, or
+    (another machine's folder, or one without a readable owner file) nothing in it has changed for
+    ``STALE_SECONDS``."""
+    owner = read_owner(folder)
+    if owner is not None and _on_this_machine(owner):
+        return not _owner_alive(owner)
+    newest = _newest_mtime(folder)
+    now = time.time() if now is None else now
+    return newest is not None and now - newest > STALE_SECONDS
+
+
+def remove_stale(root: Path, key: str) -> list[Path]:
+    """Remove the abandoned temporary folders of ``key``'s builds; those of live builders stay."""
+    removed = []
+    for folder in root.glob(f".tmp-{key}-*"):
+        if folder.is_dir() and not folder.is_symlink() and is_stale(folder):
+            log.info("%s: removing the temporary folder of an abandoned feature cache build", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+class BuildFolder:
+    """The temporary folder one build writes its entry into, owned by this process.
+
+    ``with BuildFolder(root, key) as folder``: makes it with its owner file and keeps the heartbeat
+    while the block runs; ``folder.seal()`` before renaming it into place (the owner file does not go
+    into the entry); on leaving the block, whatever is still at ``folder.path`` is removed.
+    """
+
+    def __init__(self, root: Path, key: str, heartbeat: float = HEARTBEAT_SECONDS) -> None:
+        self.path = root / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.heartbeat = heartbeat
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> BuildFolder:
+        self.path.mkdir()
+        try:
+            (self.path / OWNER).write_text(json.dumps(owner_record()) + "\n", encoding="utf-8")
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        self._thread = threading.Thread(target=self._beat, name="qa-dist-cache-build", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            with contextlib.suppress(OSError):
+                os.utime(self.path / OWNER)
+
+    def seal(self) -> None:
+        """Stop the heartbeat and remove the owner file: the folder is complete, about to be renamed."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        (self.path / OWNER).unlink(missing_ok=True)
+
+    def __exit__(self, *exc) -> None:
+        self.seal()
+        shutil.rmtree(self.path, ignore_errors=True)  # (nothing there once it was renamed into place)
