@@ -25,6 +25,11 @@ duplicate work, never a wrong entry nor a failed build: each builder writes its 
 and removes only those proved abandoned (``builders``); publishing is an atomic rename whose loser
 keeps the winner's entry once its checksums hold; a damaged entry another builder has already moved
 aside or replaced is left to it.
+
+Whatever a ``manifest.json`` holds (not JSON, nested too deeply, over 16 MiB, not UTF-8, another
+shape than the cache writes), ``check_entry`` calls it damage and the entry is rebuilt. A signal
+file that is not a builder's outcome is a one-line ``CacheError`` naming it: signals are renamed
+into place whole (``atomic_write``), so a damaged one is not a torn read worth waiting out.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from qa_dist.errors import DataError, QaDistError
-from qa_dist.features.builders import BuildFolder, fsync_dir, remove_stale, sha256_file, write_table
+from qa_dist.features.builders import BuildFolder, fsync_dir, read_json, remove_stale, sha256_file, write_table
 from qa_dist.runtime.dist import DistContext
 from qa_dist.runtime.fsutil import atomic_write
 
@@ -112,31 +117,88 @@ class CacheEntry:
         return datasets.Dataset.from_file(str(self.path / f"{name}.arrow"), in_memory=False)
 
 
-def read_manifest(entry: Path) -> dict | None:
+_MAX_JSON_BYTES = 16 << 20
+"""Manifests and signals take a few KiB: a larger one is damage, refused before it is read."""
+COUNTS = ("num_examples", "num_features")
+"""Counts every entry's manifest carries (from ``Built.info``), read as ints (``PreparedSplit``,
+``qa-dist launch``): a manifest without them as non-negative ints is damaged."""
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _plain_name(name: str) -> bool:
+    """A file name directly inside the entry: no separator, no ``..``, nothing the OS refuses."""
     try:
-        manifest = json.loads((entry / MANIFEST).read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:  # (a lone surrogate, which JSON allows)
+        return False
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name and len(encoded) <= 255
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def _shape_problem(manifest) -> str | None:
+    """What is wrong with the shape of a manifest (not its key): None if it is one the cache wrote."""
+    if not isinstance(manifest, dict):
+        return f"holds a JSON {type(manifest).__name__}, not an object"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "its 'files' is not a table of file names to sizes and checksums"
+    for name, meta in files.items():
+        if not _plain_name(name):
+            return f"{_short(name)} is not a file name inside the entry"
+        if not isinstance(meta, dict) or not _is_count(meta.get("bytes")) or not isinstance(meta.get("sha256"), str):
+            return f"files[{_short(name)}] is not a byte count and a sha256"
+    bad = [count for count in COUNTS if not _is_count(manifest.get(count))]
+    return f"{', '.join(bad)} not a count" if bad else None
+
+
+def _load_manifest(entry: Path) -> dict | str:
+    """The entry's manifest, or what is wrong with it."""
+    try:
+        manifest = read_json(entry / MANIFEST, _MAX_JSON_BYTES)
+    except FileNotFoundError:
+        return "no manifest (partial or interrupted build)"
+    except OSError as e:
+        return f"no readable manifest ({_reason(e)})"
+    except ValueError as e:
+        return f"damaged manifest: {e}"
+    problem = _shape_problem(manifest)
+    return f"damaged manifest: {problem}" if problem else manifest
+
+
+def read_manifest(entry: Path) -> dict | None:
+    """The entry's manifest, if it is readable and of the shape the cache writes."""
+    manifest = _load_manifest(entry)
+    return manifest if isinstance(manifest, dict) else None
 
 
 def check_entry(entry: Path, key: str, full: bool) -> str | None:
-    """None if the entry is whole; otherwise what is wrong. ``full`` compares checksums too."""
+    """None if the entry is whole; otherwise what is wrong. ``full`` compares checksums too. Any
+    content of the entry's files gives a verdict, never an exception."""
     if not entry.exists():
         return "missing"
-    manifest = read_manifest(entry)
-    if manifest is None:
-        return "no readable manifest (partial or interrupted build)"
-    if manifest.get("key") != key or manifest.get("format") != CACHE_FORMAT:
+    manifest = _load_manifest(entry)
+    if isinstance(manifest, str):
+        return manifest
+    fmt = manifest.get("format")
+    if manifest.get("key") != key or not _is_count(fmt) or fmt != CACHE_FORMAT:
         return "manifest does not match the key or the format"
     for name, meta in manifest["files"].items():
         path = entry / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != meta.get("bytes"):
-            return f"{name} has {path.stat().st_size} bytes, manifest says {meta.get('bytes')}"
-        if full and sha256_file(path) != meta.get("sha256"):
-            return f"{name} does not match its checksum"
+        try:
+            if not path.is_file():
+                return f"{name} is missing"
+            if (size := path.stat().st_size) != meta["bytes"]:
+                return f"{name} has {size} bytes, manifest says {meta['bytes']}"
+            if full and sha256_file(path) != meta["sha256"]:
+                return f"{name} does not match its checksum"
+        except OSError as e:
+            return f"{name} cannot be read ({_reason(e)})"
     return None
 
 
@@ -405,7 +467,26 @@ class FeatureCache:
                 raise CacheError(self._timeout_message(key))
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
-        _raise_outcome(json.loads(signal.read_text()))
+        _raise_outcome(read_outcome(signal))
+
+
+def read_outcome(signal: Path) -> dict:
+    """The builder's outcome in ``signal``; a one-line CacheError naming it when it holds anything else."""
+    try:
+        outcome = read_json(signal, _MAX_JSON_BYTES)
+    except (OSError, ValueError) as e:
+        reason = _reason(e) if isinstance(e, OSError) else str(e)
+        raise CacheError(f"{signal}: damaged signal file of the feature cache build ({reason})") from None
+    if isinstance(outcome, dict) and (
+        outcome.get("status") == "ok"
+        or (
+            outcome.get("status") == "error"
+            and isinstance(outcome.get("type"), str)
+            and isinstance(outcome.get("message"), str)
+        )
+    ):
+        return outcome
+    raise CacheError(f"{signal}: damaged signal file of the feature cache build (not a build's outcome)")
 
 
 def _raise_outcome(outcome: dict) -> None:
