@@ -7,9 +7,10 @@ setups), several may at once, and none of them may delete a folder that another 
 writing. So each folder holds ``.owner.json`` (its builder's host, pid, the process's start time and
 the machine's boot id), and the builder touches that file every ``HEARTBEAT_SECONDS`` while it
 writes. Another builder removes the folder only once it is proved abandoned (``is_stale``): its
-owner's process is gone from this machine, or, for another machine's folder, nothing in it has
-changed for ``STALE_SECONDS``. A folder whose staleness is not proved is left alone: the worst
-that costs is a folder that waits for a later builder to remove it.
+owner's process is gone from this machine (by the owner file, or for want of one the host and pid
+in the folder's name), or, for another machine's folder, nothing in it has changed for
+``STALE_SECONDS``. A folder whose staleness is not proved is left alone: the worst that costs is a
+folder that waits for a later builder to remove it.
 """
 
 from __future__ import annotations
@@ -174,13 +175,28 @@ def _newest_mtime(folder: Path) -> float | None:
     return newest
 
 
+def _named_owner(folder: Path) -> dict | None:
+    """The host and pid in the folder's name (``.tmp-<key>-<host>-<pid>-<tag>``, also what older
+    qa-dist versions wrote): all a folder tells of its owner when it was killed before its owner
+    file was written."""
+    _, _, rest = folder.name.removeprefix(".tmp-").partition("-")
+    parts = rest.rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isascii() or not parts[1].isdigit() or not 0 < int(parts[1]) < 1 << 31:
+        return None
+    return {"host": parts[0], "pid": int(parts[1])}
+
+
 def is_stale(folder: Path, now: float | None = None) -> bool:
     """Whether ``folder`` is proved abandoned: its owner's process is gone from this machine, or
-    (another machine's folder, or one without a readable owner file) nothing in it has changed for
-    ``STALE_SECONDS``."""
+    (another machine's folder) nothing in it has changed for ``STALE_SECONDS``. Without a readable
+    owner file, the host and pid in its name say whose it is, with no start time (a pid given to a
+    later process reads as alive: never a wrong removal)."""
     owner = read_owner(folder)
     if owner is not None and _on_this_machine(owner):
         return not _owner_alive(owner)
+    named = _named_owner(folder) if owner is None else None
+    if named is not None and named["host"] == socket.gethostname() and not _owner_alive(named):
+        return True
     newest = _newest_mtime(folder)
     now = time.time() if now is None else now
     return newest is not None and now - newest > STALE_SECONDS

@@ -124,10 +124,13 @@ def _dead_pid() -> int:
     return done.pid
 
 
-def _tmp_folder(root: Path, owner, age: float, *, file_age: float | None = None) -> Path:
-    """A build's temporary folder with a half-written table and ``owner`` (a record, raw text, or
-    None for no owner file), nothing in it changed for ``age`` seconds (its table ``file_age``)."""
-    folder = root / f".tmp-{KEY}-somehost-1-{os.urandom(4).hex()}"
+def _tmp_folder(
+    root: Path, owner, age: float, *, file_age: float | None = None, host: str = "some-host", pid: int = 1
+) -> Path:
+    """A build's temporary folder of ``host`` and ``pid`` with a half-written table and ``owner`` (a
+    record, raw text, or None for no owner file), nothing in it changed for ``age`` seconds (its
+    table ``file_age``)."""
+    folder = root / f".tmp-{KEY}-{host}-{pid}-{os.urandom(4).hex()}"
     folder.mkdir(parents=True)
     (folder / "features.arrow").write_bytes(b"\0" * 100)
     if owner is not None:
@@ -189,6 +192,20 @@ def test_only_temporary_folders_proved_abandoned_are_removed(tmp_path, owner, ag
     assert is_stale(folder) is stale
     assert remove_stale(tmp_path, KEY) == ([folder] if stale else [])
     assert folder.exists() is not stale
+
+
+@pytest.mark.parametrize(
+    ("pid", "age", "stale"),
+    [
+        pytest.param(_dead_pid, FRESH, True, id="dead-pid-in-the-name-removed"),
+        pytest.param(os.getpid, FRESH, False, id="live-pid-in-the-name-fresh-kept"),
+        pytest.param(os.getpid, OLD, True, id="live-pid-in-the-name-old-removed"),
+    ],
+)
+def test_without_an_owner_file_the_folders_name_says_whose_it_is(tmp_path, pid, age, stale):
+    """A build killed before it wrote its owner file (or an older qa-dist's build) on this host."""
+    folder = _tmp_folder(tmp_path, None, age, host=socket.gethostname(), pid=pid())
+    assert is_stale(folder) is stale
 
 
 def test_other_keys_folders_are_never_touched(tmp_path):
