@@ -93,6 +93,7 @@ class Built:
 
     tables: dict[str, pa.Table]
     info: dict
+    """With ``COUNTS`` among them, as ints: an entry whose manifest lacks them is damaged."""
 
 
 @dataclass(frozen=True)
