@@ -22,13 +22,14 @@ import logging
 import os
 import shutil
 import socket
-import stat
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import pyarrow as pa
+
+from qa_dist.runtime.jsonfile import read_json
 
 log = logging.getLogger(__name__)
 
@@ -46,32 +47,6 @@ _MAX_OWNER_BYTES = 1 << 16
 _START_TIME_SLACK = 1.0
 """Seconds by which a process's start time may differ between two reads of it (psutil derives it
 from clock ticks since boot); a larger difference is another process that was given the same pid."""
-
-
-def read_json(path: Path, limit: int):
-    """The JSON value in the regular file ``path``; ValueError saying why there is none (OSError:
-    the file cannot be read). Files over ``limit`` bytes are refused unread."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO must not block the reader)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        if st.st_size > limit:
-            raise ValueError(f"{st.st_size} bytes, more than {limit} (refused unread)")
-        with open(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise ValueError(f"more than {limit} bytes")
-    try:
-        return json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError("not UTF-8") from None
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, or an integer longer than int() converts
-        raise ValueError(f"not JSON ({str(e).splitlines()[0][:80]})") from None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -132,7 +107,7 @@ def _is_number(value) -> bool:
 def read_owner(folder: Path) -> dict | None:
     """The folder's owner record, or None where it has no readable, well-formed one."""
     try:
-        owner = read_json(folder / OWNER, _MAX_OWNER_BYTES)
+        owner = read_json(folder / OWNER, limit=_MAX_OWNER_BYTES)
     except (OSError, ValueError):
         return None
     if not isinstance(owner, dict) or not isinstance(owner.get("host"), str):

@@ -51,9 +51,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from qa_dist.errors import DataError, QaDistError
-from qa_dist.features.builders import BuildFolder, fsync_dir, read_json, remove_stale, sha256_file, write_table
+from qa_dist.features.builders import BuildFolder, fsync_dir, remove_stale, sha256_file, write_table
 from qa_dist.runtime.dist import DistContext
 from qa_dist.runtime.fsutil import atomic_write
+from qa_dist.runtime.jsonfile import read_json
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def _shape_problem(manifest) -> str | None:
 def _load_manifest(entry: Path) -> dict | str:
     """The entry's manifest, or what is wrong with it."""
     try:
-        manifest = read_json(entry / MANIFEST, _MAX_JSON_BYTES)
+        manifest = read_json(entry / MANIFEST, limit=_MAX_JSON_BYTES)
     except FileNotFoundError:
         return "no manifest (partial or interrupted build)"
     except OSError as e:
@@ -474,7 +475,7 @@ class FeatureCache:
 def read_outcome(signal: Path) -> dict:
     """The builder's outcome in ``signal``; a one-line CacheError naming it when it holds anything else."""
     try:
-        outcome = read_json(signal, _MAX_JSON_BYTES)
+        outcome = read_json(signal, limit=_MAX_JSON_BYTES)
     except (OSError, ValueError) as e:
         reason = _reason(e) if isinstance(e, OSError) else str(e)
         raise CacheError(f"{signal}: damaged signal file of the feature cache build ({reason})") from None

@@ -32,15 +32,19 @@ def read_json(path: str | Path, *, limit: int = MAX_RECORD_BYTES) -> Any:
         raise
     except OSError as e:
         raise Damaged(f"unreadable ({e.strerror or type(e).__name__})") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:  # refused unread
+        os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise Damaged("not a regular file")
+        raise Damaged(f"{st.st_size:,} bytes, more than the {limit:,} a record may hold")
+    with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(limit + 1)
         except OSError as e:
             raise Damaged(f"unreadable ({e.strerror or type(e).__name__})") from None
-    if len(data) > limit:
-        raise Damaged(f"larger than {limit >> 20} MiB")
+    if len(data) > limit:  # (it grew since)
+        raise Damaged(f"more than the {limit:,} bytes a record may hold")
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:

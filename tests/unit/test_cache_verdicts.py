@@ -140,7 +140,7 @@ HUGE = json.dumps({"pad": "x" * 20_000_000})
     ("content", "reason"),
     [
         pytest.param(DEEP.encode(), "damaged manifest: nested too deeply", id="nested-100000-deep"),
-        pytest.param(HUGE.encode(), "damaged manifest: 20000011 bytes, more than 16777216", id="20-MB"),
+        pytest.param(HUGE.encode(), "damaged manifest: 20,000,011 bytes, more than the 16,777,216", id="20-MB"),
         pytest.param(b'{"key": "\xff\xfe"}', "damaged manifest: not UTF-8", id="invalid-utf8"),
         pytest.param(b"1" * 5000, "damaged manifest: not JSON", id="integer-too-long-to-convert"),
     ],

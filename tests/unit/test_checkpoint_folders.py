@@ -184,7 +184,7 @@ def test_a_huge_marker_is_not_read(saved, tmp_path):
     run_dir = _copy(saved, tmp_path)
     path = run_dir / "checkpoints" / "step-00000002"
     (path / COMPLETE).write_text(json.dumps({"format": "qa-dist-checkpoint/1", "pad": "x" * (65 << 20)}))
-    assert "larger than" in verify(path)
+    assert "more than the" in verify(path)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -293,3 +293,38 @@ def test_a_resumed_run_names_a_damaged_best_json(accelerator, tmp_path, caplog):
         keeper.check_resumed(TrainState(step=4, best_metric="eval/f1", best_value=0.5, best_step=4))
     (line,) = [r.getMessage() for r in caplog.records if "best.json" in r.getMessage()]
     assert "damaged (nested too deeply)" in line and "step 4" in line
+
+
+@pytest.mark.parametrize("what", ["file", "empty-folder", "dangling-link", "damaged-checkpoint"])
+def test_whatever_holds_the_name_of_a_checkpoint_set_aside_never_costs_it(accelerator, saved, tmp_path, what):
+    run_dir = _copy(saved, tmp_path)
+    path = run_dir / "checkpoints" / "step-00000002"
+    if what == "damaged-checkpoint":
+        shutil.copytree(path, aside_path(path))
+        (path / STATE).write_text("{}")
+    else:
+        path.rename(aside_path(path))
+        if what == "file":
+            path.write_text("junk")
+        elif what == "empty-folder":
+            path.mkdir()
+        else:
+            path.symlink_to(tmp_path / "nowhere")
+    state = _checkpointer(accelerator, run_dir).restore("auto")
+    assert state is not None and state.step == 2 and verify(path) is None
+
+
+def test_a_name_too_long_in_complete_and_an_unwritable_checkpoints_folder_are_one_line(accelerator, saved, tmp_path):
+    run_dir = _copy(saved, tmp_path)
+    checkpointer = _checkpointer(accelerator, run_dir, keep=2)
+    step4 = checkpointer.save(TrainState(step=4))
+    manifest = json.loads((step4 / COMPLETE).read_text())
+    manifest["files"]["a" * 300] = {"size": 1, "sha256": "0" * 64}
+    (step4 / COMPLETE).write_text(json.dumps(manifest))
+    assert "too long" in verify(step4)
+    assert checkpointer.restore("auto").step == 2
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "checkpoints").write_text("a file where the folder goes")
+    with pytest.raises(ConfigError, match=r"^checkpoint .*step-00000002: .*\n?$"):
+        _checkpointer(accelerator, blocked).save(TrainState(step=2))

@@ -104,11 +104,13 @@ class Checkpointer:
         acc = self.accelerator
         path = checkpoint_path(self.root, state.step)
         partial = partial_path(path)
-        if acc.is_main_process:
+
+        def make_partial() -> None:
             recover_checkpoints(self.root)
             remove_path(partial)  # a killed save's leftover (or whatever else was put there)
             partial.mkdir(parents=True)
-        acc.wait_for_everyone()
+
+        self._on_main_then_agree(make_partial, f"checkpoint {path}")
         kill_point("checkpoint:before-weights")
         acc.save_state(str(partial))
         rank = acc.process_index
@@ -126,7 +128,8 @@ class Checkpointer:
                 f"checkpoint {path}: rank zero does not see {missing[0]}, which another rank wrote; "
                 "run_dir must be on a filesystem shared by every node"
             )
-        if acc.is_main_process:
+
+        def complete() -> None:
             atomic_write(partial / STATE, json.dumps(asdict(state)))
             if self.scheduler is not None:
                 atomic_write(partial / SCHEDULER, scheduler_state_json(self.scheduler))
@@ -135,9 +138,26 @@ class Checkpointer:
             kill_point("checkpoint:before-rename")
             replace_dir(partial, path, aside=aside_path(path), kill_at="checkpoint:between-renames")
             self._prune(path, keep_step=state.best_step)
-        acc.wait_for_everyone()
+
+        self._on_main_then_agree(complete, f"checkpoint {path}")
         self.last_saved = state.step
         return path
+
+    def _on_main_then_agree(self, work, what: str) -> None:
+        """``work()`` on rank zero; then every rank learns whether it failed (a full disk, a
+        folder it may not write) and raises alike, so that none waits in a collective that rank
+        zero never reaches. Every rank calls this; it is also the barrier after ``work``."""
+        acc = self.accelerator
+        error = [None]
+        if acc.is_main_process:
+            try:
+                work()
+            except OSError as e:
+                error[0] = f"{what}: {e.strerror or type(e).__name__}" + (f" ({e.filename})" if e.filename else "")
+        broadcast_from_main(error, acc)
+        acc.wait_for_everyone()
+        if error[0]:
+            raise ConfigError(error[0])
 
     def _warn_foreign(self) -> None:
         """Once a run: the ``step-*`` folders that are not checkpoints, which it leaves alone."""
@@ -225,7 +245,10 @@ class Checkpointer:
             return None
         choice = [None, None]
         if acc.is_main_process:
-            path, error = self._choose(resume)
+            try:
+                path, error = self._choose(resume)
+            except OSError as e:  # (permissions) every rank raises it, none waits for rank zero
+                path, error = None, f"resume: {self.root}: {e.strerror or type(e).__name__} ({e.filename})"
             choice = [None if path is None else str(path), error]
         broadcast_from_main(choice, acc)  # rank zero's strings: every rank decides alike
         path, error = choice

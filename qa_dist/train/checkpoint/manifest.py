@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import uuid
 from pathlib import Path
 
 from qa_dist.runtime.fsutil import atomic_write, recover_dir, remove_path
 from qa_dist.runtime.jsonfile import Damaged, read_json
 from qa_dist.train.checkpoint.state import SCHEDULER, STATE, read_state
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 MANIFEST_FORMAT = "qa-dist-checkpoint/1"
@@ -47,14 +51,26 @@ def aside_path(checkpoint: Path) -> Path:
 
 def recover_checkpoints(root: Path) -> None:
     """Undo a re-save killed between its two renames (``replace_dir``): the intact checkpoint
-    set aside goes back under its name; one superseded by its complete replacement goes."""
+    set aside goes back under its name; one superseded by its complete replacement goes. Whatever
+    else holds the name (not an intact checkpoint) is moved aside for a look, never deleted in
+    place of the intact one."""
     for aside in Path(root).glob(".step-*.old"):
         final = aside.with_name(aside.name[1 : -len(".old")])
-        if step_of(final) is None:
+        if step_of(final) is None or aside.is_symlink() or not aside.is_dir():
             continue
-        recover_dir(final, aside=aside)
-        if final.exists():
-            remove_path(aside)
+        try:
+            if final.is_dir() and not final.is_symlink() and verify(final) is None:
+                remove_path(aside)
+                continue
+            if final.exists() or final.is_symlink():
+                damaged = final.with_name(f".{final.name}.damaged-{uuid.uuid4().hex[:8]}")
+                log.warning(
+                    "%s is not an intact checkpoint: moved to %s; %s goes back", final, damaged.name, aside.name
+                )
+                final.rename(damaged)
+            recover_dir(final, aside=aside)
+        except OSError as e:  # (permissions) the checkpoint set aside stays where it is, for a look
+            log.warning("cannot put %s back in place of %s: %s", aside, final.name, e.strerror or e)
 
 
 def foreign_folders(run_dir: Path) -> list[Path]:
@@ -63,15 +79,17 @@ def foreign_folders(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if step_of(p) is None)
 
 
+def _complete(checkpoint: Path) -> bool:
+    try:
+        return checkpoint.is_dir() and (checkpoint / COMPLETE).is_file() and (checkpoint / STATE).is_file()
+    except OSError:  # (a folder this user may not read) not one to resume from
+        return False
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoints whose marker says every rank finished writing, oldest first (not yet verified)."""
     root = Path(run_dir) / "checkpoints"
-    found = [
-        p
-        for p in root.glob("step-*")
-        if step_of(p) is not None and p.is_dir() and (p / COMPLETE).is_file() and (p / STATE).is_file()
-    ]
-    return sorted(found, key=step_of)
+    return sorted((p for p in root.glob("step-*") if step_of(p) is not None and _complete(p)), key=step_of)
 
 
 # --- checksums ---------------------------------------------------------------------------------
@@ -116,7 +134,13 @@ def _well_formed(name, entry) -> bool:
 
 def verify(checkpoint: Path) -> str | None:
     """What is wrong with ``checkpoint`` (None: intact). Reads every file."""
-    checkpoint = Path(checkpoint)
+    try:
+        return _verify(Path(checkpoint))
+    except OSError as e:  # a file or folder this user may not read, a name too long for the filesystem
+        return f"unreadable: {e.strerror or type(e).__name__}" + (f" ({Path(e.filename).name})" if e.filename else "")
+
+
+def _verify(checkpoint: Path) -> str | None:
     try:
         manifest = read_json(checkpoint / COMPLETE)
     except FileNotFoundError:
