@@ -123,9 +123,10 @@ def test_a_resave_of_a_step_keeps_the_intact_checkpoint_until_the_new_one_is_com
 
     monkeypatch.setattr(accelerator, "save_state", save_state)
     checkpointer.save(TrainState(step=2, best_step=2, best_value=1.0, best_metric="eval/f1"))
-    assert seen == [(str(partial_path(path)), None)]
+    ((written, intact_meanwhile),) = seen
+    assert Path(written).name.startswith(".step-00000002.partial-") and intact_meanwhile is None
     assert verify(path) is None and read_state(path).best_step == 2
-    assert not partial_path(path).exists() and not aside_path(path).exists()
+    assert not Path(written).exists() and not aside_path(path).exists()
 
 
 def test_a_resave_killed_between_its_renames_is_recovered(saved, tmp_path):
@@ -133,7 +134,7 @@ def test_a_resave_killed_between_its_renames_is_recovered(saved, tmp_path):
     path = run_dir / "checkpoints" / "step-00000002"
     # What a SIGKILL between the two renames leaves: the intact checkpoint set aside, the new one
     # complete under its hidden name.
-    shutil.copytree(path, partial_path(path))
+    shutil.copytree(path, partial_path(path, "0123456789ab"))
     path.rename(aside_path(path))
     assert complete_checkpoints(run_dir) == []
     recover_checkpoints(path.parent)

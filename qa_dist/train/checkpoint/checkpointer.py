@@ -8,6 +8,7 @@ import logging
 import pickle
 import re
 import shutil
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -103,7 +104,9 @@ class Checkpointer:
         checkpointed step) never removes the intact checkpoint before its replacement is whole."""
         acc = self.accelerator
         path = checkpoint_path(self.root, state.step)
-        partial = partial_path(path)
+        nonce = [uuid.uuid4().hex[:12]]
+        broadcast_from_main(nonce, acc)
+        partial = partial_path(path, nonce[0])
 
         def make_partial() -> None:
             recover_checkpoints(self.root)
@@ -186,7 +189,7 @@ class Checkpointer:
             older_step = step_of(leftover) is not None and step_of(leftover) < step
             if older_step and leftover.is_dir() and not (leftover / COMPLETE).exists():
                 shutil.rmtree(leftover, ignore_errors=True)
-        for partial in self.root.glob(".step-*.partial"):
+        for partial in self.root.glob(".step-*.partial-*"):
             shutil.rmtree(partial, ignore_errors=True)  # killed saves' leftovers: this run holds the lock
 
     def _problem(self, path: Path) -> str | None:

@@ -38,10 +38,12 @@ def checkpoint_path(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-def partial_path(checkpoint: Path) -> Path:
+def partial_path(checkpoint: Path, nonce: str) -> Path:
     """Where a save writes before the checkpoint is complete: hidden, so that no listing of
-    ``step-*`` ever sees a half-written checkpoint under its step's name."""
-    return checkpoint.with_name(f".{checkpoint.name}.partial")
+    ``step-*`` ever sees a half-written checkpoint under its step's name, and new for each save
+    (``nonce``, rank zero's, broadcast), so that a node whose shared-filesystem client still caches
+    the name of the previous save of this step (renamed into place seconds ago) cannot write into it."""
+    return checkpoint.with_name(f".{checkpoint.name}.partial-{nonce}")
 
 
 def aside_path(checkpoint: Path) -> Path:
