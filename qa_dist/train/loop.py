@@ -14,6 +14,7 @@ from pathlib import Path
 from qa_dist.config import RunConfig
 from qa_dist.eval.hooks import Evaluator, NullEvaluator, PeriodicEvaluator
 from qa_dist.features.batches import micro_batches
+from qa_dist.runtime import ranks
 from qa_dist.runtime.dist import max_over_ranks, to_device
 from qa_dist.runtime.preemption import PreemptionFlag, write_preempted_marker
 from qa_dist.train.setup import Run, build_run
@@ -41,9 +42,11 @@ def train(config: RunConfig, evaluator: Evaluator | None = None, trackers: Seque
     run = build_run(config, evaluator, trackers)
     try:
         trainer = Trainer(run)
+        recorded = ranks.record(run.run_dir)  # its handler installed: a notice now checkpoints
         try:
             return trainer.run_to_end()
         finally:
+            ranks.forget(recorded)
             trainer.preemption.restore()
     finally:
         run.release()
