@@ -16,6 +16,7 @@ folder that waits for a later builder to remove it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -229,3 +230,17 @@ class BuildFolder:
     def __exit__(self, *exc) -> None:
         self.seal()
         shutil.rmtree(self.path, ignore_errors=True)  # (nothing there once it was renamed into place)
+
+
+def open_lock(path: Path):
+    """The lock file, never opened through a link (O_NOFOLLOW): one planted at its name is removed,
+    as no lock qa-dist makes is a link, and the file is made afresh."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        path.unlink()
+        fd = os.open(path, flags | os.O_EXCL, 0o666)
+    return os.fdopen(fd, "a+")

@@ -51,7 +51,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from qa_dist.errors import DataError, QaDistError
-from qa_dist.features.builders import BuildFolder, fsync_dir, remove_stale, sha256_file, write_table
+from qa_dist.features.builders import BuildFolder, fsync_dir, open_lock, remove_stale, sha256_file, write_table
 from qa_dist.runtime.dist import DistContext
 from qa_dist.runtime.fsutil import atomic_write
 from qa_dist.runtime.jsonfile import read_json
@@ -366,7 +366,7 @@ class FeatureCache:
         lock_path = self.root / ".locks" / key
         try:
             lock_path.parent.mkdir(exist_ok=True)
-            f = open(lock_path, "a+")  # noqa: SIM115 (closed below, after the unlock)
+            f = open_lock(lock_path)
         except OSError as e:
             hint = (
                 "; every user of a shared cache directory needs write access to it and its .locks folder"

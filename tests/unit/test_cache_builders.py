@@ -290,3 +290,13 @@ def test_damaged_entry_already_replaced_by_another_builder_is_kept(tmp_path, mon
     assert not again.built_here and built == []
     assert check_entry(entry, KEY, full=True) is None
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_a_link_planted_at_the_lock_file_is_never_written_through(tmp_path):
+    root, victim = tmp_path / "cache", tmp_path / "victim"
+    victim.write_text("the victim's\n")
+    (root / ".locks").mkdir(parents=True)
+    (root / ".locks" / KEY).symlink_to(victim)
+    entry = FeatureCache(root).open_or_build(KEY, _built)
+    assert entry.built_here and check_entry(entry.path, KEY, full=True) is None
+    assert victim.read_text() == "the victim's\n" and not (root / ".locks" / KEY).is_symlink()
