@@ -25,7 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check qa_dist tests bench examples
 	$(BIN)/ruff format --check qa_dist tests bench examples
-	$(BIN)/pytest -q -ra --durations=10
+	$(BIN)/pytest -q -ra --durations=40
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not multiprocess"
