@@ -4,6 +4,7 @@ can write: whatever a file holds, the reader gets a value or ``Damaged``, never 
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import types
@@ -53,6 +54,18 @@ def read_json(path: str | Path, *, limit: int = MAX_RECORD_BYTES) -> Any:
         raise Damaged("nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, or an integer longer than int() converts
         raise Damaged(f"not JSON ({str(e).splitlines()[0][:80]})") from None
+
+
+def finite(value: Any) -> float | None:
+    """A JSON number as a finite float, or None (not a number, a bool, NaN, an infinity, or an
+    integer too large for a float: what a planted record may hold where a time is expected)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def fits(value: Any, hint: Any) -> bool:

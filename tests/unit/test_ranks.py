@@ -4,6 +4,7 @@ does not run ``qa_dist train`` (torchrun's agent), and damaged records signal no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ WAIT_FOR_USR1 = (
 
 
 def _process(job: str, *args: str) -> subprocess.Popen:
+    """A process whose command line reads ``python -m ... ARGS`` to ranks' check (``-c`` code first)."""
     env = {**os.environ, "SLURM_JOB_ID": job}
     proc = subprocess.Popen([sys.executable, "-c", WAIT_FOR_USR1, *args], env=env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "ready\n"
@@ -51,7 +53,7 @@ def test_only_this_jobs_training_processes_are_signalled(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "41")
     trainer = _process("41", "-m", "qa_dist", "train")
     other_job = _process("42", "-m", "qa_dist", "train")  # the same user's other job on the node
-    agent = _process("41", "-m", "accelerate.commands.launch")  # would die of USR1
+    agent = _process("41", "-m", "accelerate.commands.launch", "-m", "qa_dist", "train")  # would die of USR1
     restarted = _process("41", "-m", "qa_dist", "train")  # its record is stale: another start time
     for proc in (trainer, other_job, agent):
         _record(tmp_path, "41", proc.pid)
@@ -117,3 +119,54 @@ def _no_stray_usr1():
     previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     yield
     signal.signal(signal.SIGUSR1, previous)
+
+
+FORKS = (
+    "import subprocess, sys, time\n"
+    "child = subprocess.Popen([sys.executable, '-c', sys.argv[1], '-m', 'qa_dist', 'train'], stdout=subprocess.PIPE,"
+    " text=True)\n"
+    "child.stdout.readline()\n"
+    "print(child.pid, flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_a_process_started_by_a_training_process_and_a_record_not_the_users_own_signal_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "43")
+    env = {**os.environ, "SLURM_JOB_ID": "43"}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", FORKS, WAIT_FOR_USR1, "-m", "qa_dist", "train"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(parent.stdout.readline())
+    trainer = _process("43", "-m", "qa_dist", "train")
+    try:
+        _record(tmp_path, "43", child)  # a data loader worker, say: the trainer's command line and job
+        assert ranks.send(signal.SIGUSR1, tmp_path) == []
+        _record(tmp_path, "43", trainer.pid)
+        planted = tmp_path / ".ranks" / "43" / f"{socket.gethostname()}-{trainer.pid}.json"
+        os.chmod(planted, 0o664)  # group-writable: anyone in the group could have written it
+        assert ranks.send(signal.SIGUSR1, tmp_path) == []
+        os.chmod(planted, 0o600)
+        assert ranks.send(signal.SIGUSR1, tmp_path) == [trainer.pid]
+        assert _ended(trainer) == 7
+    finally:
+        for proc in (parent, trainer):
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_notice_sent_before_a_process_recorded_itself_is_acted_on_at_the_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "44")
+    got = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    try:
+        assert ranks.send(signal.SIGUSR1, tmp_path) == []  # while the run is being built
+        ranks.forget(ranks.record(tmp_path))
+        assert got == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
