@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from qa_dist.runtime.jsonfile import read_json
+from qa_dist.runtime.jsonfile import finite, read_json
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def owner_record() -> dict:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return finite(value) is not None
 
 
 def read_owner(folder: Path) -> dict | None:
@@ -233,14 +233,57 @@ class BuildFolder:
 
 
 def open_lock(path: Path):
-    """The lock file, never opened through a link (O_NOFOLLOW): one planted at its name is removed,
-    as no lock qa-dist makes is a link, and the file is made afresh."""
+    """The lock file, never opened through a link (O_NOFOLLOW): one planted at its name is removed
+    (no lock qa-dist makes is a link) and the file opened again; a lock another builder has just
+    made is never removed."""
     flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+    for _ in range(3):
+        try:
+            return os.fdopen(os.open(path, flags, 0o666), "a+")
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_symlink():
+                    path.unlink()
+    raise OSError(errno.ELOOP, "a link keeps being planted at the lock file", str(path))
+
+
+# --- what an entry's manifest must look like ------------------------------------------------
+
+COUNTS = ("num_examples", "num_features")
+"""Counts every entry's manifest carries (from ``Built.info``), read as ints (``PreparedSplit``,
+``qa-dist launch``): a manifest without them as non-negative ints is damaged."""
+
+
+def is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _plain_name(name: str) -> bool:
+    """A file name directly inside the entry: no separator, no ``..``, nothing the OS refuses."""
     try:
-        fd = os.open(path, flags, 0o666)
-    except OSError as e:
-        if e.errno != errno.ELOOP:
-            raise
-        path.unlink()
-        fd = os.open(path, flags | os.O_EXCL, 0o666)
-    return os.fdopen(fd, "a+")
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:  # (a lone surrogate, which JSON allows)
+        return False
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name and len(encoded) <= 255
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def manifest_shape_problem(manifest) -> str | None:
+    """What is wrong with the shape of a manifest (not its key): None if it is one the cache wrote."""
+    if not isinstance(manifest, dict):
+        return f"holds a JSON {type(manifest).__name__}, not an object"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "its 'files' is not a table of file names to sizes and checksums"
+    for name, meta in files.items():
+        if not _plain_name(name):
+            return f"{_short(name)} is not a file name inside the entry"
+        if not isinstance(meta, dict) or not is_count(meta.get("bytes")) or not isinstance(meta.get("sha256"), str):
+            return f"files[{_short(name)}] is not a byte count and a sha256"
+    bad = [count for count in COUNTS if not is_count(manifest.get(count))]
+    return f"{', '.join(bad)} not a count" if bad else None

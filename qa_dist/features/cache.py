@@ -51,7 +51,16 @@ from pathlib import Path
 import pyarrow as pa
 
 from qa_dist.errors import DataError, QaDistError
-from qa_dist.features.builders import BuildFolder, fsync_dir, open_lock, remove_stale, sha256_file, write_table
+from qa_dist.features.builders import (
+    BuildFolder,
+    fsync_dir,
+    is_count,
+    manifest_shape_problem,
+    open_lock,
+    remove_stale,
+    sha256_file,
+    write_table,
+)
 from qa_dist.runtime.dist import DistContext
 from qa_dist.runtime.fsutil import atomic_write
 from qa_dist.runtime.jsonfile import read_json
@@ -121,42 +130,6 @@ class CacheEntry:
 
 _MAX_JSON_BYTES = 16 << 20
 """Manifests and signals take a few KiB: a larger one is damage, refused before it is read."""
-COUNTS = ("num_examples", "num_features")
-"""Counts every entry's manifest carries (from ``Built.info``), read as ints (``PreparedSplit``,
-``qa-dist launch``): a manifest without them as non-negative ints is damaged."""
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _plain_name(name: str) -> bool:
-    """A file name directly inside the entry: no separator, no ``..``, nothing the OS refuses."""
-    try:
-        encoded = name.encode("utf-8")
-    except UnicodeEncodeError:  # (a lone surrogate, which JSON allows)
-        return False
-    return name not in ("", ".", "..") and "/" not in name and "\0" not in name and len(encoded) <= 255
-
-
-def _short(text: str, limit: int = 80) -> str:
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
-
-
-def _shape_problem(manifest) -> str | None:
-    """What is wrong with the shape of a manifest (not its key): None if it is one the cache wrote."""
-    if not isinstance(manifest, dict):
-        return f"holds a JSON {type(manifest).__name__}, not an object"
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        return "its 'files' is not a table of file names to sizes and checksums"
-    for name, meta in files.items():
-        if not _plain_name(name):
-            return f"{_short(name)} is not a file name inside the entry"
-        if not isinstance(meta, dict) or not _is_count(meta.get("bytes")) or not isinstance(meta.get("sha256"), str):
-            return f"files[{_short(name)}] is not a byte count and a sha256"
-    bad = [count for count in COUNTS if not _is_count(manifest.get(count))]
-    return f"{', '.join(bad)} not a count" if bad else None
 
 
 def _load_manifest(entry: Path) -> dict | str:
@@ -169,7 +142,7 @@ def _load_manifest(entry: Path) -> dict | str:
         return f"no readable manifest ({_reason(e)})"
     except ValueError as e:
         return f"damaged manifest: {e}"
-    problem = _shape_problem(manifest)
+    problem = manifest_shape_problem(manifest)
     return f"damaged manifest: {problem}" if problem else manifest
 
 
@@ -188,7 +161,7 @@ def check_entry(entry: Path, key: str, full: bool) -> str | None:
     if isinstance(manifest, str):
         return manifest
     fmt = manifest.get("format")
-    if manifest.get("key") != key or not _is_count(fmt) or fmt != CACHE_FORMAT:
+    if manifest.get("key") != key or not is_count(fmt) or fmt != CACHE_FORMAT:
         return "manifest does not match the key or the format"
     for name, meta in manifest["files"].items():
         path = entry / name
@@ -271,38 +244,43 @@ class FeatureCache:
         builder = self._is_builder(nonce)
         signal = self.root / _SIGNALS / f"{nonce}-{key}.json"
         built_here = False
-        outcome, outcomes = None, []
+        outcome, outcomes, error = None, [], None
         if builder:
             try:
                 built_here = self._ensure(key, build, description)
                 outcome = {"status": "ok"}
             except QaDistError as e:
-                outcome = {"status": "error", "type": type(e).__name__, "message": str(e)}
-                raise
+                outcome, error = {"status": "error", "type": type(e).__name__, "message": str(e)}, e
             except BaseException as e:
-                outcome = {
-                    "status": "error",
-                    "type": "RuntimeError",
-                    "message": f"the process building the feature cache failed: {e!r}",
-                }
-                raise
+                message = f"the process building the feature cache failed: {e!r}"
+                outcome, error = {"status": "error", "type": "RuntimeError", "message": message}, e
             finally:
                 if d.is_distributed and by_file:
                     self._signal(signal, outcome)
                 elif d.is_distributed:
                     outcomes = d.all_gather(outcome)
         elif by_file:
-            self._wait_for(signal, key)
+            try:
+                self._wait_for(signal, key)
+            except QaDistError as e:
+                error = e
         else:
             outcomes = d.all_gather(None)
-        # (read-only directories: every rank raises any builder's error, none waits at the barrier)
-        _raise_outcome(next((o for o in outcomes if o is not None and o["status"] != "ok"), {"status": "ok"}))
         entry = self.root / key
-        problem = check_entry(entry, key, full=False)
-        if problem:
-            raise CacheError(f"{entry}: cache entry is not usable after the build: {problem}")
-        # Every rank has read the signal before the builder removes it.
-        d.barrier()
+        if error is None:
+            try:
+                _raise_outcome(next((o for o in outcomes if o is not None and o["status"] != "ok"), {"status": "ok"}))
+                if problem := check_entry(entry, key, full=False):
+                    raise CacheError(f"{entry}: cache entry is not usable after the build: {problem}")
+            except QaDistError as e:
+                error = e
+        # Every rank learns whether any failed (a waiter's timeout or a damaged signal, one node's
+        # build, an entry one NFS client does not see yet) and raises with it: none is left in a
+        # collective the others never reach. Also: every rank has read the signal before it goes.
+        failures = d.all_gather(_as_outcome(error)) if d.is_distributed else [_as_outcome(error)]
+        if error is not None:
+            raise error
+        _raise_outcome(next((o for o in failures if o is not None), {"status": "ok"}))
         if builder and d.is_distributed and by_file:
             signal.unlink(missing_ok=True)
         return CacheEntry(key=key, path=entry, manifest=read_manifest(entry) or {}, built_here=built_here)
@@ -489,6 +467,13 @@ def read_outcome(signal: Path) -> dict:
     ):
         return outcome
     raise CacheError(f"{signal}: damaged signal file of the feature cache build (not a build's outcome)")
+
+
+def _as_outcome(error: BaseException | None) -> dict | None:
+    if error is None:
+        return None
+    kind = type(error).__name__ if isinstance(error, QaDistError) else "RuntimeError"
+    return {"status": "error", "type": kind, "message": f"another rank: {error}"}
 
 
 def _raise_outcome(outcome: dict) -> None:

@@ -290,6 +290,21 @@ def test_node_local_caches_build_once_per_node(tmp_path, minilm_dir):
 
 
 @pytest.mark.multiprocess
+def test_a_waiter_that_gives_up_while_the_build_succeeds_stops_every_rank_with_one_line(tmp_path, minilm_dir):
+    """Rank 1 stops waiting (data.cache_wait_timeout) while rank 0 is still building: rank 0, its
+    build done, learns of it and stops too, rather than wait in a barrier rank 1 never reaches."""
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps(subset_nested(SQUAD20_DEV, 600)))
+    config = _write_config(tmp_path, data, minilm_dir, tmp_path / "cache")
+    cmd = [*TORCHRUN_2, "-m", "qa_dist", "prepare", "-q", "--config", str(config), "data.cache_wait_timeout=0.1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.count("qa-dist: error: ") == 2, done.stderr[-3000:]
+    assert "another rank: " in done.stderr and "waited 0 s for another process to build" in done.stderr
+    assert f'File "{REPO / "qa_dist"}' not in done.stderr  # no traceback from our processes
+
+
+@pytest.mark.multiprocess
 def test_bad_data_fails_every_rank_with_the_same_clear_error(tmp_path, minilm_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "q7", "question": "", "context": "c", "answers": []}) + "\n")
