@@ -148,7 +148,7 @@ def _verify(checkpoint: Path) -> str | None:
     except FileNotFoundError:
         return f"no {COMPLETE} marker (an incomplete save)"
     except Damaged as e:
-        return f"{COMPLETE} is damaged ({e})"
+        return f"{COMPLETE} holds no checksums (written by an older qa-dist, or damaged: {e}): unverifiable"
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         return f"{COMPLETE} holds no checksums (written by an older qa-dist, or damaged): unverifiable"
     expected = manifest.get("files")
