@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from qa_dist.runtime.fsutil import atomic_write
 from qa_dist.runtime.jsonfile import finite, read_json
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ class BuildFolder:
     def __enter__(self) -> BuildFolder:
         self.path.mkdir()
         try:
-            (self.path / OWNER).write_text(json.dumps(owner_record()) + "\n", encoding="utf-8")
+            atomic_write(self.path / OWNER, json.dumps(owner_record()) + "\n")  # never through a link
         except BaseException:
             shutil.rmtree(self.path, ignore_errors=True)
             raise
@@ -217,7 +218,7 @@ class BuildFolder:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
             with contextlib.suppress(OSError):
-                os.utime(self.path / OWNER)
+                os.utime(self.path / OWNER, follow_symlinks=False)
 
     def seal(self) -> None:
         """Stop the heartbeat and remove the owner file: the folder is complete, about to be renamed."""
