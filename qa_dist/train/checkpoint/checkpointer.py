@@ -104,16 +104,15 @@ class Checkpointer:
         checkpointed step) never removes the intact checkpoint before its replacement is whole."""
         acc = self.accelerator
         path = checkpoint_path(self.root, state.step)
-        nonce = [uuid.uuid4().hex[:12]]
-        broadcast_from_main(nonce, acc)
-        partial = partial_path(path, nonce[0])
 
-        def make_partial() -> None:
+        def make_partial() -> str:
             recover_checkpoints(self.root)
-            remove_path(partial)  # a killed save's leftover (or whatever else was put there)
-            partial.mkdir(parents=True)
+            made = partial_path(path, uuid.uuid4().hex[:12])
+            remove_path(made)  # (whatever else was put there)
+            made.mkdir(parents=True)
+            return str(made)
 
-        self._on_main_then_agree(make_partial, f"checkpoint {path}")
+        partial = Path(self._on_main_then_agree(make_partial, f"checkpoint {path}"))
         kill_point("checkpoint:before-weights")
         acc.save_state(str(partial))
         rank = acc.process_index
@@ -146,21 +145,22 @@ class Checkpointer:
         self.last_saved = state.step
         return path
 
-    def _on_main_then_agree(self, work, what: str) -> None:
-        """``work()`` on rank zero; then every rank learns whether it failed (a full disk, a
-        folder it may not write) and raises alike, so that none waits in a collective that rank
-        zero never reaches. Every rank calls this; it is also the barrier after ``work``."""
+    def _on_main_then_agree(self, work, what: str):
+        """``work()`` on rank zero, its result (a string or None) to every rank; every rank also
+        learns whether it failed (a full disk, a folder it may not write) and raises alike, so that
+        none waits in a collective that rank zero never reaches. Every rank calls this; no rank
+        goes past it before rank zero's ``work`` is done."""
         acc = self.accelerator
-        error = [None]
+        outcome = [None, None]  # [result, error]
         if acc.is_main_process:
             try:
-                work()
+                outcome[0] = work()
             except OSError as e:
-                error[0] = f"{what}: {e.strerror or type(e).__name__}" + (f" ({e.filename})" if e.filename else "")
-        broadcast_from_main(error, acc)
-        acc.wait_for_everyone()
-        if error[0]:
-            raise ConfigError(error[0])
+                outcome[1] = f"{what}: {e.strerror or type(e).__name__}" + (f" ({e.filename})" if e.filename else "")
+        broadcast_from_main(outcome, acc)
+        if outcome[1]:
+            raise ConfigError(outcome[1])
+        return outcome[0]
 
     def _warn_foreign(self) -> None:
         """Once a run: the ``step-*`` folders that are not checkpoints, which it leaves alone."""
