@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import small_run_overrides
+from tensorboard_log import scalar_steps, tensorboard_events
 from wandb_log import config, history, history_keys, summary
 
 from qa_dist.config import load_config
@@ -141,18 +142,6 @@ def test_recall_at_k_from_gold_ranks():
 
 
 # --- a real run --------------------------------------------------------------------------------
-
-
-def tensorboard_events(directory: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(directory), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
-    events.Reload()
-    return events
-
-
-def scalar_steps(events, tag: str) -> list[int]:
-    return [e.step for e in events.Scalars(tag)]
 
 
 @pytest.fixture(scope="module")

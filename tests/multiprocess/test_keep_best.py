@@ -97,7 +97,7 @@ def test_keep_best_survives_preemption_and_resume(tmp_path, tiny_model):
     assert end["best_model_dir"] == str(run_dir / "best")
 
     # TensorBoard: one directory, two event files, every step once and in order.
-    from test_tracking import scalar_steps, tensorboard_events
+    from tensorboard_log import scalar_steps, tensorboard_events
 
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
     events = tensorboard_events(run_dir / "tensorboard")
