@@ -5,15 +5,25 @@ The tensor version (``qa_dist.eval.spans.top_spans``) makes about ten passes ove
 top-k selections, which on the CPU cost more than everything else in post-processing together.
 Written by hand because no library selects the n best spans of a band; checked against brute force
 and against ``top_spans`` in the tests.
+
+Compiled once per machine (about 5 s) and cached on disk (``_enable_cache``): in ``$NUMBA_CACHE_DIR``
+where it is set, else beside this file (``__pycache__``) where the package directory is writable,
+else in ``$QA_DIST_CACHE/numba`` or ``~/.cache/qa-dist/numba``, else numba's user cache directory;
+where none is writable, every process compiles (and nothing fails).
 """
 
 from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
 
 import numba
 import numpy as np
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(parallel=True, nogil=True)
 def window_candidates(start, end, context, real, cls, n_best, band, out_start, out_end, out_score, out_null, out_norm):
     windows, length = start.shape
     neg = np.float32(-np.inf)
@@ -89,7 +99,7 @@ def window_candidates(start, end, context, real, cls, n_best, band, out_start, o
                 _expand(s, ends, lo, k, min(k + band, m), best, bs, be)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(nogil=True, inline="always")
 def _expand(s, ends, lo, k, stop, best, bs, be):
     """Offer the spans from start ``lo + k`` to the sorted n best (ties keep the earlier offer first)."""
     n_best = len(best)
@@ -103,7 +113,7 @@ def _expand(s, ends, lo, k, stop, best, bs, be):
             best[q], bs[q], be[q] = v, lo + k, lo + j
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(nogil=True)
 def _true_range(mask):
     """(first True, last True + 1) of a bool row; (0, 0) if none."""
     lo, hi = 0, len(mask)
@@ -112,3 +122,111 @@ def _true_range(mask):
     while hi > lo and not mask[hi - 1]:
         hi -= 1
     return lo, hi
+
+
+# The disk cache. ``cache=True`` would cache in numba's default places only: beside the source, else
+# in ~/.cache/numba. From a read-only install with a read-only home (clusters, containers) numba then
+# finds no place and raises at import ("no locator available"), so post-processing failed outright;
+# and qa-dist's own cache directory ($QA_DIST_CACHE) was never used.
+#
+# Why per function rather than numba's global settings: ``numba.config.CACHE_DIR`` (NUMBA_CACHE_DIR)
+# and NUMBA_CACHE_LOCATOR_CLASSES are process-wide: every numba function any library defines later
+# would cache in qa-dist's directory, an environment variable would leak into every subprocess, and
+# numba's compiler calls ``config.reload_config()``, which resets config attributes from the
+# environment whenever that changed (a mutated ``config.CACHE_DIR`` does not reliably stick). numba
+# picks a function's cache directory when caching is enabled on its dispatcher, by trying the
+# ``_locator_classes`` of its cache implementation in order; these kernels get a ``FunctionCache``
+# whose implementation carries numba's own list with qa-dist's directories inserted after the
+# in-tree one. So NUMBA_CACHE_DIR keeps precedence (numba's first locator), a writable package
+# directory keeps numba's usual place, and NUMBA_CACHE_LOCATOR_CLASSES, where set, still replaces the
+# list (numba's ``CacheImpl`` reads it first). Nothing outside these kernels changes.
+#
+# Loading compiled code for another machine: numba's index key holds the signature, the target
+# triple, the CPU name and its feature flags (``codegen.magic_tuple()``) and a hash of the function's
+# bytecode; the index file is dropped when its numba version or the source file's hash (numba >= 0.68;
+# mtime and size before) differ, and its name holds the Python version. A different CPU or numba is
+# a miss, then a compile. A data file itself carries no CPU check, though, and numba names a new one
+# by reading the index first: two processes on different CPUs writing their first entry into one
+# index at once could leave one's key pointing to the other's object code. $QA_DIST_CACHE is often
+# on a filesystem all nodes share, so qa-dist's directories get one subdirectory per CPU (name and
+# hash of the magic tuple): processes on different CPUs never write to the same files.
+
+
+def _cpu_tag() -> str:
+    """The CPU the code is compiled for, as a directory name: LLVM's CPU name and a hash of numba's
+    whole codegen key (target triple, CPU name, feature flags; NUMBA_CPU_NAME/FEATURES included)."""
+    from numba.core.registry import cpu_target
+
+    magic = cpu_target.target_context.codegen().magic_tuple()
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", str(magic[1]))[:40] or "cpu"
+    return f"{name}-{hashlib.sha256(repr(magic).encode()).hexdigest()[:12]}"
+
+
+def _qa_dist_cache_dirs() -> list[str]:
+    """qa-dist's directories for the kernels' cache, in order: ``$QA_DIST_CACHE/numba`` (where the
+    variable is set), ``~/.cache/qa-dist/numba`` (where there is a home)."""
+    roots = []
+    if os.environ.get("QA_DIST_CACHE"):
+        roots.append(os.path.join(os.path.expanduser(os.environ["QA_DIST_CACHE"]), "numba"))
+    home = os.path.expanduser("~")
+    if os.path.isabs(home):  # (no HOME and no passwd entry: "~" stays as it is)
+        roots.append(os.path.join(home, ".cache", "qa-dist", "numba"))
+    return [os.path.abspath(root) for root in roots]
+
+
+def _kernel_cache_class():
+    """numba's ``FunctionCache`` with qa-dist's directories among its locators (built here, not at
+    module level, so that a numba whose caching internals differ costs the cache, not the import)."""
+    from numba.core import caching
+
+    tag = _cpu_tag()
+
+    def locator(root: str) -> type:
+        class QaDistCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
+            """``root/<cpu>/<source directory's name>_<hash of its path>``; numba checks that it is writable."""
+
+            def __init__(self, py_func, py_file):
+                self._py_file = py_file
+                self._lineno = py_func.__code__.co_firstlineno
+                self._cache_path = os.path.join(root, tag, self.get_suitable_cache_subpath(py_file))
+
+            def get_cache_path(self):
+                return self._cache_path
+
+        return QaDistCacheLocator
+
+    # numba's list, qa-dist's directories after NUMBA_CACHE_DIR's and the in-tree locators (named
+    # ``_InTreeCacheLocator`` and so on before numba 0.62).
+    default = list(caching.CompileResultCacheImpl._locator_classes)
+    first = [c for c in default if c.__name__.lstrip("_") in ("UserProvidedCacheLocator", "InTreeCacheLocator")]
+    rest = [c for c in default if c not in first]
+
+    class KernelCacheImpl(caching.CompileResultCacheImpl):
+        _locator_classes = [*first, *(locator(root) for root in _qa_dist_cache_dirs()), *rest]
+
+    class KernelCache(caching.FunctionCache):
+        _impl_class = KernelCacheImpl
+
+    return KernelCache
+
+
+def _enable_cache(*dispatchers) -> None:
+    """What ``cache=True`` does (``Dispatcher.enable_caching``: ``self._cache = FunctionCache(...)``),
+    with qa-dist's locators. Where no directory is writable numba raises "no locator available" and
+    the dispatchers keep their ``NullCache``: each process compiles."""
+    try:
+        cache_class = _kernel_cache_class()
+    except Exception:  # numba's caching internals changed: numba's own places, where one is writable
+        cache_class = None
+    for dispatcher in dispatchers:
+        with contextlib.suppress(Exception):  # "no locator available" (RuntimeError): nowhere writable
+            if cache_class is None:
+                dispatcher.enable_caching()
+            else:
+                dispatcher._cache = cache_class(dispatcher.py_func)
+
+
+# ``_expand`` is inlined into ``window_candidates``'s IR and never compiled on its own; the parallel
+# loop's gufunc and ``_true_range`` are linked into ``window_candidates``'s library, so one cache hit
+# loads all of it (``_true_range``'s own entry saves its compilation when ``window_candidates`` misses).
+_enable_cache(window_candidates, _true_range)
