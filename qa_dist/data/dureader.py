@@ -162,56 +162,54 @@ def _unlabelled(record: dict, documents: list[dict], where: str) -> tuple[dict, 
     return best[1], best[2]
 
 
-def dureader_records(items: list, path, locate, *, strict: bool, labelled: bool, report: ValidationReport):
-    """Yield (flat record, location) for DuReader records; unlocatable ones are counted in
-    ``report.skipped`` (an error when ``strict``)."""
-    for i, item in enumerate(items):
-        location = locate(i)
-        qid = item.get("question_id")
-        named = str(qid) if isinstance(qid, (int, str)) and not isinstance(qid, bool) else qid
-        where = _where(str(path), named, location)
-        for key in KEYS:
-            if key not in item:
-                raise DataError(f"{where}: DuReader record is missing key {key!r}")
-        if isinstance(qid, bool) or not isinstance(qid, (int, str)):
-            raise DataError(f"{where}: question_id must be an integer or a string, got {type(qid).__name__}")
-        qid = str(qid)
-        documents = _documents(item, where)
-        record = {"id": qid, "is_impossible": False}
-        if "question" in item:
-            record["question"] = item["question"]
-        try:
-            if "answers" not in item:
-                if labelled:
-                    raise DataError(
-                        f"{where}: DuReader record has no 'answers' (a test set?): it can be predicted on "
-                        "(qa-dist predict) but not trained on or scored"
-                    )
-                document, context = _unlabelled(item, documents, where)
+def dureader_record(item: dict, location: str, path, *, strict: bool, labelled: bool, report: ValidationReport):
+    """The flat record of the DuReader record ``item`` (at ``location`` in ``path``), or None when it
+    is unlocatable: then it is counted in ``report.skipped`` (an error when ``strict``)."""
+    qid = item.get("question_id")
+    named = str(qid) if isinstance(qid, (int, str)) and not isinstance(qid, bool) else qid
+    where = _where(str(path), named, location)
+    for key in KEYS:
+        if key not in item:
+            raise DataError(f"{where}: DuReader record is missing key {key!r}")
+    if isinstance(qid, bool) or not isinstance(qid, (int, str)):
+        raise DataError(f"{where}: question_id must be an integer or a string, got {type(qid).__name__}")
+    qid = str(qid)
+    documents = _documents(item, where)
+    record = {"id": qid, "is_impossible": False}
+    if "question" in item:
+        record["question"] = item["question"]
+    try:
+        if "answers" not in item:
+            if labelled:
+                raise DataError(
+                    f"{where}: DuReader record has no 'answers' (a test set?): it can be predicted on "
+                    "(qa-dist predict) but not trained on or scored"
+                )
+            document, context = _unlabelled(item, documents, where)
+            answers = None
+        else:
+            references = _texts(item["answers"], "answers", where)
+            try:
+                if "fake_answers" in item:
+                    document, context, text, start = _preprocessed(item, documents, where)
+                else:
+                    document, context, text, start = _raw(references, documents)
+            except _Unlocatable:
+                if labelled or strict:
+                    raise
+                document, context = _unlabelled(item, documents, where)  # kept to predict on
                 answers = None
             else:
-                references = _texts(item["answers"], "answers", where)
-                try:
-                    if "fake_answers" in item:
-                        document, context, text, start = _preprocessed(item, documents, where)
-                    else:
-                        document, context, text, start = _raw(references, documents)
-                except _Unlocatable:
-                    if labelled or strict:
-                        raise
-                    document, context = _unlabelled(item, documents, where)  # kept to predict on
-                    answers = None
-                else:
-                    answers = [(text, start)] + [(ref, context.find(ref)) for ref in references if ref != text]
-        except _Unlocatable as reason:
-            if strict:
-                raise DataError(
-                    f"{where}: no answer can be located ({reason}); strict mode does not skip questions"
-                ) from None
-            report.skipped.append(qid)
-            continue
-        record["context"] = context
-        record["title"] = document.get("title") or ""
-        if answers is not None:
-            record["answers"] = {"text": [t for t, _ in answers], "answer_start": [s for _, s in answers]}
-        yield record, location
+                answers = [(text, start)] + [(ref, context.find(ref)) for ref in references if ref != text]
+    except _Unlocatable as reason:
+        if strict:
+            raise DataError(
+                f"{where}: no answer can be located ({reason}); strict mode does not skip questions"
+            ) from None
+        report.skipped.append(qid)
+        return None
+    record["context"] = context
+    record["title"] = document.get("title") or ""
+    if answers is not None:
+        record["answers"] = {"text": [t for t, _ in answers], "answer_start": [s for _, s in answers]}
+    return record

@@ -232,11 +232,3 @@ def validate_record(
         "answers": {"text": texts, "answer_start": starts},
         "is_impossible": impossible,
     }
-
-
-def check_unique_ids(examples: list[dict], source: str) -> None:
-    seen: dict[str, int] = {}
-    for index, example in enumerate(examples):
-        first = seen.setdefault(example["id"], index)
-        if first != index:
-            raise DataError(f"{source}: question {example['id']!r}: duplicate id (questions {first} and {index})")
