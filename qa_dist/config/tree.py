@@ -56,6 +56,8 @@ class DataConfig:
     """Is cache_dir one filesystem for all nodes (global rank 0 builds) or per node (local rank 0 builds)? auto probes it."""
     cache_wait_timeout: float = 7200.0
     """Seconds a process waits for another one to build the cache before giving up."""
+    preprocess_workers: int = 0
+    """Processes that build the feature cache, one core each, on every node that builds; 0: the cores the building process may use (its CPU affinity). The features never depend on it."""
     max_decompressed_mb: int = 4096
     """MB a compressed data file (``.json.gz``, ``.jsonl.gz``) may decompress to; past it loading stops with an error. The default is far above the largest public SQuAD-format sets (SQuAD 2.0 train is about 40 MB decompressed)."""
 
@@ -69,6 +71,7 @@ class DataConfig:
             )
         _positive(self, "cache_wait_timeout")
         _at_least(self, "max_decompressed_mb", 1)
+        _at_least(self, "preprocess_workers", 0)
 
 
 @dataclass(frozen=True)

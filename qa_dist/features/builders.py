@@ -286,5 +286,11 @@ def manifest_shape_problem(manifest) -> str | None:
             return f"{_short(name)} is not a file name inside the entry"
         if not isinstance(meta, dict) or not is_count(meta.get("bytes")) or not isinstance(meta.get("sha256"), str):
             return f"files[{_short(name)}] is not a byte count and a sha256"
+    tables = manifest.get("tables", {})
+    if not isinstance(tables, dict) or not all(
+        isinstance(names, list) and names and all(isinstance(n, str) and n in files for n in names)
+        for names in tables.values()
+    ):
+        return "its 'tables' is not a table of names to lists of its files"
     bad = [count for count in COUNTS if not is_count(manifest.get(count))]
     return f"{', '.join(bad)} not a count" if bad else None

@@ -1,15 +1,13 @@
 """Content-addressed feature cache, built once per cache location and memory-mapped by every rank.
 
-Layout of an entry ``<cache_dir>/<key>/``:
-``features.arrow`` and ``examples.arrow`` (Arrow IPC streams, the format ``datasets`` memory-maps)
-and ``manifest.json`` (checksums and counts). An entry is built in a temporary directory and
-renamed into place with its manifest written last, so a half-built entry is never visible under
-its key. On load the builder verifies every checksum; a partial or corrupted entry is moved aside
-and rebuilt with a warning.
+What an entry is on disk, and how one is published: ``entries``. On load the builder verifies
+every checksum; a partial or corrupted entry is moved aside and rebuilt with a warning.
 
-Who builds: with a cache directory shared by all nodes, global rank 0; with a node-local one,
-local rank 0 of each node (``data.cache_shared``: ``shared``, ``local`` or ``auto``, which probes
-the directory). The others wait on a signal file rather than inside a collective, so a long build
+Who builds: with a cache directory shared by all nodes, global rank 0, and local rank 0 of every
+other node helps it with the shards (``shards``), so the build time falls with the number of nodes;
+with a node-local one, local rank 0 of each node (``data.cache_shared``: ``shared``, ``local`` or
+``auto``, which probes the directory). Each builder runs a pool of ``data.preprocess_workers``
+processes (``parallel``). The others wait on a signal file rather than inside a collective, so a long build
 cannot trip a collective timeout; the builder's error, if any, is raised on every rank.
 
 A read-only cache directory serves its whole entries (a cache prepared once and mounted read-only
@@ -26,9 +24,7 @@ and removes only those proved abandoned (``builders``); publishing is an atomic 
 keeps the winner's entry once its checksums hold; a damaged entry another builder has already moved
 aside or replaced is left to it.
 
-Whatever a ``manifest.json`` holds (not JSON, nested too deeply, over 16 MiB, not UTF-8, another
-shape than the cache writes), ``check_entry`` calls it damage and the entry is rebuilt. A signal
-file that is not a builder's outcome is a one-line ``CacheError`` naming it: signals are renamed
+A signal file that is not a builder's outcome is a one-line ``CacheError`` naming it: signals are renamed
 into place whole (``atomic_write``), so a damaged one is not a torn read worth waiting out.
 """
 
@@ -42,43 +38,39 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-
 from qa_dist.errors import DataError, QaDistError
-from qa_dist.features.builders import (
-    BuildFolder,
-    fsync_dir,
-    is_count,
-    manifest_shape_problem,
-    open_lock,
-    remove_stale,
-    sha256_file,
-    write_table,
+from qa_dist.features.builders import open_lock, remove_stale
+from qa_dist.features.entries import (  # noqa: F401  (the cache's API: callers import them from here)
+    _MAX_JSON_BYTES,
+    CACHE_FORMAT,
+    MANIFEST,
+    Built,
+    CacheEntry,
+    ShardedBuild,
+    _reason,
+    check_entry,
+    publish_shards,
+    publish_tables,
+    read_manifest,
 )
+from qa_dist.features.shards import ShardArea
 from qa_dist.runtime.dist import DistContext
 from qa_dist.runtime.fsutil import atomic_write
 from qa_dist.runtime.jsonfile import read_json
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
-MANIFEST = "manifest.json"
 _SIGNALS = ".signals"
 
 
 class CacheError(QaDistError):
     """The cache directory is unusable, or waiting for another process's build timed out."""
-
-
-def _reason(e: OSError) -> str:
-    """What went wrong, in a few words (pyarrow's OSErrors carry no errno, only a message)."""
-    return e.strerror or str(e) or type(e).__name__
 
 
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
@@ -95,86 +87,6 @@ def cache_key(parts: dict) -> str:
     """Key of a cache entry: a hash of everything the features depend on (and nothing else)."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
-
-
-@dataclass(frozen=True)
-class Built:
-    """What a build function returns: Arrow tables to store, and facts for the manifest."""
-
-    tables: dict[str, pa.Table]
-    info: dict
-    """With ``COUNTS`` among them, as ints: an entry whose manifest lacks them is damaged."""
-
-
-@dataclass(frozen=True)
-class CacheEntry:
-    """A published, verified cache entry."""
-
-    key: str
-    path: Path
-    manifest: dict
-    built_here: bool
-    """True in the one process that built the entry during this call."""
-
-    def table(self, name: str) -> pa.Table:
-        """``<name>.arrow`` as an Arrow table over a memory map: no copy, pages read on demand."""
-        source = pa.memory_map(str(self.path / f"{name}.arrow"), "r")
-        return pa.ipc.open_stream(source).read_all()
-
-    def dataset(self, name: str):
-        """``<name>.arrow`` as a memory-mapped ``datasets.Dataset`` (imports ``datasets``)."""
-        import datasets  # about 1.5 s: only for the callers that ask for a Dataset
-
-        return datasets.Dataset.from_file(str(self.path / f"{name}.arrow"), in_memory=False)
-
-
-_MAX_JSON_BYTES = 16 << 20
-"""Manifests and signals take a few KiB: a larger one is damage, refused before it is read."""
-
-
-def _load_manifest(entry: Path) -> dict | str:
-    """The entry's manifest, or what is wrong with it."""
-    try:
-        manifest = read_json(entry / MANIFEST, limit=_MAX_JSON_BYTES)
-    except FileNotFoundError:
-        return "no manifest (partial or interrupted build)"
-    except OSError as e:
-        return f"no readable manifest ({_reason(e)})"
-    except ValueError as e:
-        return f"damaged manifest: {e}"
-    problem = manifest_shape_problem(manifest)
-    return f"damaged manifest: {problem}" if problem else manifest
-
-
-def read_manifest(entry: Path) -> dict | None:
-    """The entry's manifest, if it is readable and of the shape the cache writes."""
-    manifest = _load_manifest(entry)
-    return manifest if isinstance(manifest, dict) else None
-
-
-def check_entry(entry: Path, key: str, full: bool) -> str | None:
-    """None if the entry is whole; otherwise what is wrong. ``full`` compares checksums too. Any
-    content of the entry's files gives a verdict, never an exception."""
-    if not entry.exists():
-        return "missing"
-    manifest = _load_manifest(entry)
-    if isinstance(manifest, str):
-        return manifest
-    fmt = manifest.get("format")
-    if manifest.get("key") != key or not is_count(fmt) or fmt != CACHE_FORMAT:
-        return "manifest does not match the key or the format"
-    for name, meta in manifest["files"].items():
-        path = entry / name
-        try:
-            if not path.is_file():
-                return f"{name} is missing"
-            if (size := path.stat().st_size) != meta["bytes"]:
-                return f"{name} has {size} bytes, manifest says {meta['bytes']}"
-            if full and sha256_file(path) != meta["sha256"]:
-                return f"{name} does not match its checksum"
-        except OSError as e:
-            return f"{name} cannot be read ({_reason(e)})"
-    return None
 
 
 class FeatureCache:
@@ -201,10 +113,11 @@ class FeatureCache:
 
     # -- who builds ----------------------------------------------------------------------------
 
-    def _is_builder(self, nonce: str) -> bool:
+    def _roles(self, nonce: str) -> tuple[bool, bool]:
+        """(whether this process builds, whether the cache location is one for all nodes)."""
         d = self.dist
         if not d.is_distributed:
-            return True
+            return True, True
         shared = self.shared_mode == "shared"
         if self.shared_mode == "auto":
             if d.num_nodes == 1:
@@ -221,7 +134,7 @@ class FeatureCache:
                 d.barrier()  # everyone has looked before it goes
                 if d.rank == 0:
                     probe.unlink(missing_ok=True)
-        return d.rank == 0 if shared else d.local_rank == 0
+        return (d.rank == 0 if shared else d.local_rank == 0), shared
 
     # -- public --------------------------------------------------------------------------------
 
@@ -241,7 +154,7 @@ class FeatureCache:
         # Signal files need a writable directory everywhere; otherwise the outcome goes through a
         # collective, which is safe because a read-only directory only ever verifies an entry.
         by_file = all(writable for _, _, writable in gathered)
-        builder = self._is_builder(nonce)
+        builder, shared = self._roles(nonce)
         signal = self.root / _SIGNALS / f"{nonce}-{key}.json"
         built_here = False
         outcome, outcomes, error = None, [], None
@@ -261,6 +174,8 @@ class FeatureCache:
                     outcomes = d.all_gather(outcome)
         elif by_file:
             try:
+                if shared and d.local_rank == 0 and not callable(build):
+                    self._help(key, build)
                 self._wait_for(signal, key)
             except QaDistError as e:
                 error = e
@@ -287,7 +202,20 @@ class FeatureCache:
 
     # -- builder side --------------------------------------------------------------------------
 
-    def _ensure(self, key: str, build: Callable[[], Built], description: str) -> bool:
+    def _help(self, key: str, build: ShardedBuild) -> None:
+        """On another node than the builder's, on the shared directory: build the shards nobody
+        holds, so that the build time falls with the number of nodes. The builder publishes."""
+        if check_entry(self.root / key, key, full=False) is None:
+            return
+        try:
+            build.run(ShardArea(self.root, key), finish=False)
+        except (OSError, CacheError):
+            # The builder may have published and removed the shards meanwhile; if not, its own
+            # outcome (the signal) says what went wrong.
+            if check_entry(self.root / key, key, full=False) is not None:
+                log.warning("feature cache: this node stopped helping to build entry %s: %s", key, sys.exc_info()[1])
+
+    def _ensure(self, key: str, build: Callable[[], Built] | ShardedBuild, description: str) -> bool:
         entry = self.root / key
         problem = check_entry(entry, key, full=True)
         if problem is None:
@@ -307,9 +235,11 @@ class FeatureCache:
             if problem != "missing" and not self._move_aside(key, problem):
                 return False  # another builder (no flock) replaced the damaged entry meanwhile
             remove_stale(self.root, key)  # abandoned builds' folders; never a live builder's
-            built = build()
             try:
-                self._publish(key, built, description)
+                if callable(build):
+                    publish_tables(self.root, key, build(), description)
+                else:
+                    publish_shards(self.root, key, build, description)
             except OSError as e:
                 raise CacheError(
                     f"{self.root}: cannot write feature cache entry {key} ({_reason(e)}); nothing was "
@@ -394,37 +324,6 @@ class FeatureCache:
             "data.cache_shared=local; otherwise raise data.cache_wait_timeout or run "
             "`qa-dist prepare` before the job"
         )
-
-    def _publish(self, key: str, built: Built, description: str) -> None:
-        with BuildFolder(self.root, key) as folder:
-            tmp = folder.path
-            files = {}
-            for name, table in built.tables.items():
-                path = tmp / f"{name}.arrow"
-                write_table(table, path)
-                files[path.name] = {
-                    "bytes": path.stat().st_size,
-                    "sha256": sha256_file(path),
-                    "rows": table.num_rows,
-                }
-            manifest = {
-                "key": key,
-                "format": CACHE_FORMAT,
-                "description": description,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "files": files,
-                **built.info,
-            }
-            atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2))  # written last
-            folder.seal()
-            fsync_dir(tmp)
-            try:
-                tmp.rename(self.root / key)
-            except OSError:
-                if check_entry(self.root / key, key, full=True) is not None:
-                    raise
-                # another builder published first: its entry stays, this folder goes
-            fsync_dir(self.root)
 
     def _signal(self, signal: Path, outcome: dict) -> None:
         try:

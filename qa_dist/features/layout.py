@@ -75,16 +75,41 @@ def pair_layout(tokenizer) -> PairLayout:
     )
 
 
-def backend_tokenizer(tokenizer):
-    """A copy of the Rust tokenizer with truncation and padding off (a tokenizer.json may carry
-    them). Called directly: the transformers wrapper spends as long converting each encoding into
-    a dict as the tokenizer spends tokenizing."""
-    from tokenizers import Tokenizer  # loaded already by the tokenizer passed in
+@dataclass(frozen=True)
+class WindowTokenizer:
+    """What the window builder needs of a tokenizer, small and picklable: the pair layout, the Rust
+    tokenizer as JSON, and whether the model reads token type ids. A pool worker gets this instead
+    of the transformers tokenizer, so it never imports transformers (seconds per worker)."""
 
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    backend.no_truncation()
-    backend.no_padding()
-    return backend
+    layout: PairLayout
+    backend_json: str
+    with_types: bool
+
+    @classmethod
+    def of(cls, tokenizer) -> WindowTokenizer:
+        if isinstance(tokenizer, WindowTokenizer):
+            return tokenizer
+        layout = pair_layout(tokenizer)
+        with_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ["token_type_ids"])
+        return cls(layout, tokenizer.backend_tokenizer.to_str(), with_types)
+
+    def backend(self):
+        """The Rust tokenizer with truncation and padding off (a tokenizer.json may carry them),
+        made once per process. Called directly: the transformers wrapper spends as long converting
+        each encoding into a dict as the tokenizer spends tokenizing."""
+        cached = _BACKENDS.get(self.backend_json)
+        if cached is None:
+            from tokenizers import Tokenizer  # (light: no transformers)
+
+            cached = Tokenizer.from_str(self.backend_json)
+            cached.no_truncation()
+            cached.no_padding()
+            _BACKENDS.clear()  # one tokenizer per process at a time is what builds use
+            _BACKENDS[self.backend_json] = cached
+        return cached
+
+
+_BACKENDS: dict[str, object] = {}
 
 
 def tokenize_texts(

@@ -32,6 +32,13 @@ class OffsetMapping(Sequence):
         if self.char_end.shape != self.char_start.shape:
             raise ValueError("OffsetMapping: char_start and char_end differ in length")
 
+    @classmethod
+    def concat(cls, parts: list[OffsetMapping]) -> OffsetMapping:
+        """The windows of ``parts``, one after another."""
+        shifts = np.cumsum([0] + [len(p.char_start) for p in parts[:-1]])
+        base = np.concatenate([[0]] + [p.base[1:] + shift for p, shift in zip(parts, shifts, strict=True)])
+        return cls(base, np.concatenate([p.char_start for p in parts]), np.concatenate([p.char_end for p in parts]))
+
     def __len__(self) -> int:
         return len(self.base) - 1
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import pyarrow as pa
+from tqdm.auto import tqdm
 
 from qa_dist.config import DataConfig
 from qa_dist.data.loading import load_source, source_fingerprint
 from qa_dist.errors import ConfigError
-from qa_dist.features import FEATURE_BUILDER_VERSION, build_eval_features, build_train_features
+from qa_dist.features import FEATURE_BUILDER_VERSION
 from qa_dist.features.cache import (
-    Built,
     CacheEntry,
     FeatureCache,
     cache_key,
@@ -20,34 +19,13 @@ from qa_dist.features.cache import (
     default_cache_dir,
     read_manifest,
 )
+from qa_dist.features.layout import WindowTokenizer
+from qa_dist.features.parallel import WindowJob, build_shards, default_workers
+from qa_dist.features.shards import SHARD_EXAMPLES, ShardArea
+from qa_dist.features.tables import examples_table, features_table  # noqa: F401  (callers import them from here)
 from qa_dist.models import tokenizer_fingerprint
 from qa_dist.runtime.dist import DistContext
 from qa_dist.runtime.report import SILENT, Reporter
-
-_INT_COLUMNS = {
-    "input_ids": pa.list_(pa.int32()),
-    "attention_mask": pa.list_(pa.int8()),
-    "token_type_ids": pa.list_(pa.int8()),
-    "start_positions": pa.int32(),
-    "end_positions": pa.int32(),
-    "example_index": pa.int32(),
-    "cls_index": pa.int32(),
-    "offset_mapping": pa.list_(pa.list_(pa.int32(), 2)),
-    "example_id": pa.string(),
-}
-EXAMPLE_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("title", pa.string()),
-        ("context", pa.string()),
-        ("question", pa.string()),
-        (
-            "answers",
-            pa.struct([("text", pa.list_(pa.string())), ("answer_start", pa.list_(pa.int32()))]),
-        ),
-        ("is_impossible", pa.bool_()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -65,14 +43,6 @@ class PreparedSplit:
     @property
     def num_features(self) -> int:
         return self.entry.manifest["num_features"]
-
-
-def features_table(columns: dict[str, list]) -> pa.Table:
-    return pa.table({name: pa.array(values, type=_INT_COLUMNS[name]) for name, values in columns.items()})
-
-
-def examples_table(examples: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(examples, schema=EXAMPLE_SCHEMA)
 
 
 def _split_spec(data: DataConfig, role: str) -> tuple[str | None, str]:
@@ -111,6 +81,73 @@ def warm_entries(data: DataConfig, tokenizer) -> dict[str, dict | None]:
     return entries
 
 
+class _Loaded:
+    """A source read whole, served in batches (until the streaming readers serve it)."""
+
+    def __init__(self, source: str, split: str, data: DataConfig) -> None:
+        loaded = load_source(source, split, strict=data.strict, max_decompressed_mb=data.max_decompressed_mb)
+        self.examples, self.report, self.description = loaded.examples, loaded.report, loaded.description
+
+    def batches(self, size: int):
+        for start in range(0, len(self.examples), size):
+            yield self.examples[start : start + size]
+
+
+@dataclass
+class SplitBuild:
+    """The sharded build of one split's entry (a :class:`~qa_dist.features.cache.ShardedBuild`)."""
+
+    data: DataConfig
+    role: str
+    source: str
+    split: str
+    parts: dict
+    tokenizer: WindowTokenizer
+    report: Reporter = SILENT
+
+    @property
+    def workers(self) -> int:
+        return self.data.preprocess_workers or default_workers()
+
+    def _counted(self, batches):
+        """The batches, with a progress bar of the examples handed out (rank zero's reporter)."""
+        if not self.report.shows_progress:
+            yield from batches
+            return
+        with tqdm(desc=f"{self.role} windows ({self.workers} workers)", unit="ex", mininterval=0.5) as bar:
+            for batch in batches:
+                yield batch
+                bar.update(len(batch))
+
+    def run(self, area: ShardArea, *, finish: bool) -> tuple[list[dict], dict] | None:
+        passes = []
+
+        def one_pass():
+            self.report.status(f"{self.role}: reading, validating and cutting windows from {self.source}")
+            stream = _Loaded(self.source, self.split, self.data)
+            passes.append(stream)
+            job = WindowJob(
+                self.tokenizer, self.data.max_length, self.data.doc_stride, self.role == "train", stream.description
+            )
+            return job, self._counted(stream.batches(SHARD_EXAMPLES))
+
+        records = build_shards(
+            area, one_pass, workers=self.workers, finish=finish, wait_timeout=self.data.cache_wait_timeout
+        )
+        if records is None:
+            return None
+        stream = passes[-1]
+        return records, {
+            "role": self.role,
+            "source": stream.description,
+            "key_parts": self.parts,
+            "num_examples": sum(r["num_examples"] for r in records),
+            "num_features": sum(r["num_features"] for r in records),
+            "validation": stream.report.summary(),
+            "relocated_answers": len(stream.report.relocations),
+        }
+
+
 def prepare_features(
     data: DataConfig,
     tokenizer,
@@ -132,6 +169,7 @@ def prepare_features(
         wait_timeout=data.cache_wait_timeout,
     )
     tok_fp = tokenizer_fingerprint(tokenizer)
+    spec = WindowTokenizer.of(tokenizer)
     prepared = {}
 
     for role in roles:
@@ -142,35 +180,7 @@ def prepare_features(
         parts = split_key_parts(data, role, tok_fp)
         key = cache_key(parts)
 
-        def build(source=source, split=split, role=role, parts=parts) -> Built:
-            report.status(f"{role}: reading and validating {source}")
-            loaded = load_source(source, split, strict=data.strict, max_decompressed_mb=data.max_decompressed_mb)
-            report.status(f"{role}: tokenizing {len(loaded.examples):,} questions and their contexts")
-            builder = build_train_features if role == "train" else build_eval_features
-            columns = builder(
-                loaded.examples,
-                tokenizer,
-                data.max_length,
-                data.doc_stride,
-                progress=report.shows_progress,
-                source=loaded.description,
-            )
-            return Built(
-                tables={
-                    "features": features_table(columns),
-                    "examples": examples_table(loaded.examples),
-                },
-                info={
-                    "role": role,
-                    "source": loaded.description,
-                    "key_parts": parts,
-                    "num_examples": len(loaded.examples),
-                    "num_features": len(columns["input_ids"]),
-                    "validation": loaded.report.summary(),
-                    "relocated_answers": len(loaded.report.relocations),
-                },
-            )
-
+        build = SplitBuild(data, role, source, split, parts, spec, report)
         entry = cache.open_or_build(key, build, description=f"{role} features of {source}")
         prepared[role] = PreparedSplit(role, source, entry, time.perf_counter() - started)
     if not prepared:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from qa_dist.config import DataConfig
 from qa_dist.errors import DataError
-from qa_dist.features.layout import PairLayout, backend_tokenizer, pair_layout, tokenize_texts
+from qa_dist.features.layout import PairLayout, WindowTokenizer, tokenize_texts
 from qa_dist.features.offsets import OffsetMapping
 
 FEATURE_BUILDER_VERSION = "2"  # 2: eval windows carry cls_index
@@ -181,16 +181,19 @@ def _build(
     train: bool,
     progress: bool = False,
     source: str | None = None,
+    first_index: int = 0,
 ) -> dict[str, list]:
+    """The windows of ``examples``; ``first_index``: the index of the first of them in the whole
+    split (a shard's examples are numbered as in the split, so shards concatenate)."""
     examples = _rows(examples)
-    layout = pair_layout(tokenizer)
-    with_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ["token_type_ids"])
+    spec = WindowTokenizer.of(tokenizer)
+    layout, with_types = spec.layout, spec.with_types
 
     # Tokenize each distinct context once, and every question.
     context_index: dict[str, int] = {}
     example_ctx_list = [context_index.setdefault(ex["context"], len(context_index)) for ex in examples]
     contexts = list(context_index)
-    backend = backend_tokenizer(tokenizer)
+    backend = spec.backend()
     ctx_ids, ctx_offsets = tokenize_texts(backend, contexts)
     q_ids, _ = tokenize_texts(backend, [ex["question"].lstrip() for ex in examples], offsets=False)
     flat_offsets = _flat_offsets(ctx_offsets)
@@ -232,7 +235,7 @@ def _build(
             attention_mask.append([1] * len(ids))
             if with_types:
                 token_type_ids.append(pre_t + [first_t] * len(first) + mid_t + [second_t] * len(second) + post_t)
-            example_index.append(i)
+            example_index.append(first_index + i)
             if train:
                 s, e = tok_first[i], tok_last[i]
                 if s >= w0 and e < w1:  # (s is -1 when there is no answer; w0 >= 0)
@@ -275,6 +278,32 @@ def _cls_index(layout: PairLayout, n_first: int, n_second: int) -> int:
     return 0
 
 
+def build_columns(
+    examples: Any,
+    tokenizer,
+    max_length: int,
+    doc_stride: int,
+    train: bool,
+    source: str | None = None,
+    first_index: int = 0,
+) -> dict[str, Any]:
+    """The windows of ``examples`` in this process (a pool worker's task, or one process's build)."""
+    with _gc_paused():
+        return _build(examples, tokenizer, max_length, doc_stride, train, source=source, first_index=first_index)
+
+
+def _windows(examples, tokenizer, max_length, doc_stride, train, *, progress, source, num_proc) -> dict[str, Any]:
+    if num_proc < 1:
+        raise ValueError(f"num_proc must be at least 1, got {num_proc}")
+    if num_proc == 1:
+        with _gc_paused():
+            return _build(examples, tokenizer, max_length, doc_stride, train, progress=progress, source=source)
+    from qa_dist.features.parallel import WindowJob, build_in_pool  # (imports this module)
+
+    job = WindowJob(WindowTokenizer.of(tokenizer), max_length, doc_stride, train, source)
+    return build_in_pool(job, _rows(examples), num_proc)
+
+
 def build_train_features(
     examples: Any,
     tokenizer,
@@ -283,6 +312,7 @@ def build_train_features(
     *,
     progress: bool = False,
     source: str | None = None,
+    num_proc: int = 1,
 ) -> dict[str, list]:
     """Training windows with labels.
 
@@ -294,9 +324,11 @@ def build_train_features(
     first answer: the first and last tokens that overlap its characters. A window that does not
     hold the whole answer, and every window of an unanswerable question, points at the CLS token.
     Features are unpadded. ``source`` (the data file) is named in errors about an example.
+    ``num_proc``: processes that build, as ``datasets.map`` takes it; the columns are those of one.
     """
-    with _gc_paused():
-        return _build(examples, tokenizer, max_length, doc_stride, train=True, progress=progress, source=source)
+    return _windows(
+        examples, tokenizer, max_length, doc_stride, True, progress=progress, source=source, num_proc=num_proc
+    )
 
 
 def build_eval_features(
@@ -307,15 +339,17 @@ def build_eval_features(
     *,
     progress: bool = False,
     source: str | None = None,
+    num_proc: int = 1,
 ) -> dict[str, Any]:
     """Evaluation windows: ``input_ids``, ``attention_mask``, ``token_type_ids`` (where made),
     ``offset_mapping`` (character spans of context tokens, None elsewhere), ``example_index``,
-    ``example_id``, ``cls_index`` (where the null answer is scored). Unpadded. ``examples`` and
-    ``source`` as for :func:`build_train_features` (answers not needed).
+    ``example_id``, ``cls_index`` (where the null answer is scored). Unpadded. ``examples``,
+    ``source`` and ``num_proc`` as for :func:`build_train_features` (answers not needed).
 
     ``offset_mapping`` is an :class:`OffsetMapping`: indexed like a list of lists
     (``features["offset_mapping"][i][k]`` is a ``(start, end)`` tuple or None), held as flat arrays,
     so that :func:`qa_dist.postprocess` and ``pyarrow`` read it without a Python loop; the other
     columns are lists."""
-    with _gc_paused():
-        return _build(examples, tokenizer, max_length, doc_stride, train=False, progress=progress, source=source)
+    return _windows(
+        examples, tokenizer, max_length, doc_stride, False, progress=progress, source=source, num_proc=num_proc
+    )

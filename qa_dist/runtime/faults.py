@@ -20,6 +20,7 @@ POINTS = (
     "checkpoint:between-renames",
     "export:before-weights",
     "export:before-publish",
+    "cache:after-shard",
 )
 
 

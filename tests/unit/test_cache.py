@@ -140,7 +140,7 @@ def test_damaged_entry_is_detected_and_rebuilt_with_a_warning(tmp_path, squad_fi
     config = _config(tmp_path, squad_file, minilm_dir)
     entry = _prepare(config)["train"].entry
     before = entry.table("features").to_pydict()
-    arrow = entry.path / "features.arrow"
+    arrow = entry.files("features")[0]
     if damage == "flip-byte":
         data = bytearray(arrow.read_bytes())
         data[len(data) // 2] ^= 0xFF
