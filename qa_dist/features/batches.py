@@ -22,46 +22,61 @@ _PAD_VALUES = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0}
 
 @dataclass(frozen=True)
 class FeatureColumns:
-    """Numpy views (no copy) of a features table: flat token values plus per-window offsets."""
+    """Numpy views (no copy) of a features table: per chunk (a shard of the cache entry) its flat
+    token values, per window its chunk, its start in that chunk's values and its length."""
 
-    offsets: np.ndarray
-    values: dict[str, np.ndarray]
+    chunk: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    values: dict[str, list[np.ndarray]]
     scalars: dict[str, np.ndarray]
+    """One number per window (labels, example index): small, so joined across chunks."""
 
     @classmethod
     def from_table(cls, table: pa.Table) -> FeatureColumns:
-        values, scalars, offsets = {}, {}, None
-        for name in table.column_names:
-            column = table.column(name)
-            array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-            if name in _PAD_VALUES:
-                values[name] = array.values.to_numpy(zero_copy_only=False)
-                if offsets is None:
-                    offsets = array.offsets.to_numpy()
-            elif pa.types.is_integer(array.type):
-                scalars[name] = array.to_numpy()
-        if offsets is None:
+        if "input_ids" not in table.column_names:
             raise ValueError("features table has no input_ids column")
-        return cls(offsets=offsets, values=values, scalars=scalars)
+        values: dict[str, list[np.ndarray]] = {}
+        scalars: dict[str, list[np.ndarray]] = {}
+        chunk, starts, lengths = [], [], []
+        for c, batch in enumerate(table.to_batches()):
+            for name in batch.schema.names:
+                array = batch.column(name)
+                if name in _PAD_VALUES:
+                    values.setdefault(name, []).append(array.values.to_numpy(zero_copy_only=False))
+                elif pa.types.is_integer(array.type):
+                    scalars.setdefault(name, []).append(array.to_numpy())
+            offsets = batch.column("input_ids").offsets.to_numpy()
+            base = offsets[0]  # (a sliced batch's values start at its first offset)
+            if base:
+                for name in values:
+                    values[name][-1] = values[name][-1][base:]
+            chunk.append(np.full(len(offsets) - 1, c, dtype=np.int32))
+            starts.append(offsets[:-1] - base)
+            lengths.append(np.diff(offsets))
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(
+            chunk=np.concatenate(chunk) if chunk else empty.astype(np.int32),
+            starts=np.concatenate(starts) if starts else empty,
+            lengths=np.concatenate(lengths) if lengths else empty,
+            values=values,
+            scalars={name: np.concatenate(parts) for name, parts in scalars.items()},
+        )
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        return len(self.lengths)
 
     def batch(self, indices: np.ndarray, pad_token_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
         """Padded tensors for the windows ``indices`` (padded to the longest, or to ``pad_to``)."""
         lengths = self.lengths[indices]
         width = int(pad_to or lengths.max())
         batch = {}
-        for name, flat in self.values.items():
+        for name, chunks in self.values.items():
             pad = pad_token_id if name == "input_ids" else _PAD_VALUES[name]
             out = np.full((len(indices), width), pad, dtype=np.int64)
             for row, (i, n) in enumerate(zip(indices, lengths, strict=True)):
-                start = self.offsets[i]
-                out[row, :n] = flat[start : start + n]
+                start = self.starts[i]
+                out[row, :n] = chunks[self.chunk[i]][start : start + n]
             batch[name] = torch.from_numpy(out)
         for name, column in self.scalars.items():
             if name in ("start_positions", "end_positions"):

@@ -180,7 +180,11 @@ def publish_shards(root: Path, key: str, build: ShardedBuild, description: str) 
                 link_or_copy(area.path / file, folder.path / name)
                 files[name] = meta
                 tables.setdefault(table, []).append(name)
-        counts = {"num_shards": len(records)}
+        builders: dict[str, int] = {}
+        for record in records:
+            builder = str(record.get("builder"))
+            builders[builder] = builders.get(builder, 0) + 1
+        counts = {"num_shards": len(records), "shard_builders": builders}
         _seal_and_rename(
             root, key, folder, {"description": description, "files": files, "tables": tables, **counts, **info}
         )

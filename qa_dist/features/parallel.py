@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -57,11 +58,12 @@ class WindowJob:
             examples, self.tokenizer, self.max_length, self.doc_stride, self.train, self.source, first_index
         )
 
-    def shard(self, area: str, index: int, examples: list[dict]) -> dict:
-        """Build and write shard ``index`` of a cache entry; its record."""
+    def shard(self, area: str, index: int, examples: list[dict], builder: str) -> dict:
+        """Build and write shard ``index`` of a cache entry; its record. ``builder``: the process
+        whose pool built it (host and pid), recorded for the manifest."""
         columns = self.columns(examples, index * SHARD_EXAMPLES)
         tables = {"features": features_table(columns), "examples": examples_table(examples)}
-        counts = {"num_examples": len(examples), "num_features": len(columns["input_ids"])}
+        counts = {"num_examples": len(examples), "num_features": len(columns["input_ids"]), "builder": builder}
         return write_shard(area, index, tables, counts)
 
 
@@ -98,6 +100,7 @@ class _Running:
 
     def __init__(self, job: WindowJob, area: ShardArea, workers: int) -> None:
         self.job, self.area, self.workers = job, area, workers
+        self.builder = f"{socket.gethostname()}:{os.getpid()}"
         self.pool: WorkerPool | None = None
         self.held: tuple | None = None
         self.locks: dict[int, Any] = {}
@@ -117,12 +120,12 @@ class _Running:
 
     def _here(self, index: int, examples: list[dict], lock) -> None:
         with lock:
-            self.built.add(self.job.shard(str(self.area.path), index, examples)["index"])
+            self.built.add(self.job.shard(str(self.area.path), index, examples, self.builder)["index"])
         kill_point("cache:after-shard")
 
     def _submit(self, index: int, examples: list[dict], lock) -> None:
         self.locks[index] = lock
-        self.pool.submit(index, self.job.shard, str(self.area.path), index, examples)
+        self.pool.submit(index, self.job.shard, str(self.area.path), index, examples, self.builder)
         while self.pool.busy >= 2 * self.workers:
             self._settle()
 
