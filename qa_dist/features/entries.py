@@ -184,7 +184,8 @@ def publish_shards(root: Path, key: str, build: ShardedBuild, description: str) 
         for record in records:
             builder = str(record.get("builder"))
             builders[builder] = builders.get(builder, 0) + 1
-        counts = {"num_shards": len(records), "shard_builders": builders}
+        peaks = [r["peak_rss_mb"] for r in records if isinstance(r.get("peak_rss_mb"), (int, float))]
+        counts = {"num_shards": len(records), "shard_builders": builders, "peak_rss_mb": max(peaks, default=None)}
         _seal_and_rename(
             root, key, folder, {"description": description, "files": files, "tables": tables, **counts, **info}
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from qa_dist.errors import DataError
 
 
@@ -112,10 +114,79 @@ class WindowTokenizer:
 _BACKENDS: dict[str, object] = {}
 
 
-def tokenize_texts(
-    backend, texts: list[str], offsets: bool = True
-) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
+LONG_TEXT = 1 << 18
+"""Characters past which a text is tokenized in pieces: the Rust tokenizer holds some 150 bytes per
+character of one text while it works (its alignments, tokens, offsets), gigabytes for a 50 MB
+context, and Python lists of its offsets as much again."""
+_PROBE = 256
+"""Characters each side of a cut that tokenizing the two pieces apart must leave unchanged."""
+
+
+def _cut_is_clean(backend, text: str, cut: int) -> bool:
+    """Whether tokenizing ``text`` cut at ``cut`` gives the tokens and offsets of tokenizing it
+    whole, judged on the ``_PROBE`` characters around the cut (normalizers and pre-tokenizers look
+    no further than a word)."""
+    lo, hi = max(0, cut - _PROBE), min(len(text), cut + _PROBE)
+    whole = backend.encode(text[lo:hi], add_special_tokens=False)
+    left = backend.encode(text[lo:cut], add_special_tokens=False)
+    right = backend.encode(text[cut:hi], add_special_tokens=False)
+    shift = cut - lo
+    return whole.ids == left.ids + right.ids and whole.offsets == left.offsets + [
+        (s + shift, e + shift) for s, e in right.offsets
+    ]
+
+
+def _cuts(backend, text: str) -> list[int] | None:
+    """Where to cut a long text into pieces of at most ``LONG_TEXT`` characters, each cut at a space
+    (or, in a text without spaces, between two characters) whose two sides tokenize apart as they do
+    together; None where no such cut is found."""
+    cuts = [0]
+    while len(text) - cuts[-1] > LONG_TEXT:
+        lowest, end = cuts[-1] + LONG_TEXT // 2, cuts[-1] + LONG_TEXT
+        for _ in range(32):
+            space = text.rfind(" ", lowest, end)
+            cut = space if space > lowest else end - 1  # (a text without spaces, as Chinese is)
+            if cut <= lowest:
+                return None
+            if _cut_is_clean(backend, text, cut):
+                break
+            end = cut
+        else:
+            return None
+        cuts.append(cut)
+    return [*cuts, len(text)]
+
+
+def _tokenize_long(backend, text: str) -> tuple[list[int], np.ndarray]:
+    """Ids and ``(n, 2)`` character offsets of one long text, tokenized piece by piece."""
+    cuts = _cuts(backend, text)
+    if cuts is None:  # (no clean cut: whole, whatever it costs)
+        encoding = backend.encode(text, add_special_tokens=False)
+        return encoding.ids, np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+    ids: list[int] = []
+    offsets = []
+    for lo, hi in zip(cuts, cuts[1:], strict=False):
+        encoding = backend.encode(text[lo:hi], add_special_tokens=False)
+        ids.extend(encoding.ids)
+        offsets.append(np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2) + lo)
+    return ids, np.concatenate(offsets)
+
+
+def tokenize_texts(backend, texts: list[str], offsets: bool = True) -> tuple[list[list[int]], list | None]:
+    """Ids (and character offsets) of each text, without special tokens. The offsets of a text
+    longer than ``LONG_TEXT`` characters come as an ``(n, 2)`` array, those of others as lists."""
     if not offsets:
         return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)], None
-    encodings = backend.encode_batch(texts, add_special_tokens=False)
-    return [e.ids for e in encodings], [e.offsets for e in encodings]
+    long = {i for i, t in enumerate(texts) if len(t) > LONG_TEXT}
+    short = [t for i, t in enumerate(texts) if i not in long] if long else texts
+    encodings = iter(backend.encode_batch(short, add_special_tokens=False))
+    ids, offs = [], []
+    for i, text in enumerate(texts):
+        if i in long:
+            text_ids, text_offsets = _tokenize_long(backend, text)
+        else:
+            e = next(encodings)
+            text_ids, text_offsets = e.ids, e.offsets
+        ids.append(text_ids)
+        offs.append(text_offsets)
+    return ids, offs

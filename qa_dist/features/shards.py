@@ -70,6 +70,17 @@ def _record_problem(record, index: int) -> str | None:
     return None
 
 
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (VmHWM): what building a shard cost at most."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def write_shard(area: str | Path, index: int, tables: dict[str, pa.Table], counts: dict) -> dict:
     """Write shard ``index`` into the shard folder ``area`` (files first, the record last) and
     return its record. Runs in pool workers: the checksums are computed where the files are written."""
@@ -84,7 +95,7 @@ def write_shard(area: str | Path, index: int, tables: dict[str, pa.Table], count
         finally:
             tmp.unlink(missing_ok=True)
         files[final.name] = {"bytes": final.stat().st_size, "sha256": sha256_file(final), "rows": table.num_rows}
-    record = {"index": index, "files": files, **counts}
+    record = {"index": index, "files": files, **counts, "peak_rss_mb": _peak_rss_mb()}
     atomic_write(area / f"{name}.json", json.dumps(record))
     return record
 

@@ -85,6 +85,10 @@ def _flat_offsets(ctx_offsets: list[list[tuple[int, int]]]) -> tuple[np.ndarray,
     ``c`` owns tokens ``token_base[c]:token_base[c + 1]``."""
     lengths = np.fromiter((len(o) for o in ctx_offsets), dtype=np.int64, count=len(ctx_offsets))
     token_base = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    if any(isinstance(o, np.ndarray) for o in ctx_offsets):  # a long context's, as an array already
+        parts = [o if isinstance(o, np.ndarray) else np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in ctx_offsets]
+        flat = np.concatenate(parts)
+        return token_base, flat[:, 0], flat[:, 1]
     flat = np.fromiter(
         itertools.chain.from_iterable(itertools.chain.from_iterable(ctx_offsets)),
         dtype=np.int64,

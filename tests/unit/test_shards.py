@@ -13,11 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import SQUAD11_DEV, SQUAD20_DEV, save_tokenizer
 
 from qa_dist import build_eval_features, build_train_features, load_config, load_examples
+from qa_dist.features.layout import WindowTokenizer
 from qa_dist.features.prepare import prepare_features
 from qa_dist.features.shards import SHARD_EXAMPLES
 from qa_dist.models import load_tokenizer
@@ -169,3 +171,30 @@ def _reopen(cache: Path, key: str):
     from qa_dist.features.cache import CacheEntry, read_manifest
 
     return CacheEntry(key=key, path=cache / key, manifest=read_manifest(cache / key), built_here=False)
+
+
+@pytest.mark.parametrize("fixture", ["minilm_tokenizer", "bpe_left_tokenizer", "zh_wordpiece_tokenizer"])
+def test_a_long_context_is_tokenized_in_pieces_as_it_is_whole(fixture, request, monkeypatch):
+    """A context past LONG_TEXT characters is tokenized piece by piece (bounded memory); the ids and
+    offsets are those of one call on the whole text, with spaces (English) and without (Chinese)."""
+    from conftest import CMRC_DEV, read_json_gz
+
+    from qa_dist.features import layout
+
+    tokenizer = request.getfixturevalue(fixture)
+    backend = WindowTokenizer.of(tokenizer).backend()
+    source = CMRC_DEV if fixture.startswith("zh") else SQUAD11_DEV
+    text = " ".join(p["context"] for a in read_json_gz(source)["data"] for p in a["paragraphs"])[:60_000]
+    if fixture.startswith("zh"):
+        text = text.replace(" ", "")
+    monkeypatch.setattr(layout, "LONG_TEXT", 4000)
+    (ids,), (offsets,) = layout.tokenize_texts(backend, [text])
+    assert isinstance(offsets, np.ndarray)  # (it took the long path)
+    whole = backend.encode(text, add_special_tokens=False)
+    assert ids == whole.ids
+    assert offsets.tolist() == [list(o) for o in whole.offsets]
+    # Mixed with short texts, each keeps its place.
+    short = ["a short one", text[:100]]
+    got_ids, got_offsets = layout.tokenize_texts(backend, [short[0], text, short[1]])
+    assert got_ids[1] == whole.ids and got_ids[0] == backend.encode(short[0], add_special_tokens=False).ids
+    assert got_offsets[2] == backend.encode(short[1], add_special_tokens=False).offsets
