@@ -23,14 +23,12 @@ from qa_dist.features.tables import examples_table, features_table
 from qa_dist.features.windows import build_columns
 from qa_dist.features.workers import WorkerPool
 from qa_dist.runtime.faults import kill_point
+from qa_dist.runtime.threads import available_cores
 
 
 def default_workers() -> int:
     """The cores this process may use (its CPU affinity: under Slurm, the cores of its task)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # (not Linux)
-        return os.cpu_count() or 1
+    return available_cores()
 
 
 @contextlib.contextmanager
