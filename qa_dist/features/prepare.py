@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from qa_dist.config import DataConfig
-from qa_dist.data.loading import load_source, source_fingerprint
-from qa_dist.errors import ConfigError
+from qa_dist.data.loading import source_fingerprint
+from qa_dist.data.streaming import stream_source
+from qa_dist.errors import ConfigError, DataError
 from qa_dist.features import FEATURE_BUILDER_VERSION
 from qa_dist.features.cache import (
     CacheEntry,
@@ -81,18 +82,6 @@ def warm_entries(data: DataConfig, tokenizer) -> dict[str, dict | None]:
     return entries
 
 
-class _Loaded:
-    """A source read whole, served in batches (until the streaming readers serve it)."""
-
-    def __init__(self, source: str, split: str, data: DataConfig) -> None:
-        loaded = load_source(source, split, strict=data.strict, max_decompressed_mb=data.max_decompressed_mb)
-        self.examples, self.report, self.description = loaded.examples, loaded.report, loaded.description
-
-    def batches(self, size: int):
-        for start in range(0, len(self.examples), size):
-            yield self.examples[start : start + size]
-
-
 @dataclass
 class SplitBuild:
     """The sharded build of one split's entry (a :class:`~qa_dist.features.cache.ShardedBuild`)."""
@@ -124,7 +113,9 @@ class SplitBuild:
 
         def one_pass():
             self.report.status(f"{self.role}: reading, validating and cutting windows from {self.source}")
-            stream = _Loaded(self.source, self.split, self.data)
+            stream = stream_source(
+                self.source, self.split, strict=self.data.strict, max_decompressed_mb=self.data.max_decompressed_mb
+            )
             passes.append(stream)
             job = WindowJob(
                 self.tokenizer, self.data.max_length, self.data.doc_stride, self.role == "train", stream.description
@@ -137,6 +128,11 @@ class SplitBuild:
         if records is None:
             return None
         stream = passes[-1]
+        if stream.fingerprint != self.parts["data"]:  # (the key was computed from other bytes)
+            raise DataError(
+                f"{stream.description}: changed while the feature cache was built from it; run again once it is "
+                "written whole"
+            )
         return records, {
             "role": self.role,
             "source": stream.description,
