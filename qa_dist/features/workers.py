@@ -15,6 +15,7 @@ stdin closes).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pickle
 import signal
@@ -28,6 +29,7 @@ from typing import Any
 
 from qa_dist.errors import QaDistError
 
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -44,13 +46,16 @@ class _Worker:
             [sys.executable, "-P", "-m", "qa_dist.features.workers"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            bufsize=1 << 20,
             env=env,
         )
         self.task: Any = None  # the ticket of the task it holds
+        with contextlib.suppress(OSError):  # a shard's examples in one write, not sixteen (Linux)
+            fcntl.fcntl(self.proc.stdin.fileno(), _F_SETPIPE_SZ, 1 << 20)
 
     def send(self, ticket: Any, fn, args: tuple) -> None:
         self.task = ticket
-        pickle.dump((fn, args), self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        self.proc.stdin.write(pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL))
         self.proc.stdin.flush()
 
     def receive(self):
