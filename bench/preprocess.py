@@ -7,7 +7,12 @@ SQuAD v1.1 train examples with the same WordPiece tokenizer (MiniLM-L6) in one p
 alternate and the best of each is kept, so machine noise hits both. The windows are checked
 identical, the labels compared.
 
-    python bench/preprocess.py [--limit N] [--repeats R]
+With ``--one-core`` both sides run with the tokenizer's threads off: the figure per worker of the
+feature cache's pool (each worker is one core). ``--scale`` then runs ``bench/preprocess_scale.py``:
+the cache build with N workers against one, its growth with 1x/3x/10x the data, its memory per
+worker, and one 50 MB context.
+
+    python bench/preprocess.py [--limit N] [--repeats R] [--one-core] [--scale]
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+# Read by the Rust tokenizer when its thread pool first starts: set before anything tokenizes.
+os.environ["TOKENIZERS_PARALLELISM"] = (
+    "false" if "--one-core" in sys.argv else os.environ.get("TOKENIZERS_PARALLELISM", "true")
+)
 
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -80,6 +88,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--doc-stride", type=int, default=128)
+    parser.add_argument("--one-core", action="store_true", help="the tokenizer's threads off on both sides")
+    parser.add_argument("--scale", action="store_true", help="then run bench/preprocess_scale.py")
     args = parser.parse_args()
 
     examples = load_examples(args.data)
@@ -89,7 +99,8 @@ def main() -> None:
     n = len(examples)
     print(
         f"{n:,} examples from {Path(args.data).name}, {type(tokenizer).__name__} (MiniLM-L6 WordPiece), "
-        f"max_length {args.max_length}, doc_stride {args.doc_stride}, {os.cpu_count()} cores"
+        f"max_length {args.max_length}, doc_stride {args.doc_stride}, {os.cpu_count()} cores, "
+        f"tokenizer threads {'off' if args.one_core else os.environ['TOKENIZERS_PARALLELISM']}"
     )
 
     best = {"baseline": float("inf"), "qa-dist": float("inf")}
@@ -146,6 +157,11 @@ def main() -> None:
     print(f"RATIO qa-dist / baseline: {ratio:.2f}x (target >= 3x)")
     if not identical:
         raise SystemExit("windows differ from the tokenizer's: the benchmark is void")
+    if args.scale:
+        sys.argv = [sys.argv[0]]
+        import preprocess_scale
+
+        preprocess_scale.main()
 
 
 if __name__ == "__main__":
