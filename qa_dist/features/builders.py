@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -57,6 +58,25 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_regular(path: Path, size: int, chunk: int = 1 << 22) -> str | None:
+    """The sha256 of ``path`` if it is a regular file (not a link, FIFO or device: a directory others
+    can write may hold any of them) of exactly ``size`` bytes; None otherwise. Never blocks on a FIFO
+    nor reads past ``size``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            return None
+        h, left = hashlib.sha256(), size
+        while left and (block := f.read(min(chunk, left))):
+            h.update(block)
+            left -= len(block)
+        return h.hexdigest() if not left else None
 
 
 def write_table(table: pa.Table, path: Path) -> None:

@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -177,7 +176,7 @@ class FeatureCache:
                 if shared and d.local_rank == 0 and not callable(build):
                     self._help(key, build)
                 self._wait_for(signal, key)
-            except QaDistError as e:
+            except BaseException as e:  # (any: this rank still reaches the gather below)
                 error = e
         else:
             outcomes = d.all_gather(None)
@@ -209,11 +208,13 @@ class FeatureCache:
             return
         try:
             build.run(ShardArea(self.root, key), finish=False)
-        except (OSError, CacheError):
-            # The builder may have published and removed the shards meanwhile; if not, its own
-            # outcome (the signal) says what went wrong.
+        except Exception as e:  # noqa: BLE001  (the builder's outcome, in the signal, is what counts)
+            # The builder may have published and removed the shards meanwhile; if not, it builds
+            # what this node left, or meets the same error (bad data) and signals it to every rank.
             if check_entry(self.root / key, key, full=False) is not None:
-                log.warning("feature cache: this node stopped helping to build entry %s: %s", key, sys.exc_info()[1])
+                log.warning(
+                    "feature cache: this node stopped helping to build entry %s: %s", key, str(e).splitlines()[0]
+                )
 
     def _ensure(self, key: str, build: Callable[[], Built] | ShardedBuild, description: str) -> bool:
         entry = self.root / key

@@ -36,7 +36,10 @@ from qa_dist.features.shards import ShardArea, shard_name
 from qa_dist.runtime.fsutil import atomic_write
 from qa_dist.runtime.jsonfile import read_json
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""2: the manifest lists each table's files (``tables``; shards). 1 (one ``<table>.arrow`` each) is
+still read; an older qa-dist refuses a format-2 entry as damage instead of reading files it lacks."""
+FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 
 
@@ -67,11 +70,11 @@ class ShardedBuild(Protocol):
 def link_or_copy(source: Path, target: Path) -> None:
     """A hard link (no second copy of gigabytes of shards), or a copy where links are refused."""
     try:
-        os.link(source, target)
+        os.link(source, target, follow_symlinks=False)
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EMLINK, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP):
             raise
-        shutil.copyfile(source, target)
+        shutil.copyfile(source, target, follow_symlinks=False)
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,12 @@ def check_entry(entry: Path, key: str, full: bool) -> str | None:
     if isinstance(manifest, str):
         return manifest
     fmt = manifest.get("format")
-    if manifest.get("key") != key or not is_count(fmt) or fmt != CACHE_FORMAT:
+    if (
+        manifest.get("key") != key
+        or not is_count(fmt)
+        or fmt not in FORMATS
+        or (fmt == 1) != ("tables" not in manifest)
+    ):
         return "manifest does not match the key or the format"
     for name, meta in manifest["files"].items():
         path = entry / name
@@ -193,7 +201,8 @@ def publish_shards(root: Path, key: str, build: ShardedBuild, description: str) 
 
 
 def _seal_and_rename(root: Path, key: str, folder: BuildFolder, facts: dict) -> None:
-    manifest = {"key": key, "format": CACHE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **facts}
+    fmt = CACHE_FORMAT if "tables" in facts else 1
+    manifest = {"key": key, "format": fmt, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **facts}
     atomic_write(folder.path / MANIFEST, json.dumps(manifest, indent=2))  # written last
     folder.seal()
     fsync_dir(folder.path)

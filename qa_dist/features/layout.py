@@ -120,32 +120,60 @@ character of one text while it works (its alignments, tokens, offsets), gigabyte
 context, and Python lists of its offsets as much again."""
 _PROBE = 256
 """Characters each side of a cut that tokenizing the two pieces apart must leave unchanged."""
+_OVERLAP = 64
+"""Characters before a piece that are tokenized with it, and their tokens dropped."""
 
 
 def _cut_is_clean(backend, text: str, cut: int) -> bool:
     """Whether tokenizing ``text`` cut at ``cut`` gives the tokens and offsets of tokenizing it
-    whole, judged on the ``_PROBE`` characters around the cut (normalizers and pre-tokenizers look
-    no further than a word)."""
+    whole, judged on the ``_PROBE`` characters around the cut. The cut must fall between two
+    pre-tokens of that window, with a whole pre-token on each side inside it (a pre-token running
+    past the window, like a long run of spaces under a byte-level BPE, would hide where the real
+    boundary is); a tokenizer without a pre-tokenizer, or one that keeps the text as one piece
+    (Metaspace with ``split=False``), is never cut. Then the pieces must tokenize as the window does."""
     lo, hi = max(0, cut - _PROBE), min(len(text), cut + _PROBE)
+    pre = backend.pre_tokenizer
+    if pre is None:
+        return False
+    at = cut - lo
+    pieces = [span for _, span in pre.pre_tokenize_str(text[lo:hi])]
+    if any(s < at < e for s, e in pieces):
+        return False
+    if not any(s > 0 and e <= at for s, e in pieces) or not any(at <= s and e < hi - lo for s, e in pieces):
+        return False
     whole = backend.encode(text[lo:hi], add_special_tokens=False)
-    left = backend.encode(text[lo:cut], add_special_tokens=False)
-    right = backend.encode(text[cut:hi], add_special_tokens=False)
-    shift = cut - lo
-    return whole.ids == left.ids + right.ids and whole.offsets == left.offsets + [
-        (s + shift, e + shift) for s, e in right.offsets
+    left_ids, left_offsets = _piece(backend, text, lo, cut, lo)
+    right_ids, right_offsets = _piece(backend, text, cut, hi, lo)
+    return whole.ids == left_ids + right_ids and [tuple(o) for o in whole.offsets] == [
+        tuple(o) for o in (*left_offsets.tolist(), *right_offsets.tolist())
     ]
 
 
+def _piece(backend, text: str, start: int, end: int, origin: int = 0) -> tuple[list[int], np.ndarray]:
+    """Ids and offsets (from ``origin``) of the tokens of ``text[start:end]`` as they are within
+    the text: tokenized with ``_OVERLAP`` characters before ``start``, whose tokens are then
+    dropped, so the first token is not one that starts a sequence (a byte-level BPE trims the
+    offsets of a leading space inside a text, not at its start)."""
+    begin = max(origin, start - _OVERLAP)
+    encoding = backend.encode(text[begin:end], add_special_tokens=False)
+    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2) + (begin - origin)
+    keep = offsets[:, 0] >= start - origin if start > begin else np.ones(len(offsets), dtype=bool)
+    ids = np.asarray(encoding.ids, dtype=np.int64)[keep].tolist()
+    return ids, offsets[keep]
+
+
 def _cuts(backend, text: str) -> list[int] | None:
-    """Where to cut a long text into pieces of at most ``LONG_TEXT`` characters, each cut at a space
-    (or, in a text without spaces, between two characters) whose two sides tokenize apart as they do
-    together; None where no such cut is found."""
+    """Where to cut a long text into pieces of at most ``LONG_TEXT`` characters, each cut at the
+    start of a run of spaces (or, in a text without spaces, between two characters) where
+    ``_cut_is_clean`` holds; None where no such cut is found."""
     cuts = [0]
     while len(text) - cuts[-1] > LONG_TEXT:
         lowest, end = cuts[-1] + LONG_TEXT // 2, cuts[-1] + LONG_TEXT
         for _ in range(32):
             space = text.rfind(" ", lowest, end)
             cut = space if space > lowest else end - 1  # (a text without spaces, as Chinese is)
+            while cut > lowest and text[cut - 1].isspace():
+                cut -= 1  # (to the run's start: inside a run of spaces is inside one pre-token)
             if cut <= lowest:
                 return None
             if _cut_is_clean(backend, text, cut):
@@ -166,9 +194,9 @@ def _tokenize_long(backend, text: str) -> tuple[list[int], np.ndarray]:
     ids: list[int] = []
     offsets = []
     for lo, hi in zip(cuts, cuts[1:], strict=False):
-        encoding = backend.encode(text[lo:hi], add_special_tokens=False)
-        ids.extend(encoding.ids)
-        offsets.append(np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2) + lo)
+        piece_ids, piece_offsets = _piece(backend, text, lo, hi)
+        ids.extend(piece_ids)
+        offsets.append(piece_offsets)
     return ids, np.concatenate(offsets)
 
 

@@ -78,9 +78,10 @@ def concat_columns(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def build_in_pool(job: WindowJob, examples: list, num_proc: int) -> dict[str, Any]:
     """``job``'s columns for ``examples`` on ``num_proc`` processes, equal to one process's."""
-    if num_proc <= 1 or len(examples) <= 1:
+    if num_proc <= 1 or len(examples) <= 512:
         return job.columns(examples)
-    size = min(SHARD_EXAMPLES, -(-len(examples) // num_proc))
+    # Parts of 512 examples at least: a worker's start-up (some 0.3 s) buys nothing on fewer.
+    size = min(SHARD_EXAMPLES, max(512, -(-len(examples) // num_proc)))
     starts = range(0, len(examples), size)
     parts: dict[int, dict] = {}
     with worker_pool(min(num_proc, len(starts))) as pool:
@@ -147,21 +148,21 @@ class _Running:
             lock.close()
 
 
-def _build_pass(area: ShardArea, batches: Iterable[list[dict]], job: WindowJob, workers: int, built: set) -> int:
+def _build_pass(area: ShardArea, batches: Iterable[list[dict]], job: WindowJob, workers: int, built: set) -> list[int]:
     """Build every shard of one pass over the input that is neither done nor held by another
-    builder; the number of shards."""
-    count = 0
+    builder; the number of examples of each shard."""
+    counts: list[int] = []
     running = _Running(job, area, workers)
     failed = True
     try:
         for index, examples in enumerate(batches):
-            count = index + 1
-            if area.record(index) is not None:
+            counts.append(len(examples))
+            if area.record(index, len(examples)) is not None:
                 continue
             lock = area.take(index)
             if lock is None:
                 continue  # another builder (another node, another job) has it
-            if area.record(index) is not None:  # finished between the two looks
+            if area.record(index, len(examples)) is not None:  # finished between the two looks
                 lock.close()
                 continue
             running.run(index, examples, lock)
@@ -170,7 +171,7 @@ def _build_pass(area: ShardArea, batches: Iterable[list[dict]], job: WindowJob, 
     finally:
         running.close(failed)
         built |= running.built
-    return count
+    return counts
 
 
 def build_shards(
@@ -194,14 +195,14 @@ def build_shards(
     deadline = time.monotonic() + wait_timeout
     for _ in range(3):
         job, batches = passes()
-        count = _build_pass(area, batches, job, workers, built)
+        counts = _build_pass(area, batches, job, workers, built)
         if not finish:
             return None
         records = []
-        for index in range(count):
-            record = area.record(index)
+        for index, count in enumerate(counts):
+            record = area.record(index, count)
             if record is None and area.wait_free(index, deadline):
-                record = area.record(index)
+                record = area.record(index, count)
             if record is not None and index not in built and not area.verify(index, record):
                 record = None
             records.append(record)

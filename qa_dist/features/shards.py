@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from qa_dist.features.builders import is_count, open_lock, sha256_file, write_table
+from qa_dist.features.builders import is_count, open_lock, sha256_file, sha256_regular, write_table
 from qa_dist.runtime.fsutil import atomic_write
 from qa_dist.runtime.jsonfile import read_json
 
@@ -52,22 +53,40 @@ def shard_name(index: int) -> str:
     return f"{index:05d}"
 
 
-def _record_problem(record, index: int) -> str | None:
+TABLES = ("features", "examples")
+"""The tables of every shard (``features``: the windows, ``examples``: the examples they come from)."""
+
+
+def _record_problem(record, index: int, count: int | None) -> str | None:
+    """What is wrong with shard ``index``'s record (None: it is one this version writes for the
+    shard as the builder cuts it, of ``count`` examples where the builder knows the number)."""
     if not isinstance(record, dict) or record.get("index") != index:
         return "not a shard record"
+    if record.get("first_example") != index * SHARD_EXAMPLES or record.get("shard_examples") != SHARD_EXAMPLES:
+        return "cut differently"
     files = record.get("files")
-    if not isinstance(files, dict) or not files:
-        return "no files"
-    for name, meta in files.items():
-        if not isinstance(name, str) or not name.startswith(shard_name(index) + ".") or "/" in name:
-            return f"{name!r} is not one of its files"
+    names = {f"{shard_name(index)}.{table}.arrow": table for table in TABLES}
+    if not isinstance(files, dict) or set(files) != set(names):
+        return "not the files of a shard"
+    for meta in files.values():
         if not isinstance(meta, dict) or not all(is_count(meta.get(k)) for k in ("bytes", "rows")):
-            return f"{name}: no byte and row counts"
+            return "no byte and row counts"
         if not isinstance(meta.get("sha256"), str):
-            return f"{name}: no checksum"
-    if not all(is_count(record.get(k)) for k in ("num_examples", "num_features")):
-        return "no counts"
+            return "no checksum"
+    n_examples, n_features = record.get("num_examples"), record.get("num_features")
+    if not is_count(n_examples) or not is_count(n_features) or (count is not None and n_examples != count):
+        return "other counts"
+    rows = {table: files[name]["rows"] for name, table in names.items()}
+    if rows != {"features": n_features, "examples": n_examples}:
+        return "rows that disagree with its counts"
     return None
+
+
+def _clear(path: Path) -> None:
+    """Remove a folder someone left at a file's name (a file or link is replaced by the rename)."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISDIR(path.lstat().st_mode):
+            shutil.rmtree(path)
 
 
 def _peak_rss_mb() -> float | None:
@@ -91,11 +110,20 @@ def write_shard(area: str | Path, index: int, tables: dict[str, pa.Table], count
         tmp = area / f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             write_table(table, tmp)
+            _clear(final)
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
         files[final.name] = {"bytes": final.stat().st_size, "sha256": sha256_file(final), "rows": table.num_rows}
-    record = {"index": index, "files": files, **counts, "peak_rss_mb": _peak_rss_mb()}
+    record = {
+        "index": index,
+        "first_example": index * SHARD_EXAMPLES,
+        "shard_examples": SHARD_EXAMPLES,
+        "files": files,
+        **counts,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+    _clear(area / f"{name}.json")
     atomic_write(area / f"{name}.json", json.dumps(record))
     return record
 
@@ -108,31 +136,42 @@ class ShardArea:
         self._warned = False
 
     def create(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Make the folder: a link or file someone left at its name (or at ``.shards``) is removed
+        first, so that nothing is ever written through it."""
+        for folder in (self.path.parent, self.path):
+            try:
+                mode = folder.lstat().st_mode
+            except FileNotFoundError:
+                mode = None
+            if mode is not None and not stat.S_ISDIR(mode):
+                folder.unlink()  # (a link or a file: never followed)
+            folder.mkdir(exist_ok=True)
 
-    def record(self, index: int) -> dict | None:
-        """Shard ``index``'s record if it is done: the record whole, its files of the sizes it names."""
+    def record(self, index: int, count: int | None = None) -> dict | None:
+        """Shard ``index``'s record if it is done: the record whole and of this shard (``count``: its
+        number of examples, where known), its files regular files (not links, FIFOs or devices) of
+        the sizes it names."""
         try:
             record = read_json(self.path / f"{shard_name(index)}.json", limit=_MAX_RECORD_BYTES)
         except (OSError, ValueError):
             return None
-        if _record_problem(record, index) is not None:
+        if _record_problem(record, index, count) is not None:
             return None
         for file, meta in record["files"].items():
             try:
-                if (self.path / file).stat().st_size != meta["bytes"]:
-                    return None
+                info = (self.path / file).lstat()
             except OSError:
+                return None
+            if not stat.S_ISREG(info.st_mode) or info.st_size != meta["bytes"]:
                 return None
         return record
 
     def verify(self, index: int, record: dict) -> bool:
         """Whether shard ``index``'s files match their checksums; a shard that does not is forgotten
         (its record removed), to be built again."""
-        try:
-            whole = all(sha256_file(self.path / f) == meta["sha256"] for f, meta in record["files"].items())
-        except OSError:
-            whole = False
+        whole = all(
+            sha256_regular(self.path / f, meta["bytes"]) == meta["sha256"] for f, meta in record["files"].items()
+        )
         if not whole:
             log.warning("%s: shard %s does not match its checksums: building it again", self.path, shard_name(index))
             (self.path / f"{shard_name(index)}.json").unlink(missing_ok=True)
@@ -157,11 +196,16 @@ class ShardArea:
                 self._warned = True
             return True
 
+    def _lock_file(self, index: int):
+        path = self.path / f"{shard_name(index)}.lock"
+        _clear(path)
+        return open_lock(path)
+
     @contextlib.contextmanager
     def claim(self, index: int) -> Iterator[bool]:
         """Hold shard ``index``'s lock while the block runs: yields False (at once) when another
         process holds it."""
-        f = open_lock(self.path / f"{shard_name(index)}.lock")
+        f = self._lock_file(index)
         try:
             yield self._flock(f, blocking=False)
         finally:
@@ -169,7 +213,7 @@ class ShardArea:
 
     def take(self, index: int):
         """Shard ``index``'s lock, held until the returned file is closed; None when another holds it."""
-        f = open_lock(self.path / f"{shard_name(index)}.lock")
+        f = self._lock_file(index)
         if self._flock(f, blocking=False):
             return f
         f.close()

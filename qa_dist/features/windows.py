@@ -26,7 +26,7 @@ from qa_dist.errors import DataError
 from qa_dist.features.layout import PairLayout, WindowTokenizer, tokenize_texts
 from qa_dist.features.offsets import OffsetMapping
 
-FEATURE_BUILDER_VERSION = "2"  # 2: eval windows carry cls_index
+FEATURE_BUILDER_VERSION = "3"  # 2: eval windows carry cls_index; 3: long contexts tokenized in pieces, sharded entries
 """Bump when the features built for the same inputs change; it is part of the cache key."""
 
 

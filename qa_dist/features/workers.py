@@ -7,7 +7,7 @@ a process that may run threads (gloo's, torch's, the Rust tokenizer's), whose lo
 inherit held. So each worker is a fresh interpreter, ``python -P -m qa_dist.features.workers``
 (``-P``: the working directory is not put on ``sys.path``), that reads tasks from its stdin and
 writes results to its stdout, one pickle each way: parent and workers are one program talking
-through pipes only they hold, never a file. A worker that dies (killed for memory, say) is named
+through pipes only they hold, never a file (results on a pipe of their own, framed). A worker that dies (killed for memory, say) is named
 with its signal instead of leaving the pool waiting, and workers end when the parent does (their
 stdin closes).
 """
@@ -19,6 +19,7 @@ import fcntl
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import traceback
@@ -37,38 +38,79 @@ class WorkerDied(QaDistError):
     """A worker process ended while it held a task."""
 
 
+_MAGIC = b"QADW"
+_HEADER = struct.Struct(">4sQ")
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    parts, left = [], n
+    while left:
+        block = os.read(fd, min(left, 1 << 20))
+        if not block:
+            raise EOFError
+        parts.append(block)
+        left -= len(block)
+    return b"".join(parts)
+
+
 class _Worker:
     def __init__(self) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         env["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
-        self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "qa_dist.features.workers"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=1 << 20,
-            env=env,
-        )
+        # Results come back on a pipe of their own: whatever the worker's interpreter or a library
+        # prints (a sitecustomize, say) goes to stderr and can never corrupt them.
+        read_fd, write_fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "qa_dist.features.workers", str(write_fd)],
+                stdin=subprocess.PIPE,
+                stdout=sys.__stderr__.fileno() if sys.__stderr__ else subprocess.DEVNULL,
+                pass_fds=(write_fd,),
+                bufsize=1 << 20,
+                env=env,
+            )
+        finally:
+            os.close(write_fd)
+        self.results = read_fd
         self.task: Any = None  # the ticket of the task it holds
         with contextlib.suppress(OSError):  # a shard's examples in one write, not sixteen (Linux)
             fcntl.fcntl(self.proc.stdin.fileno(), _F_SETPIPE_SZ, 1 << 20)
 
+    def fileno(self) -> int:
+        return self.results
+
+    def _died(self, what: str) -> WorkerDied:
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        code = self.proc.wait()
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        hint = " (killed, perhaps for memory: lower data.preprocess_workers)" if code == -signal.SIGKILL else ""
+        return WorkerDied(f"a feature-building worker (pid {self.proc.pid}) {what}: it ended with {how}{hint}")
+
     def send(self, ticket: Any, fn, args: tuple) -> None:
         self.task = ticket
-        self.proc.stdin.write(pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL))
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL))
+            self.proc.stdin.flush()
+        except OSError:  # (a broken pipe: it died before it read its task)
+            raise self._died("could not be given its task") from None
 
     def receive(self):
         try:
-            status, value = pickle.load(self.proc.stdout)
-        except (EOFError, pickle.UnpicklingError, OSError):
-            code = self.proc.wait()
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            hint = " (killed, perhaps for memory: lower data.preprocess_workers)" if code == -signal.SIGKILL else ""
-            raise WorkerDied(f"a feature-building worker (pid {self.proc.pid}) died with {how}{hint}") from None
+            magic, size = _HEADER.unpack(_read_exact(self.results, _HEADER.size))
+            if magic != _MAGIC:
+                raise ValueError("not a result")
+            status, value = pickle.loads(_read_exact(self.results, size))
+        except Exception:  # noqa: BLE001  (an ended or garbled stream: the worker is of no more use)
+            raise self._died("stopped before it returned its result") from None
         if status == "error":
             raise value
         return value
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.results)
 
 
 class WorkerPool:
@@ -98,7 +140,7 @@ class WorkerPool:
 
     def results(self) -> list[tuple[Any, Any]]:
         """Wait for at least one task to finish: ``(ticket, result)`` of each that has."""
-        holding = {w.proc.stdout: w for w in self.workers if w.task is not None}
+        holding = {w.results: w for w in self.workers if w.task is not None}
         done = []
         for stream in wait_readable(list(holding)):
             worker = holding[stream]
@@ -119,7 +161,7 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 worker.proc.kill()
                 worker.proc.wait()
-            worker.proc.stdout.close()
+            worker.close()
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -128,12 +170,32 @@ class WorkerPool:
         self.close(kill=kind is not None)
 
 
-def _serve() -> None:
-    """A worker: run tasks from stdin until it closes, results to the real stdout (stray prints of
-    a library go to stderr instead, so they cannot break the stream of results)."""
+def _die_with_parent() -> None:
+    """Linux: be killed when the parent dies, instead of finishing a shard nobody will read."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _reply(error: BaseException) -> tuple:
+    """An error as the parent raises it: itself where it pickles (its type kept whatever the pool
+    size), with the worker's traceback as a note; else a RuntimeError naming it."""
+    if not isinstance(error, QaDistError):  # (the CLI prints a QaDistError as one line: no traceback)
+        error.add_note("in the feature-building worker:\n" + traceback.format_exc())
+    try:
+        pickle.dumps(error)
+        return ("error", error)
+    except Exception:  # noqa: BLE001
+        return ("error", RuntimeError(f"feature-building worker failed: {error!r}\n{traceback.format_exc()}"))
+
+
+def _serve(results_fd: int) -> None:
+    """A worker: run tasks from stdin until it closes, each result framed on its own pipe. Ctrl-C
+    is the parent's to handle (it closes the pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     tasks = sys.stdin.buffer
-    results = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
     while True:
         try:
             fn, args = pickle.load(tasks)
@@ -141,13 +203,17 @@ def _serve() -> None:
             return
         try:
             reply = ("ok", fn(*args))
-        except (QaDistError, OSError) as e:  # (a full disk is the caller's one-line error)
-            reply = ("error", e)
-        except Exception as e:  # noqa: BLE001  (sent whole to the parent, which raises it)
-            reply = ("error", RuntimeError(f"feature-building worker failed: {e!r}\n{traceback.format_exc()}"))
-        pickle.dump(reply, results, protocol=pickle.HIGHEST_PROTOCOL)
-        results.flush()
+        except Exception as e:  # noqa: BLE001  (sent to the parent, which raises it)
+            reply = _reply(e)
+        payload = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            os.write(results_fd, _HEADER.pack(_MAGIC, len(payload)))
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(results_fd, view) :]
+        except BrokenPipeError:  # the parent is gone: nobody to tell
+            os._exit(0)
 
 
 if __name__ == "__main__":
-    _serve()
+    _serve(int(sys.argv[1]))

@@ -188,8 +188,9 @@ def test_a_long_context_is_tokenized_in_pieces_as_it_is_whole(fixture, request, 
     if fixture.startswith("zh"):
         text = text.replace(" ", "")
     monkeypatch.setattr(layout, "LONG_TEXT", 4000)
+    assert len(layout._cuts(backend, text)) > 10  # (it is cut)
     (ids,), (offsets,) = layout.tokenize_texts(backend, [text])
-    assert isinstance(offsets, np.ndarray)  # (it took the long path)
+    assert isinstance(offsets, np.ndarray)
     whole = backend.encode(text, add_special_tokens=False)
     assert ids == whole.ids
     assert offsets.tolist() == [list(o) for o in whole.offsets]
@@ -198,3 +199,68 @@ def test_a_long_context_is_tokenized_in_pieces_as_it_is_whole(fixture, request, 
     got_ids, got_offsets = layout.tokenize_texts(backend, [short[0], text, short[1]])
     assert got_ids[1] == whole.ids and got_ids[0] == backend.encode(short[0], add_special_tokens=False).ids
     assert got_offsets[2] == backend.encode(short[1], add_special_tokens=False).offsets
+
+
+def test_a_cut_never_falls_inside_one_pre_token_longer_than_the_probe(bpe_left_tokenizer, monkeypatch):
+    """Under a byte-level BPE a run of 2,000 spaces is one pre-token: a cut inside it looks clean to
+    a window of 256 characters each side but changes the tokens; cuts go to where the run starts."""
+    from qa_dist.features import layout
+
+    backend = WindowTokenizer.of(bpe_left_tokenizer).backend()
+    words = " ".join(f"word{i % 97} is here." for i in range(3000))
+    text = words[:3000] + " " * 2000 + words[3000:20000]
+    monkeypatch.setattr(layout, "LONG_TEXT", 4000)
+    cuts = layout._cuts(backend, text)
+    assert cuts and not any(3001 <= c < 5000 for c in cuts)
+    (ids,), (offsets,) = layout.tokenize_texts(backend, [text])
+    whole = backend.encode(text, add_special_tokens=False)
+    assert ids == whole.ids and offsets.tolist() == [list(o) for o in whole.offsets]
+
+
+def _tamper(record: dict, how: str, area: Path) -> None:
+    features, examples = "00000.features.arrow", "00000.examples.arrow"
+    if how == "a-table-missing":
+        del record["files"][examples]
+    elif how == "other-counts":
+        record["num_examples"] -= 7
+    elif how == "a-foreign-file":
+        record["files"]["00000.lock"] = {"bytes": 0, "sha256": "0" * 64, "rows": 0}
+    elif how == "cut-differently":
+        record["first_example"], record["shard_examples"] = 0, 1024
+    elif how == "a-fifo":  # (a FIFO named as a shard file of 0 bytes: never opened to be hashed)
+        (area / features).unlink()
+        os.mkfifo(area / features)
+        record["files"][features]["bytes"] = 0
+    elif how == "a-link-to-a-device":
+        (area / features).unlink()
+        (area / features).symlink_to("/dev/zero")
+        record["files"][features]["bytes"] = 0
+
+
+@pytest.mark.parametrize(
+    "how", ["a-table-missing", "other-counts", "a-foreign-file", "cut-differently", "a-fifo", "a-link-to-a-device"]
+)
+def test_a_shard_record_that_is_not_this_shards_is_built_again(tmp_path, minilm_dir, how):
+    """Whoever wrote into .shards (another version, another user, damage): a record must name exactly
+    this shard's two tables, its cut and counts, and regular files of its sizes; else it is rebuilt,
+    without hanging on a FIFO or reading a device."""
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in load_examples(str(SQUAD11_DEV))[:5000]))
+    config = _config_file(tmp_path, data, minilm_dir, tmp_path / "cache", preprocess_workers=1)
+    assert _prepare_cli(config, QA_DIST_KILL_AT="cache:after-shard@1").returncode == -9
+    area = _shard_area(tmp_path / "cache")
+    record = json.loads((area / "00000.json").read_text())
+    _tamper(record, how, area)
+    (area / "00000.json").write_text(json.dumps(record))
+    done = subprocess.run(
+        [sys.executable, "-m", "qa_dist", "prepare", "-q", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    split = _prepare(config)
+    fresh = _prepare(_config_file(tmp_path, data, minilm_dir, tmp_path / "fresh", preprocess_workers=1))
+    assert split.entry.table("features").equals(fresh.entry.table("features"))
+    assert split.entry.table("examples").equals(fresh.entry.table("examples"))
+    assert sorted(split.entry.manifest["tables"]) == ["examples", "features"]
