@@ -50,12 +50,14 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/preprocess.py --one-core --scale
 	$(BIN)/python bench/cache_open.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/postprocess.py
 	$(BIN)/python bench/gather_bytes.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/trainer_compare.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/compile.py
+	$(BIN)/python bench/span_compile.py
 
 clean:
 	rm -rf .qa-dist-cache runs .pytest_cache .ruff_cache
