@@ -103,7 +103,7 @@ class SplitBuild:
         if not self.report.shows_progress:
             yield from batches
             return
-        with tqdm(desc=f"{self.role} windows ({self.workers} workers)", unit="ex", mininterval=0.5) as bar:
+        with tqdm(desc=f"{self.role} windows", unit="ex", mininterval=0.5) as bar:
             for batch in batches:
                 yield batch
                 bar.update(len(batch))
