@@ -53,6 +53,14 @@ def _read_exact(fd: int, n: int) -> bytes:
     return b"".join(parts)
 
 
+def _stderr_fd() -> int:
+    """Where a worker's stray prints go: this process's stderr, or nowhere if it has none."""
+    try:
+        return sys.__stderr__.fileno()
+    except (AttributeError, OSError, ValueError):  # (an embedding host, a closed stream)
+        return subprocess.DEVNULL
+
+
 class _Worker:
     def __init__(self) -> None:
         env = dict(os.environ)
@@ -65,7 +73,7 @@ class _Worker:
             self.proc = subprocess.Popen(
                 [sys.executable, "-P", "-m", "qa_dist.features.workers", str(write_fd)],
                 stdin=subprocess.PIPE,
-                stdout=sys.__stderr__.fileno() if sys.__stderr__ else subprocess.DEVNULL,
+                stdout=_stderr_fd(),
                 pass_fds=(write_fd,),
                 bufsize=1 << 20,
                 env=env,
