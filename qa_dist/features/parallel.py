@@ -7,12 +7,11 @@ tokenizer's own threads are off inside workers, the pool is the parallelism.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,16 +28,6 @@ from qa_dist.runtime.threads import available_cores
 def default_workers() -> int:
     """The cores this process may use (its CPU affinity: under Slurm, the cores of its task)."""
     return available_cores()
-
-
-@contextlib.contextmanager
-def worker_pool(workers: int) -> Iterator[WorkerPool | None]:
-    """A pool of ``workers`` processes, or None for one (the work then runs in this process)."""
-    if workers <= 1:
-        yield None
-        return
-    with WorkerPool(workers) as pool:
-        yield pool
 
 
 @dataclass(frozen=True)
@@ -84,7 +73,7 @@ def build_in_pool(job: WindowJob, examples: list, num_proc: int) -> dict[str, An
     size = min(SHARD_EXAMPLES, max(512, -(-len(examples) // num_proc)))
     starts = range(0, len(examples), size)
     parts: dict[int, dict] = {}
-    with worker_pool(min(num_proc, len(starts))) as pool:
+    with WorkerPool(min(num_proc, len(starts))) as pool:  # (at least 2 parts here)
         for n, start in enumerate(starts):
             pool.submit(n, job.columns, examples[start : start + size], start)
         while pool.busy:

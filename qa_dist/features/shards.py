@@ -45,7 +45,8 @@ SHARD_EXAMPLES = 2048
 memory stays that of one shard; large enough that the per-shard costs (a task sent to a worker, two
 files, a record) stay well under 1% of the build."""
 
-_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+"""``flock`` errors that mean the filesystem does not support it (not that someone holds the lock)."""
 _MAX_RECORD_BYTES = 1 << 20
 
 
@@ -89,7 +90,7 @@ def _clear(path: Path) -> None:
             shutil.rmtree(path)
 
 
-def _peak_rss_mb() -> float | None:
+def peak_rss_mb() -> float | None:
     """This process's peak resident memory so far (VmHWM): what building a shard cost at most."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -121,7 +122,7 @@ def write_shard(area: str | Path, index: int, tables: dict[str, pa.Table], count
         "shard_examples": SHARD_EXAMPLES,
         "files": files,
         **counts,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
     _clear(area / f"{name}.json")
     atomic_write(area / f"{name}.json", json.dumps(record))
@@ -184,7 +185,7 @@ class ShardArea:
         except BlockingIOError:
             return False
         except OSError as e:
-            if e.errno not in _NO_FLOCK:
+            if e.errno not in NO_FLOCK:
                 raise
             if not self._warned:
                 log.warning(
